@@ -1,0 +1,106 @@
+"""Concept activations and per-image sparsification (METHOD.md, "Concept activations").
+
+Pure tensor functions: no I/O, no global state. Every routine works on CPU float32 tensors
+and is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+# Guards the per-image standardisation against a constant activation vector.
+_STD_EPS = 1e-6
+
+
+def keep_count(ratio: float, num_concepts: int) -> int:
+    """Number of entries ``k(s) = K - floor(s * K)`` that ``g_s`` keeps.
+
+    ``ratio`` must lie in ``[0, 1)``; the result is always at least 1 for such a ratio.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio must lie in [0, 1), got {ratio}")
+    # A tiny tolerance stops 0.3 * 10 = 2.9999999999999996 from flooring to 2.
+    return num_concepts - math.floor(ratio * num_concepts + 1e-9)
+
+
+def keep_counts(ratios: Sequence[float], num_concepts: int) -> torch.Tensor:
+    """``k(s)`` for every ratio of a grid: ``(R,)`` int64."""
+    return torch.tensor([keep_count(r, num_concepts) for r in ratios], dtype=torch.int64)
+
+
+def normalize_concepts(concepts: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each row of a concept matrix ``(K, D)``; zero rows stay zero."""
+    return torch.nn.functional.normalize(concepts.float(), dim=1)
+
+
+def standardize_per_image(raw: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance across the ``K`` entries of each row: ``(N, K) -> (N, K)``."""
+    mean = raw.mean(dim=1, keepdim=True)
+    std = raw.std(dim=1, unbiased=False, keepdim=True)
+    return (raw - mean) / std.clamp_min(_STD_EPS)
+
+
+def concept_activations(features: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """``a = standardize(z · Ĉᵀ)``.
+
+    Args:
+        features: ``(N, D)`` backbone features ``z``, not normalised; any float dtype.
+        concepts: ``(K, D)`` concept vectors; normalised here, so callers need not.
+
+    Returns:
+        ``(N, K)`` float32 activations, standardised per image.
+    """
+    raw = features.float() @ normalize_concepts(concepts).T
+    return standardize_per_image(raw)
+
+
+def magnitude_ranks(activations: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry by magnitude within its row: 0 is the largest ``|a|``.
+
+    Ties break by lower index (a stable sort), as METHOD.md requires.
+
+    Args:
+        activations: ``(N, K)`` float tensor.
+
+    Returns:
+        ``(N, K)`` int16 when ``K`` fits, else int32. ``ranks < k`` selects the kept entries.
+    """
+    order = torch.sort(activations.abs(), dim=1, descending=True, stable=True).indices
+    n, k = activations.shape
+    dtype = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty((n, k), dtype=dtype)
+    ranks.scatter_(1, order, torch.arange(k, dtype=dtype).expand(n, k).contiguous())
+    return ranks
+
+
+def sparsify(activations: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``g_s(a)``: keep the ``k(s)`` largest-magnitude entries of each row, zero the rest.
+
+    Args:
+        activations: ``(N, K)`` float tensor.
+        ratio: sparsity ratio ``s`` in ``[0, 1)``.
+
+    Returns:
+        ``(N, K)`` tensor of the same dtype, with exactly ``k(s)`` entries kept per row.
+    """
+    keep = keep_count(ratio, activations.shape[1])
+    mask = magnitude_ranks(activations) < keep
+    return activations * mask
+
+
+def sparsify_grid(activations: torch.Tensor, ranks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``g_s(a)`` for a whole ratio grid at once, for a batch.
+
+    Args:
+        activations: ``(B, K)`` float tensor.
+        ranks: ``(B, K)`` from :func:`magnitude_ranks` of the same rows.
+        keep: ``(R,)`` int64 keep counts from :func:`keep_counts`.
+
+    Returns:
+        ``(R, B, K)`` tensor: slice ``r`` is ``g_{s_r}(a)``.
+    """
+    mask = ranks.unsqueeze(0) < keep.view(-1, 1, 1)
+    return activations.unsqueeze(0) * mask

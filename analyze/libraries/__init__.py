@@ -1,0 +1,91 @@
+"""Registry of concept-library builders.
+
+A builder is a pure function ``build(inputs: LibraryInputs, *, num_concepts, seed, ratio)
+-> ConceptLibrary``. Adding a library means one module that calls :func:`register_library`
+and one import line at the bottom of this file; the registry-parametrised tests then cover it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from analyze.libraries.base import ConceptLibrary, ElementSet, LibraryInputs
+
+Builder = Callable[..., ConceptLibrary]
+
+
+@dataclass(frozen=True)
+class LibrarySpec:
+    """A registered builder.
+
+    Attributes:
+        name: the name used in pipelines.yaml and in every table's ``library`` column.
+        build: the builder function.
+        per_ratio: True when the library depends on the sparsity ratio (end2end), so it is
+            built once per ratio instead of once per (model, seed).
+        supervised: True when the builder reads train/val features and labels.
+    """
+
+    name: str
+    build: Builder
+    per_ratio: bool = False
+    supervised: bool = False
+
+
+_REGISTRY: dict[str, LibrarySpec] = {}
+
+
+def register_library(name: str, *, per_ratio: bool = False, supervised: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator that registers a builder under ``name``."""
+
+    def _register(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"concept library {name!r} is registered twice")
+        _REGISTRY[name] = LibrarySpec(name=name, build=fn, per_ratio=per_ratio, supervised=supervised)
+        return fn
+
+    return _register
+
+
+def list_libraries() -> list[str]:
+    """Names of the registered libraries, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_library(name: str) -> LibrarySpec:
+    """The spec registered under ``name``; an unknown name lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown concept library {name!r}; known: {', '.join(list_libraries())}") from None
+
+
+def build_library(
+    name: str,
+    inputs: LibraryInputs,
+    *,
+    num_concepts: int,
+    seed: int,
+    ratio: float | None = None,
+) -> ConceptLibrary:
+    """Build library ``name`` with ``num_concepts`` concepts (``ratio`` only for per-ratio ones)."""
+    spec = get_library(name)
+    if spec.per_ratio and ratio is None:
+        raise ValueError(f"library {name!r} is built per sparsity ratio; pass ratio=")
+    return spec.build(inputs, num_concepts=num_concepts, seed=seed, ratio=ratio)
+
+
+__all__ = [
+    "ConceptLibrary",
+    "ElementSet",
+    "LibraryInputs",
+    "LibrarySpec",
+    "build_library",
+    "get_library",
+    "list_libraries",
+    "register_library",
+]
+
+# Registrations: importing a module runs its @register_library.
+from analyze.libraries import cluster, end2end, prototype  # noqa: E402,F401
