@@ -1,0 +1,162 @@
+"""Stage 2's entry point: schedule one task per (model, library, seed) on Dask, then write
+the tables. ``analyze_stores`` takes explicit arguments; the CLI unpacks configs into them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from analyze import tables
+from analyze.libraries import get_library
+from analyze.store import open_feature_store
+from analyze.summary import correlation_rows, iis_rows
+from analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where tasks run.
+
+    Attributes:
+        scheduler: address of an existing scheduler (``tcp://host:8786``), or None for a
+            LocalCluster started here.
+        workers: LocalCluster worker processes.
+        threads: torch/BLAS threads per task (and Dask threads per worker: one task each).
+        synchronous: run every task in this process, in order, without Dask.
+    """
+
+    scheduler: str | None = None
+    workers: int = 2
+    threads: int = 1
+    synchronous: bool = False
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    # Set before the worker imports numpy/torch, so BLAS pools start at the right size.
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
+@contextlib.contextmanager
+def dask_client(options: ClusterOptions) -> Iterator[object]:
+    """A ``dask.distributed`` client: to ``options.scheduler``, or to a new LocalCluster."""
+    from dask.distributed import Client, LocalCluster
+
+    if options.scheduler:
+        client = Client(options.scheduler, timeout="30s")
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
+        client = Client(cluster)
+    log.info("Dask dashboard: %s", client.dashboard_link)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskResult]:
+    """Run every task; results come back in the order of ``specs``."""
+    bar = tqdm(total=len(specs), desc="analyze", unit="task", disable=None)
+    if options.synchronous:
+        results = []
+        for spec in specs:
+            results.append(run_task(spec))
+            bar.update()
+        bar.close()
+        return results
+    from dask.distributed import as_completed
+
+    with dask_client(options) as client, bar:
+        futures = [client.submit(run_task, spec, key=spec.key, pure=False) for spec in specs]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[TaskResult | None] = [None] * len(specs)
+        for future in as_completed(futures):
+            results[index[future.key]] = future.result()
+            bar.update()
+    return results  # type: ignore[return-value]
+
+
+def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = None) -> dict:
+    """The key columns every table row of one store carries."""
+    store = open_feature_store(store_path)
+    attrs = store.attrs
+    return {
+        "pipeline": pipeline if pipeline is not None else (attrs.get("pipeline") or ""),
+        "dataset": store.dataset,
+        "model": model or store.model,
+        "backbone": str(attrs.get("backbone", "")),
+        "weights": str(attrs.get("weights", "")),
+    }
+
+
+def analyze_stores(
+    stores: Sequence[Path],
+    *,
+    results: Path,
+    libraries: Sequence[str],
+    num_concepts: int,
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    protocol: str = "default",
+    bootstrap: int = 1000,
+    pipeline: str | None = None,
+    cluster: ClusterOptions = ClusterOptions(),
+) -> dict[str, pd.DataFrame]:
+    """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
+
+    Args:
+        stores: one complete feature store per model.
+        results: the results directory; tables are upserted there.
+        libraries: registered library names.
+        num_concepts: ``K``.
+        ratios: the sparsity grid (at least two ratios).
+        seeds: one task per (model, library, seed).
+        protocol: ``default`` or ``reference``.
+        bootstrap: resamples for confidence intervals (0: none).
+        pipeline: the pipeline's name for the tables (default: the store's attribute).
+        cluster: where the tasks run.
+
+    Returns:
+        The four tables as written.
+    """
+    ratios = sorted(float(r) for r in ratios)
+    if len(ratios) < 2:
+        raise ValueError("IIS needs at least two sparsity ratios")
+    for name in libraries:
+        get_library(name)  # fail before any work on an unknown name
+    # Open every store once here: a partial or foreign store fails now, by name.
+    keys = {str(Path(p)): model_keys(Path(p), pipeline=pipeline) for p in stores}
+    models = [k["model"] for k in keys.values()]
+    if len(set(models)) != len(models):
+        raise ValueError(f"two stores carry the same model id: {models}")
+    library_dir = str(Path(results) / "libraries")
+    specs = [
+        TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
+                 protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir)
+        for path in keys for seed in seeds for lib in (STANDARD, *libraries)
+    ]
+    log.info("analyze: %d stores x %d libraries (+standard) x %d seeds = %d tasks",
+             len(keys), len(libraries), len(seeds), len(specs))
+    done = run_tasks(specs, cluster)
+
+    accuracy = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.accuracy_rows])
+    concepts = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.concept_rows])
+    out = {
+        "accuracy": tables.upsert(results, "accuracy", accuracy),
+        "concepts": tables.upsert(results, "concepts", concepts),
+    }
+    out["iis"] = tables.upsert(results, "iis", pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap)))
+    out["correlation"] = tables.upsert(results, "correlation", pd.DataFrame(correlation_rows(out["iis"])))
+    log.info("tables written to %s", results)
+    return out

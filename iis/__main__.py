@@ -1,0 +1,5 @@
+import sys
+
+from iis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""The `iis` command line: `iis extract|analyze|run|report|explain|finetune|export-h5|import-h5`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from iis import __version__
+from iis.config import ConfigError, load_pipeline
+
+log = logging.getLogger("iis")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes i/n, e.g. 0/4; got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+    return parse
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=Path("pipelines.yaml"),
+                   help="pipelines file (default: ./pipelines.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iis", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"iis {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="stage 1: run backbones over a pipeline's data into Zarr stores")
+    p.add_argument("pipeline")
+    _add_config(p)
+    p.add_argument("--model", action="append", help="only this model (repeatable)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="fill block range i of n (i/n); 0 creates the store")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (overrides the pipeline)")
+
+    p = sub.add_parser("analyze", help="stage 2: libraries, heads, IIS and correlation tables")
+    p.add_argument("pipeline", nargs="?", help="a pipeline name; or use --store/--results")
+    _add_config(p)
+    p.add_argument("--store", action="append", type=Path, help="explicit mode: a store (repeatable)")
+    p.add_argument("--results", type=Path, help="explicit mode: where tables go")
+    p.add_argument("--libraries", type=_csv(str))
+    p.add_argument("--num-concepts", type=int)
+    p.add_argument("--ratios", type=_csv(float))
+    p.add_argument("--seeds", type=_csv(int))
+    p.add_argument("--protocol", choices=["default", "reference"])
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch/BLAS threads per task")
+    p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
+
+    p = sub.add_parser("export-h5", help="write a store to one HDF5 file")
+    p.add_argument("store", type=Path)
+    p.add_argument("file", type=Path)
+
+    p = sub.add_parser("import-h5", help="create a store from an HDF5 file")
+    p.add_argument("file", type=Path)
+    p.add_argument("store", type=Path)
+    p.add_argument("--block-rows", type=int, default=1024)
+    return parser
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from iis.jobs import extract_pipeline
+
+    cfg = load_pipeline(args.config, args.pipeline)
+    status = extract_pipeline(cfg, models=args.model, shard=args.shard, device=args.device,
+                              num_workers=args.num_workers)
+    for name, complete in status.items():
+        log.info("%s: %s", cfg.store_path(name), "complete" if complete else "waiting for other shards")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from iis.jobs import analyze_explicit, analyze_pipeline
+
+    options = dict(libraries=args.libraries, num_concepts=args.num_concepts, ratios=args.ratios,
+                   seeds=args.seeds, protocol=args.protocol, bootstrap=args.bootstrap,
+                   scheduler=args.scheduler, workers=args.workers, threads=args.threads,
+                   synchronous=args.synchronous)
+    if args.store:
+        if args.pipeline or not args.results:
+            raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")
+        analyze_explicit(stores=args.store, results=args.results, **options)
+    elif args.pipeline:
+        analyze_pipeline(load_pipeline(args.config, args.pipeline), **options)
+    else:
+        raise ConfigError("name a pipeline, or give --store … --results …")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from extract.h5io import export_h5
+
+    export_h5(args.store, args.file)
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from extract.h5io import import_h5
+
+    import_h5(args.file, args.store, block_rows=args.block_rows)
+    return 0
+
+
+_COMMANDS = {
+    "extract": _cmd_extract,
+    "analyze": _cmd_analyze,
+    "export-h5": _cmd_export,
+    "import-h5": _cmd_import,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    from extract.store import StoreError  # noqa: PLC0415 — keep `iis --help` fast
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, StoreError, FileExistsError, FileNotFoundError, ValueError) as err:
+        # Expected failures get one clear line, not a traceback.
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

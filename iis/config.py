@@ -1,0 +1,307 @@
+"""The pipelines.yaml schema: parsed once, at the edge, into frozen typed objects.
+
+Errors name the key path and the reason, e.g.
+``pipelines.demo.models[1].weights: file not found: /models/r50.pth``.
+Relative paths resolve against the folder of the yaml file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+BUILTIN_DATASETS = ("mnist5k", "digits")
+DEFAULT_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A pipelines.yaml that cannot be used; the message lists every problem by key path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: str | Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base", Path.cwd())
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+class SplitFractions(_Frozen):
+    val: float = Field(0.1, ge=0.0, lt=1.0)  # fraction carved for val where the data has none
+    test: float = Field(0.2, ge=0.0, lt=1.0)  # fraction carved for test where the data has none
+
+    @model_validator(mode="after")
+    def _fits(self) -> SplitFractions:
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must leave room for train, got {self.val} + {self.test}")
+        return self
+
+
+class DatasetConfig(_Frozen):
+    source: Literal["builtin", "imagefolder", "filelist"]
+    name: str | None = None  # builtin: mnist5k | digits; otherwise a label for the tables
+    root: Path | None = None  # imagefolder: class subfolders, optionally under train/ val/ test/
+    file: Path | None = None  # filelist: CSV with columns path,label[,split]
+    splits: SplitFractions = SplitFractions()
+    seed: int = 0  # seeds the split carving and the element sampling
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_dir():
+            raise ValueError(f"directory not found: {path}")
+        return path
+
+    @field_validator("file")
+    @classmethod
+    def _file_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DatasetConfig:
+        if self.source == "builtin" and self.name not in BUILTIN_DATASETS:
+            raise ValueError(f"builtin dataset name must be one of {', '.join(BUILTIN_DATASETS)}, got {self.name!r}")
+        if self.source == "imagefolder" and self.root is None:
+            raise ValueError("source imagefolder needs `root`")
+        if self.source == "filelist" and self.file is None:
+            raise ValueError("source filelist needs `file`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The dataset's name in stores and tables."""
+        if self.name:
+            return self.name
+        return (self.root or self.file).stem  # type: ignore[union-attr]
+
+
+class TrainConfig(_Frozen):
+    """A small seeded trainer for backbones trained by the pipeline (AdamW, cosine schedule)."""
+
+    epochs: int = Field(ge=1)
+    checkpoints: list[Annotated[int, Field(ge=0)]]  # epochs after which a checkpoint becomes a model
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _checkpoints_within(self) -> TrainConfig:
+        bad = [c for c in self.checkpoints if c > self.epochs]
+        if bad:
+            raise ValueError(f"checkpoints {bad} lie beyond epochs={self.epochs}")
+        if len(set(self.checkpoints)) != len(self.checkpoints) or not self.checkpoints:
+            raise ValueError("checkpoints must be a non-empty list of distinct epochs")
+        return self
+
+
+class ModelConfig(_Frozen):
+    name: str  # unique id; the row key in every table
+    backbone: str  # any timm model name
+    weights: str = "random"  # random (seeded) | pretrained (local HF cache) | a file path
+    img_size: int | None = Field(None, ge=8)  # optional input-size override
+    seed: int = 0  # seeds random weights
+    train: TrainConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"model names use letters, digits, '.', '_' and '-', got {value!r}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        import timm  # deferred: importing timm costs a second, only needed here
+
+        if not timm.is_model(value.split(".")[0]):
+            raise ValueError(f"unknown timm model {value!r} (see timm.list_models())")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_ok(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("random", "pretrained"):
+            return value
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return str(path)
+
+
+class ElementsConfig(_Frozen):
+    images_per_class: int = Field(10, ge=1)  # train images per class cut into elements
+    grid: int = Field(2, ge=1)  # g: each image gives a g x g grid of patches
+    slic: bool = False  # also SLIC superpixel segments
+    slic_segments: int = Field(8, ge=2)  # SLIC's n_segments per image
+
+
+class ExtractConfig(_Frozen):
+    batch_size: int = Field(64, ge=1)
+    block_rows: int = Field(1024, ge=1)  # rows per block and per Zarr chunk
+    dtype: Literal["float16", "float32"] = "float16"
+    num_workers: int = Field(0, ge=0)  # DataLoader workers
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA
+
+
+class AnalysisConfig(_Frozen):
+    libraries: list[str] = ["prototype", "cluster", "end2end"]
+    num_concepts: int = Field(64, ge=2)
+    ratios: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = list(DEFAULT_RATIOS)
+    seeds: list[int] = [0]
+    protocol: Literal["default", "reference"] = "default"
+    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
+
+    @field_validator("libraries")
+    @classmethod
+    def _known_libraries(cls, value: list[str]) -> list[str]:
+        from analyze.libraries import list_libraries  # the registry is the source of truth
+
+        known = list_libraries()
+        for name in value:
+            if name not in known:
+                raise ValueError(f"unknown library {name!r}; known: {', '.join(known)}")
+        if len(set(value)) != len(value) or not value:
+            raise ValueError("libraries must be a non-empty list without repeats")
+        return value
+
+    @field_validator("ratios")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if len(value) < 2:
+            raise ValueError("IIS needs at least two sparsity ratios")
+        if len(set(value)) != len(value):
+            raise ValueError("ratios must not repeat")
+        return sorted(value)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds must be a non-empty list without repeats")
+        return value
+
+
+class PipelineConfig(_Frozen):
+    name: str
+    dataset: DatasetConfig
+    models: list[ModelConfig] = Field(min_length=1)
+    elements: ElementsConfig = ElementsConfig()
+    extract: ExtractConfig = ExtractConfig()
+    store: Path  # Zarr stores go under here, one per model
+    results: Path  # stage 2 writes its tables and report here
+    analysis: AnalysisConfig = AnalysisConfig()
+
+    @field_validator("store", "results")
+    @classmethod
+    def _paths(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> PipelineConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        """The model entry called ``name``; an unknown one lists the known ones."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"pipeline {self.name!r} has no model {name!r}; it has {', '.join(m.name for m in self.models)}")
+
+    def store_path(self, model: str) -> Path:
+        """Where the store of one model lives."""
+        return self.store / f"{model}.zarr"
+
+
+class PipelinesFile(_Frozen):
+    pipelines: dict[str, PipelineConfig]
+
+
+def _loc(parts: tuple) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _reason(err: dict) -> str:
+    msg = err["msg"]
+    # pydantic prefixes messages raised in validators; the prefix says nothing to a user.
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return msg
+
+
+def _locate(err: dict) -> str:
+    # Tagged/union locations and 'function-after' markers are noise to a reader of yaml.
+    parts = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    return _loc(parts)
+
+
+def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml") -> dict[str, PipelineConfig]:
+    """Validate already-loaded yaml data; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(data, dict) or "pipelines" not in data:
+        raise ConfigError(f"{source}: top level must be a mapping with a `pipelines` key")
+    if isinstance(data.get("pipelines"), dict):
+        # Each pipeline learns its own name, so stage functions need not be told it.
+        data = {**data, "pipelines": {
+            k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["pipelines"].items()
+        }}
+    try:
+        parsed = PipelinesFile.model_validate(data, context={"base": base})
+    except ValidationError as exc:
+        lines = [f"{_locate(e)}: {_reason(e)}" for e in exc.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
+    return parsed.pipelines
+
+
+def load_pipelines(path: Path) -> dict[str, PipelineConfig]:
+    """Read and validate a pipelines.yaml; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_pipelines(data, base=path.resolve().parent, source=str(path))
+
+
+def load_pipeline(path: Path, name: str) -> PipelineConfig:
+    """One named pipeline; an unknown name lists the known ones."""
+    pipelines = load_pipelines(path)
+    if name not in pipelines:
+        raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(pipelines))}")
+    return pipelines[name]

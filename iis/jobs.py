@@ -1,0 +1,107 @@
+"""Wiring from a parsed pipeline to the stage functions, with explicit arguments.
+
+Stage functions never see a config object: this module unpacks it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from iis import __version__
+from iis.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def extract_pipeline(
+    cfg: PipelineConfig,
+    *,
+    models: list[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    device: str | None = None,
+    num_workers: int | None = None,
+) -> dict[str, bool]:
+    """Run stage 1 for every (selected) model of a pipeline.
+
+    Returns:
+        ``{model name: store complete}``.
+    """
+    from extract.backbones import create_backbone
+    from extract.datasets import load_dataset
+    from extract.elements import plan_elements
+    from extract.runner import ExtractOptions, extract_store
+
+    ds = cfg.dataset
+    dataset = load_dataset(
+        source=ds.source, name=ds.label, root=ds.root, file=ds.file,
+        val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed,
+    )
+    el = cfg.elements
+    plans = plan_elements(
+        dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
+        seed=ds.seed, slic_segments=el.slic_segments,
+    )
+    ex = cfg.extract
+    options = ExtractOptions(
+        batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
+        num_workers=ex.num_workers if num_workers is None else num_workers,
+        device=device or ex.device, amp=ex.amp, shard=shard,
+    )
+    selected = [cfg.model(m) for m in models] if models else list(cfg.models)
+    status = {}
+    for model in selected:
+        backbone = create_backbone(backbone=model.backbone, weights=model.weights,
+                                   img_size=model.img_size, seed=model.seed)
+        log.info("extract %s/%s: %s (%s), D=%d", cfg.name, model.name, model.backbone,
+                 backbone.weights_source, backbone.feature_dim)
+        status[model.name] = extract_store(
+            cfg.store_path(model.name), dataset=dataset, backbone=backbone, model_name=model.name,
+            element_plans=plans, elements_config=el.model_dump(), options=options,
+            pipeline=cfg.name, project_version=__version__,
+        )
+    return status
+
+
+def store_paths(cfg: PipelineConfig) -> list[Path]:
+    """The store of every model of a pipeline, in config order."""
+    return [cfg.store_path(m.name) for m in cfg.models]
+
+
+def _analysis_args(cfg_analysis, *, libraries, num_concepts, ratios, seeds, protocol, bootstrap) -> dict:
+    """Command-line overrides on top of a pipeline's analysis section (or the defaults)."""
+    from iis.config import AnalysisConfig
+
+    base = cfg_analysis or AnalysisConfig()
+    merged = base.model_dump()
+    overrides = dict(libraries=libraries, num_concepts=num_concepts, ratios=ratios, seeds=seeds,
+                     protocol=protocol, bootstrap=bootstrap)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    checked = AnalysisConfig.model_validate(merged)  # overrides get the same checks as yaml
+    return checked.model_dump()
+
+
+def _cluster(scheduler, workers, threads, synchronous):
+    from analyze.pipeline import ClusterOptions
+
+    return ClusterOptions(scheduler=scheduler, workers=workers, threads=threads, synchronous=synchronous)
+
+
+def analyze_pipeline(cfg: PipelineConfig, *, scheduler=None, workers=2, threads=1, synchronous=False,
+                     **overrides) -> dict:
+    """Run stage 2 over every model store of a pipeline."""
+    from analyze.pipeline import analyze_stores
+
+    args = _analysis_args(cfg.analysis, **overrides)
+    return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name,
+                          cluster=_cluster(scheduler, workers, threads, synchronous), **args)
+
+
+def analyze_explicit(*, stores: list[Path], results: Path, scheduler=None, workers=2, threads=1,
+                     synchronous=False, **overrides) -> dict:
+    """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
+    from analyze.pipeline import analyze_stores
+
+    args = _analysis_args(None, **overrides)
+    return analyze_stores(stores, results=results, pipeline=None,
+                          cluster=_cluster(scheduler, workers, threads, synchronous), **args)
