@@ -44,7 +44,9 @@ class Backbone:
 
     model: torch.nn.Module  # eval mode; (B, 3, H, W) float32 -> (B, D) pooled pre-logit features
     backbone: str  # timm model name
-    data_config: dict  # resolved timm data config: input_size (C, H, W), mean, std, interpolation, crop_pct, crop_mode
+    data_config: (
+        dict  # resolved timm data config: input_size (C, H, W), mean, std, interpolation, crop_pct, crop_mode
+    )
     weights_source: str  # "random:seed=<s>" | "hf:<hf_hub_id>" | "file:<absolute path>"
     weights_sha256: str  # sha256 of the weights file; for random weights, state_dict_sha256 of the model
     feature_dim: int  # D, the model's num_features
@@ -127,7 +129,9 @@ def element_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor
     return transforms.Compose(
         [
             _ToRGB(),
-            transforms.Resize((height, width), interpolation=str_to_interp_mode(data_config["interpolation"])),
+            transforms.Resize(
+                (height, width), interpolation=str_to_interp_mode(data_config["interpolation"])
+            ),
             transforms.ToTensor(),
             transforms.Normalize(mean=data_config["mean"], std=data_config["std"]),
         ]
@@ -198,7 +202,9 @@ def _load_file(model: torch.nn.Module, path: Path, name: str) -> None:
         try:
             state_dict = filter_fn(state_dict, model)
         except Exception as exc:
-            raise WeightsError(f"weights file {path} does not fit {name}: {type(exc).__name__}: {exc}") from exc
+            raise WeightsError(
+                f"weights file {path} does not fit {name}: {type(exc).__name__}: {exc}"
+            ) from exc
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     try:
         result = model.load_state_dict(state_dict, strict=False)
@@ -211,7 +217,9 @@ def _load_file(model: torch.nn.Module, path: Path, name: str) -> None:
             "Is it a checkpoint of this architecture?"
         )
     if result.unexpected_keys:
-        logger.warning("weights file %s has keys %s unused by %s", path, ", ".join(result.unexpected_keys), name)
+        logger.warning(
+            "weights file %s has keys %s unused by %s", path, ", ".join(result.unexpected_keys), name
+        )
 
 
 def _file_sha256(path: Path) -> str:
@@ -263,13 +271,19 @@ def _create_pretrained(name: str, *, img_size: int | None, seed: int) -> tuple[t
     hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     how = _HOW_TO_PROVIDE.format(name=name)
     if not hf_hub_id:
-        raise WeightsError(f"timm has no Hugging Face hub id for pretrained {name!r}, so it cannot come from the cache. {how}")
+        raise WeightsError(
+            f"timm has no Hugging Face hub id for pretrained {name!r}, so it cannot come from the cache. {how}"
+        )
     cached = _cached_hf_file(hf_hub_id, getattr(cfg, "hf_hub_filename", None))
     if cached is None:
-        raise WeightsError(f"pretrained weights for {name!r} ({hf_hub_id}) are not in the Hugging Face cache. {how}")
+        raise WeightsError(
+            f"pretrained weights for {name!r} ({hf_hub_id}) are not in the Hugging Face cache. {how}"
+        )
     try:
         with _hub_offline():
             model = _create(name, img_size=img_size, seed=seed, pretrained=True)
     except Exception as exc:  # hub, torch and safetensors errors alike mean "not usable offline"
-        raise WeightsError(f"cannot load cached pretrained weights for {name!r} ({hf_hub_id}): {exc}. {how}") from exc
+        raise WeightsError(
+            f"cannot load cached pretrained weights for {name!r} ({hf_hub_id}): {exc}. {how}"
+        ) from exc
     return model, f"hf:{hf_hub_id}", _file_sha256(cached)

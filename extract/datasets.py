@@ -89,7 +89,9 @@ def _read_image(path: Path, sample_id: str) -> Image.Image:
 # Splitting
 
 
-def _carve(pool: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _carve(
+    pool: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Split positions ``pool`` into (kept, taken), taking ``n_take`` of them stratified by label."""
     if n_take <= 0:
         return pool, pool[:0]
@@ -98,7 +100,7 @@ def _carve(pool: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: s
     if counts.min() < 2:
         rare = [int(c) for c, k in zip(classes, counts) if k < 2]
         raise ValueError(
-            f"cannot carve a stratified {what} split: class(es) {rare} have fewer than 2 samples left"
+            f"cannot carve a stratified {what} split: class index(es) {rare} have fewer than 2 samples left"
         )
     if n_take < len(classes) or len(pool) - n_take < len(classes):
         raise ValueError(
@@ -106,7 +108,9 @@ def _carve(pool: np.ndarray, labels: np.ndarray, n_take: int, seed: int, what: s
             f"{len(classes)} classes: each side needs at least one sample per class; "
             "use more data or another split fraction"
         )
-    kept, taken = train_test_split(pool, test_size=n_take, stratify=pool_labels, random_state=seed, shuffle=True)
+    kept, taken = train_test_split(
+        pool, test_size=n_take, stratify=pool_labels, random_state=seed, shuffle=True
+    )
     return np.sort(kept), np.sort(taken)
 
 
@@ -126,7 +130,9 @@ def _make_splits(
     ``test_fraction`` of train.
     """
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError(f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}")
+        raise ValueError(
+            f"need 0 <= val_fraction, test_fraction and their sum < 1; got {val_fraction}, {test_fraction}"
+        )
     train = np.asarray(given["train"], dtype=np.int64)
     if len(train) == 0:
         raise ValueError("the train split is empty")
@@ -135,8 +141,8 @@ def _make_splits(
     if "test" not in given:
         train, out["test"] = _carve(train, labels, round(test_fraction * whole), seed, "test")
     if "val" not in given:
-        base = whole if "test" not in given else len(train)
-        train, out["val"] = _carve(train, labels, round(val_fraction * base), seed + 1, "val")
+        # Both fractions are of the train data as given, so val is the same size with or without test/.
+        train, out["val"] = _carve(train, labels, round(val_fraction * whole), seed + 1, "val")
     out["train"] = train
     return out
 
@@ -223,10 +229,14 @@ def _load_imagefolder(root: Path | None, name: str | None, **split_kw) -> ImageD
     given: dict[str, np.ndarray] = {}
     for split in present or ["train"]:
         split_dir = root / split if present else root
-        extra = sorted(set(find_classes(str(split_dir))[0]) - set(classes)) if present else []
+        extra = sorted({d.name for d in split_dir.iterdir() if d.is_dir()} - set(classes))
         if extra:
             raise ValueError(f"{split_dir} has classes not in train/: {extra}")
         samples = make_dataset(str(split_dir), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not samples and split != "train":
+            # An empty val/ or test/ folder defines nothing; carve that split like a missing one.
+            logger.warning("%s holds no images; carving %s from train instead", split_dir, split)
+            continue
         start = len(ids)
         ids += [Path(p).relative_to(root).as_posix() for p, _ in samples]
         labels += [c for _, c in samples]
@@ -234,7 +244,13 @@ def _load_imagefolder(root: Path | None, name: str | None, **split_kw) -> ImageD
     if not ids:
         raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
     return _build(
-        name or root.name, classes, np.array(ids), np.array(labels, dtype=np.int64), given, root=root, **split_kw
+        name or root.name,
+        classes,
+        np.array(ids),
+        np.array(labels, dtype=np.int64),
+        given,
+        root=root,
+        **split_kw,
     )
 
 
@@ -313,4 +329,3 @@ def load_dataset(
     if source == "filelist":
         return _load_filelist(file, name, **split_kw)
     raise ValueError(f"unknown dataset source {source!r}; known: builtin, filelist, imagefolder")
-

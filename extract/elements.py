@@ -83,7 +83,9 @@ def _image_elements(
         union = kept.sum(axis=1) + flat.sum() - inter
         if len(inter) and (inter / union).max() > _MAX_JACCARD:
             continue
-        plans.append(ElementPlan(**base, kind="slic", box=_box_of(mask), segment=int(seg), slic_segments=slic_n))
+        plans.append(
+            ElementPlan(**base, kind="slic", box=_box_of(mask), segment=int(seg), slic_segments=slic_n)
+        )
         kept = np.vstack([kept, flat[None]])
     return plans
 
@@ -116,7 +118,9 @@ def plan_elements(
         if len(chosen) < images_per_class:
             logger.warning(
                 "visual elements: class %r has %d readable train images, fewer than %d",
-                dataset.classes[label], len(chosen), images_per_class,
+                dataset.classes[label],
+                len(chosen),
+                images_per_class,
             )
         for index, image in sorted(chosen, key=lambda pair: pair[0]):
             plans += _image_elements(
@@ -132,7 +136,11 @@ def plan_elements(
 
 
 def render_element(
-    image: Image.Image, plan: ElementPlan, *, fill: tuple[float, float, float], segments: np.ndarray | None = None
+    image: Image.Image,
+    plan: ElementPlan,
+    *,
+    fill: tuple[float, float, float],
+    segments: np.ndarray | None = None,
 ) -> Image.Image:
     """The pixels of one element: an RGB crop of ``plan.box`` from its source ``image``.
 

@@ -172,7 +172,9 @@ def test_pretrained_from_a_populated_cache(empty_hf_cache, no_network):
     assert loaded.weights_sha256 == hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model(x), source.forward_head(source.forward_features(x), pre_logits=True))
+        torch.testing.assert_close(
+            loaded.model(x), source.forward_head(source.forward_features(x), pre_logits=True)
+        )
     assert no_network == []
 
 
@@ -195,10 +197,12 @@ def test_image_transform_shape_and_grayscale():
 
 def test_element_transform_resizes_without_crop():
     cfg = {"input_size": (3, 20, 30), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.25,) * 3}
-    # A white frame (three output pixels wide) around black: a centre crop would cut it off.
-    pixels = np.zeros((60, 90), dtype=np.uint8)
+    # A square image with a white frame around black, stretched to 20x30: the frame must survive
+    # on every side (resizing the short side and centre-cropping would cut off top and bottom).
+    pixels = np.zeros((60, 60), dtype=np.uint8)
     pixels[:9] = pixels[-9:] = pixels[:, :9] = pixels[:, -9:] = 255
     out = element_transform(cfg)(Image.fromarray(pixels))
     assert out.shape == (3, 20, 30)
-    assert out[:, 0, :].min() > 1.5 and out[:, :, -1].min() > 1.5  # the frame is still there: (1-0.5)/0.25 = 2
+    for edge in (out[:, 0, :], out[:, -1, :], out[:, :, 0], out[:, :, -1]):
+        assert edge.min() > 1.5  # white: (1 - 0.5) / 0.25 = 2
     assert out[:, 10, 15].max() == pytest.approx(-2.0)  # black centre: (0-0.5)/0.25

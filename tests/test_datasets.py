@@ -113,6 +113,7 @@ def test_imagefolder_with_train_test_carves_val_from_train(tmp_path):
             _write_png(tmp_path / "train" / c / f"{i}.png", 50)
         for i in range(3):
             _write_png(tmp_path / "test" / c / f"{i}.jpg", 50)
+    (tmp_path / "val" / "a").mkdir(parents=True)  # an empty val/ defines no split
     ds = load_dataset(source="imagefolder", root=tmp_path, val_fraction=0.2, seed=0)
     assert ds.classes == ["a", "b", "c"]
     assert all(i.startswith("test/") for i in ds.splits["test"].ids)
