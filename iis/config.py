@@ -237,9 +237,39 @@ class PipelineConfig(_Frozen):
                 return m
         raise ConfigError(f"pipeline {self.name!r} has no model {name!r}; it has {', '.join(m.name for m in self.models)}")
 
+    def checkpoint_dir(self, model: str) -> Path:
+        """Where the pipeline's trainer writes the checkpoints of a trained model."""
+        return self.store / "checkpoints" / model
+
+    def measured_models(self) -> list[MeasuredModel]:
+        """Every model the tables will carry: each plain entry, and each checkpoint of a trained one."""
+        out = []
+        for m in self.models:
+            if m.train is None:
+                out.append(MeasuredModel(name=m.name, backbone=m.backbone, weights=m.weights,
+                                         img_size=m.img_size, seed=m.seed, parent=m.name))
+                continue
+            for epoch in sorted(m.train.checkpoints):
+                ckpt = self.checkpoint_dir(m.name) / f"e{epoch}.safetensors"
+                out.append(MeasuredModel(name=f"{m.name}@e{epoch}", backbone=m.backbone, weights=str(ckpt),
+                                         img_size=m.img_size, seed=m.seed, parent=m.name, epoch=epoch))
+        return out
+
     def store_path(self, model: str) -> Path:
         """Where the store of one model lives."""
         return self.store / f"{model}.zarr"
+
+
+class MeasuredModel(_Frozen):
+    """One row key of the tables: a model as given, or one checkpoint of a trained model."""
+
+    name: str  # e.g. "r10", or "r10@e2" for a checkpoint
+    backbone: str
+    weights: str  # random | pretrained | a file (a checkpoint for trained models)
+    img_size: int | None
+    seed: int
+    parent: str  # the models: entry it comes from
+    epoch: int | None = None  # the checkpoint's epoch, for trained models
 
 
 class PipelinesFile(_Frozen):

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from iis import __version__
-from iis.config import PipelineConfig
+from iis.config import ConfigError, MeasuredModel, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def extract_pipeline(
         num_workers=ex.num_workers if num_workers is None else num_workers,
         device=device or ex.device, amp=ex.amp, shard=shard,
     )
-    selected = [cfg.model(m) for m in models] if models else list(cfg.models)
+    selected = select_models(cfg, models)
+    for parent in sorted({m.parent for m in selected if m.epoch is not None}):
+        train_pipeline_model(cfg, parent, dataset=dataset, device=options.device)
     status = {}
     for model in selected:
         backbone = create_backbone(backbone=model.backbone, weights=model.weights,
@@ -63,9 +65,35 @@ def extract_pipeline(
     return status
 
 
+def select_models(cfg: PipelineConfig, names: list[str] | None) -> list[MeasuredModel]:
+    """The measured models named (by their own name or their `models:` entry); all when None."""
+    measured = cfg.measured_models()
+    if not names:
+        return measured
+    known = {m.name for m in measured} | {m.parent for m in measured}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [m for m in measured if m.name in names or m.parent in names]
+
+
+def train_pipeline_model(cfg: PipelineConfig, name: str, *, dataset, device: str = "auto"):
+    """Train one `models:` entry that has a `train:` section; skipped when its checkpoints exist."""
+    from extract.train import TrainOptions, train_backbone
+
+    model = cfg.model(name)
+    t = model.train
+    options = TrainOptions(epochs=t.epochs, checkpoints=tuple(sorted(t.checkpoints)), lr=t.lr,
+                           weight_decay=t.weight_decay, batch_size=t.batch_size, seed=t.seed,
+                           device=device)
+    return train_backbone(dataset=dataset, backbone=model.backbone, weights=model.weights,
+                          img_size=model.img_size, init_seed=model.seed, options=options,
+                          out_dir=cfg.checkpoint_dir(name))
+
+
 def store_paths(cfg: PipelineConfig) -> list[Path]:
-    """The store of every model of a pipeline, in config order."""
-    return [cfg.store_path(m.name) for m in cfg.models]
+    """The store of every measured model of a pipeline, in config order."""
+    return [cfg.store_path(m.name) for m in cfg.measured_models()]
 
 
 def _analysis_args(cfg_analysis, *, libraries, num_concepts, ratios, seeds, protocol, bootstrap) -> dict:
