@@ -100,6 +100,21 @@ def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = No
     }
 
 
+def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], results: Path, *,
+                libraries: Sequence[str], num_concepts: int) -> list[TaskSpec]:
+    """The specs of every (store, seed) with a library row missing from ``iis.parquet``.
+
+    A (store, seed) is redone whole: its IIS rows need the standard head's per-image results.
+    """
+    have = tables.read_table(results, "iis")
+    present = set(zip(have["model"], have["library"], have["num_concepts"], have["seed"], have["protocol"]))
+    todo = {
+        (s.store, s.seed) for s in specs if s.library != STANDARD
+        and (keys[s.store]["model"], s.library, num_concepts, s.seed, s.protocol) not in present
+    }
+    return [s for s in specs if (s.store, s.seed) in todo]
+
+
 def analyze_stores(
     stores: Sequence[Path],
     *,
@@ -112,6 +127,7 @@ def analyze_stores(
     bootstrap: int = 1000,
     pipeline: str | None = None,
     cluster: ClusterOptions = ClusterOptions(),
+    skip_complete: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
 
@@ -126,6 +142,7 @@ def analyze_stores(
         bootstrap: resamples for confidence intervals (0: none).
         pipeline: the pipeline's name for the tables (default: the store's attribute).
         cluster: where the tasks run.
+        skip_complete: leave out (model, seed) pairs whose rows are all in the tables already.
 
     Returns:
         The four tables as written.
@@ -146,7 +163,12 @@ def analyze_stores(
                  protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir)
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
-    log.info("analyze: %d stores x %d libraries (+standard) x %d seeds = %d tasks",
+    if skip_complete:
+        specs = _incomplete(specs, keys, results, libraries=libraries, num_concepts=num_concepts)
+        if not specs:
+            log.info("analyze: every table row is already there; nothing to do")
+            return {name: tables.read_table(results, name) for name in tables.SCHEMAS}
+    log.info("analyze: %d stores x %d libraries (+standard) x %d seeds -> %d tasks",
              len(keys), len(libraries), len(seeds), len(specs))
     done = run_tasks(specs, cluster)
 

@@ -43,12 +43,14 @@ class SplitData:
         x: ``(N, K)`` float32 — features, or their projection.
         labels: ``(N,)`` int64.
         ids: ``(N,)`` str.
+        rows: ``(N,)`` int64 position of each row in the stored split (invalid rows skipped).
         n_invalid: rows excluded because ``valid`` is false.
     """
 
     x: torch.Tensor
     labels: torch.Tensor
     ids: np.ndarray
+    rows: np.ndarray
     n_invalid: int
 
 
@@ -148,7 +150,7 @@ class FeatureStore:
         n_invalid = int((~valid).sum())
         if n_invalid:
             log.info("%s %s: %d invalid samples excluded", self.model, split, n_invalid)
-        return SplitData(x=x, labels=labels, ids=ids, n_invalid=n_invalid)
+        return SplitData(x=x, labels=labels, ids=ids, rows=np.flatnonzero(valid), n_invalid=n_invalid)
 
     def read_elements(self) -> ElementSet:
         """The store's visual elements with provenance; empty arrays when it has none."""

@@ -49,6 +49,23 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("box", pa.list_(pa.list_(pa.int64()))), ("kept", pa.bool_()), ("drop_reason", pa.string()),
         ("drop_value", pa.float64()), ("library_file", pa.string()),
     ]),
+    "explanations": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
+        ("library", pa.string()), ("num_concepts", pa.int64()), ("sparsity", pa.float64()),
+        ("seed", pa.int64()), ("split", pa.string()), ("image_id", pa.string()), ("image_index", pa.int64()),
+        ("true", pa.int64()), ("pred", pa.int64()), ("true_name", pa.string()), ("pred_name", pa.string()),
+        ("correct", pa.bool_()), ("logit", pa.float64()), ("bias", pa.float64()),
+        ("concept", pa.list_(pa.int64())), ("contribution", pa.list_(pa.float64())),
+        ("activation", pa.list_(pa.float64())), ("word", pa.list_(pa.string())),
+        ("source_id", pa.list_(pa.list_(pa.string()))), ("box", pa.list_(pa.list_(pa.list_(pa.int64())))),
+    ]),
+    "finetune": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()), ("lambda", pa.float64()),
+        ("seed", pa.int64()), ("epochs", pa.int64()), ("ratio", pa.float64()), ("library", pa.string()),
+        ("num_concepts", pa.int64()), ("standard_top1_before", pa.float64()), ("standard_top1_after", pa.float64()),
+        ("iis_before", pa.float64()), ("iis_after", pa.float64()), ("finetuned_model", pa.string()),
+        ("seconds", pa.float64()),
+    ]),
 }
 
 KEYS: dict[str, list[str]] = {
@@ -56,6 +73,8 @@ KEYS: dict[str, list[str]] = {
     "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol"],
     "correlation": ["dataset", "library", "num_concepts", "protocol"],
     "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept"],
+    "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
+    "finetune": ["pipeline", "model", "lambda", "seed", "epochs"],
 }
 
 
@@ -89,7 +108,9 @@ def read_table(results: Path, name: str) -> pd.DataFrame:
 
 def _key_frame(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     # Nulls (e.g. sparsity of the standard head) must compare equal to themselves.
-    return df[keys].astype(str).agg("\x1f".join, axis=1)
+    if df.empty:
+        return pd.Series([], dtype=object)
+    return df[keys].astype(object).map(str).agg("\x1f".join, axis=1)
 
 
 def upsert(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:

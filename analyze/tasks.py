@@ -6,10 +6,7 @@ graph stays tiny and a rescheduled task (after a worker dies) recomputes the sam
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from analyze.artifacts import save_library
 from analyze.heads import HeadFit, fit_heads
 from analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
 from analyze.metrics import accuracy_ci
@@ -104,26 +102,6 @@ def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: 
     return rows
 
 
-def _save_library(lib: ConceptLibrary, spec: TaskSpec, model: str) -> str | None:
-    if spec.library_dir is None:
-        return None
-    folder = Path(spec.library_dir) / model
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = f"-s{lib.ratio:g}" if lib.ratio is not None else ""
-    path = folder / f"{lib.name}-K{lib.num_concepts}-seed{spec.seed}{suffix}.npz"
-    lengths = np.array([len(m) for m in lib.members], dtype=np.int64)
-    members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
-    os.close(fd)
-    with open(tmp, "wb") as fh:
-        np.savez(fh, vectors=lib.vectors, members=members, member_counts=lengths,
-                 words=np.array(lib.words or [], dtype=str),
-                 meta=np.array(json.dumps({"name": lib.name, "ratio": lib.ratio, "seed": spec.seed,
-                                           "store": spec.store, "info": lib.info}, default=float)))
-    os.replace(tmp, path)
-    return str(path)
-
-
 def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, library_file: str | None) -> list[dict]:
     g = store.group["elements"]
     source_ids = as_str(g["source_id"][:]) if "source_id" in g else None
@@ -199,7 +177,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=ratios, spec=spec)
         accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=lib.num_concepts,
                                         ratios=ratios, sizes=sizes)
-        concept_rows += _concept_rows(lib, store, spec, _save_library(lib, spec, store.model))
+        concept_rows += _concept_rows(lib, store, spec, save_library(lib, fit, library_dir=spec.library_dir, model=store.model, seed=spec.seed, store=spec.store))
         correct.append(fit.test_correct)
         test_ids = splits["test"].ids
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,

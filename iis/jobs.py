@@ -133,3 +133,54 @@ def analyze_explicit(*, stores: list[Path], results: Path, scheduler=None, worke
     args = _analysis_args(None, **overrides)
     return analyze_stores(stores, results=results, pipeline=None,
                           cluster=_cluster(scheduler, workers, threads, synchronous), **args)
+
+
+def report_pipeline(cfg: PipelineConfig) -> Path:
+    """Write ``<results>/report.html`` from the pipeline's tables."""
+    from apps.report import write_report
+    from extract.datasets import load_dataset
+
+    ds = cfg.dataset
+    dataset = load_dataset(source=ds.source, name=ds.label, root=ds.root, file=ds.file,
+                           val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed)
+    path = write_report(results=cfg.results, dataset=dataset, title=f"iis: {cfg.name} ({ds.label})")
+    log.info("report: %s", path)
+    return path
+
+
+def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str = "test",
+                     images: list[str] | None = None, seed: int | None = None, limit: int = 16,
+                     top: int = 5) -> dict:
+    """Application 2: explain predictions of ``g ∘ g_s ∘ a``; upserts ``explanations.parquet``.
+
+    Returns:
+        ``{"interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
+    """
+    from analyze import tables
+    from analyze.artifacts import library_path
+    from analyze.libraries import get_library
+    from apps.explain import explain_split
+
+    seed = cfg.analysis.seeds[0] if seed is None else seed
+    if model not in {m.name for m in cfg.measured_models()}:
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {model!r}")
+    lib_file = library_path(cfg.results / "libraries", model=model, library=library,
+                            num_concepts=cfg.analysis.num_concepts, seed=seed, protocol="default",
+                            ratio=ratio if get_library(library).per_ratio else None)
+    if not lib_file.is_file():
+        raise FileNotFoundError(f"{lib_file}: no saved library; run `iis analyze {cfg.name}` first "
+                                f"(with {library} in analysis.libraries and seed {seed})")
+    result = explain_split(store=cfg.store_path(model), library_file=lib_file, ratio=ratio, split=split,
+                           image_ids=images, limit=limit, top=top)
+    acc = tables.read_table(cfg.results, "accuracy")
+    std = acc[(acc.model == model) & (acc.library == "standard") & (acc.seed == seed) & (acc.protocol == "default")]
+    standard_top1 = float(std.test_top1.iloc[0]) if len(std) and split == "test" else float("nan")
+    rows = result.rows.assign(pipeline=cfg.name, seed=seed)
+    tables.upsert(cfg.results, "explanations", rows)
+    summary = {"interpretable_top1": result.interpretable_top1, "standard_top1": standard_top1,
+               "accuracy_lost": standard_top1 - result.interpretable_top1, "n_images": result.n_images,
+               "rows": len(rows)}
+    log.info("%s %s s=%g on %s: interpretable top-1 %.4f vs standard %.4f (%.2f points lost, %d images)",
+             model, library, ratio, split, result.interpretable_top1, standard_top1,
+             100 * summary["accuracy_lost"], result.n_images)
+    return summary

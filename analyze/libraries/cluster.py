@@ -79,7 +79,9 @@ def build_cluster(
     features = torch.from_numpy(np.asarray(inputs.elements.features, dtype=np.float32))
     num_elements = features.shape[0]
     if num_concepts > num_elements:
-        raise ValueError(f"cluster library wants {num_concepts} concepts but there are only {num_elements} elements")
+        raise ValueError(
+            f"cluster library wants {num_concepts} concepts but there are only {num_elements} elements"
+        )
     if num_concepts < 1:
         raise ValueError(f"num_concepts must be at least 1, got {num_concepts}")
     if num_concepts > MAX_KMEANS_ELEMENTS:

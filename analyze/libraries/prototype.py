@@ -75,7 +75,9 @@ def build_prototype(
     elements = inputs.elements
     num_elements = len(elements)
     if num_concepts > num_elements:
-        raise ValueError(f"prototype library wants {num_concepts} concepts but there are only {num_elements} elements")
+        raise ValueError(
+            f"prototype library wants {num_concepts} concepts but there are only {num_elements} elements"
+        )
     if num_concepts < 1:
         raise ValueError(f"num_concepts must be at least 1, got {num_concepts}")
     rng = np.random.default_rng(seed)

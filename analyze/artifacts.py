@@ -1,0 +1,106 @@
+"""Built libraries saved beside the results, with their fitted heads, and read back.
+
+One ``.npz`` per build (``<results>/libraries/<model>/<library>-K<K>-seed<s>-<protocol>[-s<ratio>].npz``):
+``vectors (K, D)``, ``members`` (flat) with ``member_counts (K,)``, ``words``,
+``head_weight (R, K, C)``, ``head_bias (R, C)``, ``head_ratios (R,)``, optionally
+``head_input_scale``, and a JSON ``meta``. The path is listed in ``concepts.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analyze.activations import keep_count, sparsify
+from analyze.heads import HeadFit
+from analyze.libraries import ConceptLibrary
+
+
+@dataclass(frozen=True)
+class SavedHeads:
+    """The interpretable heads of one library build (default protocol: they act on ``g_s(a)``).
+
+    Attributes:
+        weight: ``(R, K, C)`` float32.
+        bias: ``(R, C)`` float32.
+        ratios: ``(R,)`` the sparsity ratio of each head.
+        protocol: ``default`` or ``reference``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    ratios: np.ndarray
+    protocol: str
+
+    def index(self, ratio: float) -> int:
+        """The head fitted at ``ratio``; an absent ratio lists the available ones."""
+        hits = np.flatnonzero(np.isclose(self.ratios, ratio))
+        if not hits.size:
+            raise ValueError(f"no head at sparsity {ratio}; fitted: {', '.join(f'{r:g}' for r in self.ratios)}")
+        return int(hits[0])
+
+    def kept_inputs(self, activations: torch.Tensor, ratio: float) -> torch.Tensor:
+        """``g_s(a)``: ``(N, K)`` activations -> ``(N, K)`` with ``k(s)`` entries kept per row."""
+        if self.protocol != "default":
+            raise ValueError("explanations need heads of the default protocol (they act on g_s(a) directly)")
+        keep_count(ratio, activations.shape[1])  # validates the ratio
+        return sparsify(activations, ratio)
+
+    def logits(self, activations: torch.Tensor, ratio: float) -> torch.Tensor:
+        """``(N, K)`` activations -> ``(N, C)`` logits of the head at ``ratio``."""
+        r = self.index(ratio)
+        return self.kept_inputs(activations, ratio) @ self.weight[r] + self.bias[r]
+
+
+def library_path(library_dir: Path, *, model: str, library: str, num_concepts: int, seed: int,
+                 protocol: str, ratio: float | None) -> Path:
+    """Where a build is saved; ``ratio`` only for per-ratio libraries (end2end)."""
+    suffix = f"-s{ratio:g}" if ratio is not None else ""
+    return Path(library_dir) / model / f"{library}-K{num_concepts}-seed{seed}-{protocol}{suffix}.npz"
+
+
+def save_library(lib: ConceptLibrary, fit: HeadFit, *, library_dir: str | None, model: str, seed: int,
+                 store: str) -> str | None:
+    """Write a library and its heads atomically; returns the path (None without a directory)."""
+    if library_dir is None:
+        return None
+    path = library_path(Path(library_dir), model=model, library=lib.name, num_concepts=lib.num_concepts,
+                        seed=seed, protocol=fit.protocol, ratio=lib.ratio)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = np.array([len(m) for m in lib.members], dtype=np.int64)
+    members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)
+    meta = {"name": lib.name, "ratio": lib.ratio, "seed": seed, "store": store,
+            "protocol": fit.protocol, "info": lib.info}
+    arrays = dict(vectors=lib.vectors, members=members, member_counts=counts,
+                  words=np.array(lib.words or [], dtype=str), head_weight=fit.weight.numpy(),
+                  head_bias=fit.bias.numpy(), head_ratios=np.array(fit.ratios, dtype=np.float64),
+                  meta=np.array(json.dumps(meta, default=float)))
+    if fit.input_scale is not None:
+        arrays["head_input_scale"] = fit.input_scale.numpy()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
+    os.close(fd)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def load_library(path: Path) -> tuple[ConceptLibrary, SavedHeads]:
+    """Read back what :func:`save_library` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        bounds = np.cumsum(data["member_counts"])[:-1]
+        members = np.split(data["members"], bounds) if len(data["member_counts"]) else []
+        words = data["words"].tolist() or None
+        lib = ConceptLibrary(name=meta["name"], vectors=data["vectors"], members=members,
+                             ratio=meta["ratio"], words=words, info=meta.get("info", {}))
+        heads = SavedHeads(weight=torch.from_numpy(data["head_weight"]), bias=torch.from_numpy(data["head_bias"]),
+                           ratios=data["head_ratios"], protocol=meta.get("protocol", "default"))
+    return lib, heads

@@ -1,0 +1,1 @@
+"""The paper's two applications and the report: the only code that uses both stages."""

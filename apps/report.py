@@ -1,0 +1,374 @@
+"""``write_report``: one self-contained HTML page from a results folder's Parquet tables.
+
+Everything is inline: figures are PNG data URIs, the style sheet and the few lines of table-sorting
+script sit in the page, so the file opens offline and can be mailed as is. A section without data
+says so in one line; an image that cannot be loaded leaves its card without the picture.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from analyze.tables import read_table, table_path
+from apps import report_plots as plots
+
+if TYPE_CHECKING:
+    from extract.datasets import ImageDataset
+
+log = logging.getLogger(__name__)
+
+_TOP_CONCEPTS = 5  # concepts shown per explanation card
+_CROPS_PER_CONCEPT = 3
+_SAMPLE_PX = 128  # longer side of a card's test image
+_CROP_PX = 44  # longer side of a concept crop
+
+
+def write_report(*, results: Path, out: Path | None = None, dataset: ImageDataset | None = None,
+                 title: str | None = None, max_cards: int = 8) -> Path:
+    """Write ``results/report.html`` (or ``out``) from the tables in ``results`` and return its path.
+
+    Reads ``accuracy``, ``iis``, ``correlation`` and ``concepts.parquet`` (absent ones count as
+    empty) and, when present, ``explanations`` and ``finetune.parquet``. ``dataset`` supplies the
+    pixels of explained test images and of concept source crops; without it the cards show no
+    pictures. At most ``max_cards`` explanation cards, alternating correct and wrong predictions.
+    """
+    results = Path(results)
+    out = results / "report.html" if out is None else Path(out)
+    iis = read_table(results, "iis")
+    iis = iis.loc[iis["ratios"].map(lambda r: r is not None and len(r) > 0).astype(bool)].reset_index(drop=True)
+    corr, acc, concepts = (read_table(results, n) for n in ("correlation", "accuracy", "concepts"))
+    expl, finetune = (_optional(results, n) for n in ("explanations", "finetune"))
+    vary = plots.varying_keys(iis, corr)
+    if title is None:
+        names = sorted({*iis["pipeline"].dropna(), *acc["pipeline"].dropna()})
+        sets = sorted({*iis["dataset"].dropna(), *corr["dataset"].dropna()})
+        title = "IIS report" + (f": {', '.join(map(str, names))}" if names else "") + (
+            f" on {', '.join(map(str, sets))}" if sets else "")
+    body = [
+        f"<header><h1>{_e(title)}</h1><p class='meta'>{_e(_meta(iis, acc, results))}</p></header>",
+        _section("how", "How to read this", _HOW_TO_READ),
+        _section("headline", "Headline: is interpretability tied to classifiability?", _headline(corr, vary)),
+        _section("arr", "1 · Accuracy retention against sparsity", _arr(iis, vary)),
+        _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary)),
+        _section("table", "3 · Every IIS row", _iis_table(iis)),
+        _section("explanations", "4 · Explained test predictions", _cards(expl, dataset, max_cards)),
+        _section("finetune", "5 · Fine-tuning with interpretability maximisation", _finetune(finetune)),
+        _section("concepts", "Concept libraries built", _concepts(concepts)),
+    ]
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><main>{''.join(body)}</main><script>{_JS}</script></body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    os.replace(tmp, out)
+    log.info("report: wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _headline(corr: pd.DataFrame, vary: list[str]) -> str:
+    if corr.empty:
+        return _none("No correlation.parquet: it needs `iis analyze` over two or more models.")
+    corr = corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel")
+    stats = []
+    for r in corr.to_dict("records"):
+        rho = r["spearman_rho"]
+        sign = "undefined" if pd.isna(rho) else "positive" if rho > 0 else "negative" if rho < 0 else "zero"
+        verdict = {"positive": "positive, as the paper reports", "negative": "negative, against the paper's finding",
+                   "zero": "no monotone relation", "undefined": "undefined (too few or constant values)"}[sign]
+        n = r["n_models"]
+        few = "; few models, so read it as a hint" if not pd.isna(n) and n < 5 else ""
+        stats.append(
+            f"<div class='stat {sign}'><div class='lib'>{_e(r['panel'])}</div>"
+            f"<div class='big'>ρ = {_num(rho, signed=True)}</div>"
+            f"<div>Spearman ({_p(r['spearman_p'])}); Pearson r = {_num(r['pearson_r'], signed=True)} "
+            f"({_p(r['pearson_p'])}); over <b>{plots.int_or_dash(r['n_models'])}</b> models</div>"
+            f"<div class='verdict'>{verdict}{few}</div></div>")
+    return (f"<p>Correlation, across models, between the standard head's test top-1 and IIS. "
+            f"The paper finds it positive: more classifiable representations are more interpretable.</p>"
+            f"<div class='stats'>{''.join(stats)}</div>")
+
+
+def _arr(iis: pd.DataFrame, vary: list[str]) -> str:
+    if iis.empty:
+        return _none("No iis.parquet rows: run `iis analyze` first.")
+    curves = plots.mean_arr_curves(iis, vary)
+    png = plots.arr_figure(curves, plots.model_colours(list(iis["model"])))
+    return (_img(png, "plot", "ARR against sparsity ratio") +
+            _caption("ARR(s) = interpretable-head top-1 / standard-head top-1, averaged over seeds. "
+                     "The dashed line is ARR = 1: no accuracy lost. A curve that stays high to large s "
+                     "means few concepts suffice."))
+
+
+def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str]) -> str:
+    if iis.empty:
+        return _none("No iis.parquet rows: nothing to plot.")
+    points = plots.model_points(iis, vary)
+    lines, short = [], {}
+    for r in corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel").to_dict("records"):
+        short[r["panel"]] = (f"r {_num(r['pearson_r'], 2)} · ρ {_num(r['spearman_rho'], 2)} · "
+                             f"τ {_num(r['kendall_tau'], 2)} · n {plots.int_or_dash(r['n_models'])}")
+        lines.append(f"<li><b>{_e(r['panel'])}</b>: Pearson r = {_num(r['pearson_r'])} ({_p(r['pearson_p'])}), "
+                     f"Spearman ρ = {_num(r['spearman_rho'])} ({_p(r['spearman_p'])}), "
+                     f"Kendall τ = {_num(r['kendall_tau'])} ({_p(r['kendall_p'])}), "
+                     f"n_models = {plots.int_or_dash(r['n_models'])}</li>")
+    png = plots.iis_figure(points, plots.model_colours(list(iis["model"])), short)
+    text = ("One point per model (mean over seeds); bars (where computed) are the bootstrap interval of IIS, normalised "
+            "like IIS by the span of the ratio grid; the dashed line is the least-squares fit. "
+            "p-values are permutation p-values.")
+    listing = f"<ul class='corr'>{''.join(lines)}</ul>" if lines else _none("No correlation.parquet rows.")
+    return _img(png, "plot", "IIS against standard top-1") + _caption(text) + listing
+
+
+def _iis_table(iis: pd.DataFrame) -> str:
+    if iis.empty:
+        return _none("No iis.parquet rows.")
+    df = iis.sort_values(["library", "model", "num_concepts", "protocol", "seed"], kind="stable")
+    span = df["ratios"].map(lambda r: max(r) - min(r) if len(r) > 1 else np.nan)
+    show_dataset = df["dataset"].nunique() > 1
+    head = ["model", *(["dataset"] if show_dataset else []), "library", "K", "protocol", "seed",
+            "standard top-1", "IIS", "IIS (norm.)", "CI low (norm.)", "CI high (norm.)", "ratios"]
+    rows = []
+    for (_, r), s in zip(df.iterrows(), span):
+        cells = [_td(r["model"]), *([_td(r["dataset"])] if show_dataset else []), _td(r["library"]),
+                 _td(r["num_concepts"], 0), _td(r["protocol"]), _td(r["seed"], 0), _td(r["standard_top1"]),
+                 _td(r["iis"]), _td(r["iis_normalized"]), _td(r["iis_ci_low"] / s), _td(r["iis_ci_high"] / s),
+                 _td(f"{len(r['ratios'])} in [{min(r['ratios']):g}, {max(r['ratios']):g}]")]
+        rows.append(f"<tr class='row'>{''.join(cells)}</tr>")
+    ths = "".join(f"<th title='click to sort'>{_e(h)}</th>" for h in head)
+    return (f"<p class='hint'>Click a column header to sort; click again to reverse.</p>"
+            f"<div class='scroll'><table class='sortable' id='iis-table'><thead><tr>{ths}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _cards(expl: pd.DataFrame | None, dataset: ImageDataset | None, max_cards: int) -> str:
+    if expl is None or expl.empty:
+        return _none("No explanations.parquet: run `iis explain` to explain test predictions.")
+    order = [c for c in ("pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed",
+                         "image_index") if c in expl]
+    records = expl.sort_values(order, kind="stable").to_dict("records")
+    right = [r for r in records if bool(r["correct"])]
+    wrong = [r for r in records if not bool(r["correct"])]
+    picked = []
+    while len(picked) < max_cards and (right or wrong):
+        # Alternate, so a handful of cards shows both kinds; fill from the other kind when one runs out.
+        queue = right if (len(picked) % 2 == 0 and right) or not wrong else wrong
+        picked.append(queue.pop(0))
+    pictures = plots.Pictures(dataset, sample_px=_SAMPLE_PX, crop_px=_CROP_PX)
+    note = "" if dataset is not None else _none("No dataset given: cards are shown without pictures.")
+    total = f"{len(picked)} of {len(records)} explained predictions"
+    return (f"<p>{total}. Each concept's bar is its contribution w·a to the predicted class's logit "
+            f"(blue adds, red subtracts).</p>{note}<div class='cards'>"
+            + "".join(_card(r, pictures) for r in picked) + "</div>")
+
+
+def _card(r: dict, pictures: plots.Pictures) -> str:
+    sample = pictures.sample(str(r.get("split", "test")), int(r["image_index"]), str(r["image_id"]))
+    picture = _img(sample, "sample", str(r["image_id"])) if sample else "<div class='noimg'>no image</div>"
+    contrib = [float(c) for c in _seq(r.get("contribution"))][:_TOP_CONCEPTS]
+    scale = max((abs(c) for c in contrib), default=1.0) or 1.0
+    words, sources, boxes = _seq(r.get("word")), _seq(r.get("source_id")), _seq(r.get("box"))
+    items = []
+    for k, (concept, c) in enumerate(zip(_seq(r.get("concept")), contrib)):
+        word = words[k] if k < len(words) and isinstance(words[k], str) and words[k] else None
+        if word:
+            shown = f"<span class='word'>{_e(word)}</span>"
+        else:
+            ids = _seq(sources[k]) if k < len(sources) else []
+            bxs = _seq(boxes[k]) if k < len(boxes) else []
+            crops = [pictures.crop(str(i), b) for i, b in zip(ids[:_CROPS_PER_CONCEPT], bxs)]
+            shown = "".join(_img(p, "crop", f"concept {concept} element") for p in crops if p) or \
+                "<span class='word muted'>no crops</span>"
+        width = 50 * abs(c) / scale
+        side = f"left:50%;width:{width:.1f}%" if c >= 0 else f"right:50%;width:{width:.1f}%"
+        items.append(f"<li><span class='cid'>#{int(concept)}</span><span class='shown'>{shown}</span>"
+                     f"<span class='bar'><span class='{'pos' if c >= 0 else 'neg'}' style='{side}'></span></span>"
+                     f"<span class='val'>{_num(c, signed=True)}</span></li>")
+    kind = "right" if bool(r["correct"]) else "wrong"
+    where = " · ".join(f"{label}{_e(r[key]) if isinstance(r[key], str) else format(float(r[key]), 'g')}"
+                       for key, label in (("model", ""), ("library", ""), ("num_concepts", "K="),
+                                          ("sparsity", "s="), ("seed", "seed "))
+                       if key in r and r[key] is not None and not pd.isna(r[key]))
+    return (f"<article class='card {kind}'><div class='card-head'>{picture}<div>"
+            f"<div class='badge {kind}'>{'correct' if kind == 'right' else 'wrong'}</div>"
+            f"<div>true <span class='cls-true'>{_e(r['true_name'])}</span></div>"
+            f"<div>predicted <span class='cls-pred'>{_e(r['pred_name'])}</span></div>"
+            f"<div class='small'>{where}</div><div class='small'>{_e(r['image_id'])} · logit "
+            f"{_num(r.get('logit'))} (bias {_num(r.get('bias'))})</div></div></div>"
+            f"<ol class='concepts'>{''.join(items) or '<li>no concepts kept</li>'}</ol></article>")
+
+
+def _finetune(ft: pd.DataFrame | None) -> str:
+    if ft is None or ft.empty:
+        return _none("No finetune.parquet: run the fine-tuning application to compare λ > 0 with λ = 0.")
+    cols = ["standard_top1_before", "standard_top1_after", "iis_before", "iis_after"]
+    agg = ft.groupby(["model", "lambda"], sort=True).agg(
+        **{c: (c, "mean") for c in cols}, seeds=("seed", "nunique"), epochs=("epochs", "max")).reset_index()
+    rows = []
+    for r in agg.to_dict("records"):
+        top1, iis = (r[f"{w}_after"] - r[f"{w}_before"] for w in ("standard_top1", "iis"))
+        rows.append(f"<tr class='row'>{_td(r['model'])}{_td(r['lambda'], text=format(r['lambda'], 'g'))}"
+                    f"{_td(r['seeds'], 0)}{_td(r['epochs'], 0)}{_td(r['standard_top1_before'])}"
+                    f"{_td(r['standard_top1_after'])}{_td(top1, signed=True)}{_td(r['iis_before'])}"
+                    f"{_td(r['iis_after'])}{_td(iis, signed=True)}</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("model", "λ", "seeds", "epochs", "top-1 before", "top-1 after",
+                                              "Δ top-1", "IIS before", "IIS after", "Δ IIS"))
+    return (_img(plots.finetune_figure(agg), "plot", "fine-tuning before and after") +
+            _caption("Means over seeds. λ = 0 is plain fine-tuning on the same budget and seed; the paper's "
+                     "claim is that λ > 0 raises the standard head's accuracy.") +
+            f"<div class='scroll'><table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _concepts(concepts: pd.DataFrame) -> str:
+    if concepts.empty:
+        return _none("No concepts.parquet rows.")
+    keys = ["model", "library", "num_concepts", "sparsity", "seed"]
+    built = concepts.groupby(keys, dropna=False).agg(n=("concept", "size"), kept=("kept", "sum")).reset_index()
+    rows = []
+    for lib, g in built.groupby("library", sort=True):
+        sub = concepts[concepts["library"] == lib]
+        reasons = sub.loc[~sub["kept"].fillna(True).astype(bool), "drop_reason"].value_counts()
+        why = ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "none dropped"
+        words = int(sub["word"].notna().sum())
+        rows.append(f"<tr>{_td(lib)}{_td(g['model'].nunique(), 0)}{_td(len(g), 0)}{_td(g['n'].median(), 0)}"
+                    f"{_td(g['kept'].sum() / max(1, g['n'].sum()))}{_td('words' if words else 'visual elements')}"
+                    f"{_td(why)}</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("library", "models", "libraries built", "concepts (median)",
+                                              "kept share", "shown as", "dropped"))
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML helpers
+
+
+def _optional(results: Path, name: str) -> pd.DataFrame | None:
+    path = table_path(results, name)
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def _meta(iis: pd.DataFrame, acc: pd.DataFrame, results: Path) -> str:
+    parts = [f"results: {results}"]
+    if not iis.empty:
+        parts += [f"{iis['model'].nunique()} models", f"libraries: {', '.join(sorted(iis['library'].unique()))}",
+                  f"seeds: {', '.join(str(s) for s in sorted(iis['seed'].unique()))}"]
+    if not acc.empty and acc["n_test"].notna().any():
+        parts.append(f"test images: {', '.join(str(int(n)) for n in sorted(acc['n_test'].dropna().unique()))}")
+    return " · ".join(parts)
+
+
+def _seq(value) -> list:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return list(value)
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    return f"{float(value):{'+' if signed else ''}.{digits}f}"
+
+
+def _p(value) -> str:
+    """``"p = 0.042"``, ``"p < 0.001"`` or ``"p = –"``."""
+    if value is None or pd.isna(value):
+        return "p = –"
+    return "p < 0.001" if value < 1e-3 else f"p = {float(value):.3f}"
+
+
+def _td(value, digits: int = 3, signed: bool = False, text: str | None = None) -> str:
+    """A table cell; a number carries its exact value in ``data-v`` for sorting."""
+    if isinstance(value, str):
+        return f"<td>{_e(value)}</td>"
+    if value is None or pd.isna(value):
+        return "<td data-v='nan' class='num'>–</td>"
+    shown = _e(text) if text is not None else _num(value, digits, signed)
+    return f"<td data-v='{float(value)!r}' class='num'>{shown}</td>"
+
+
+def _img(png: bytes, kind: str, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img class='{kind}' alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def _section(anchor: str, heading: str, content: str) -> str:
+    return f"<section id='{anchor}'><h2>{_e(heading)}</h2>{content}</section>"
+
+
+def _caption(text: str) -> str:
+    return f"<p class='caption'>{_e(text)}</p>"
+
+
+def _none(text: str) -> str:
+    return f"<p class='none'>{_e(text)}</p>"
+
+
+_HOW_TO_READ = (
+    "<p>Each model's features are described by a <b>concept library</b> of K concepts. An "
+    "<b>interpretable head</b> predicts from only the strongest concepts of each image: the <b>sparsity "
+    "ratio s</b> is the share of concepts dropped. <b>ARR(s)</b>, the accuracy retention ratio, is that "
+    "head's test top-1 divided by the standard linear head's. <b>IIS</b> is the area under the ARR curve; "
+    "normalised by the span of s it lies near 0 to 1, and 1 means nothing is lost however few concepts are "
+    "kept. The cards below show single predictions and the concepts that drove them, each shown by the "
+    "image crops it was built from, or by its word.</p>")
+
+_CSS = """
+body{margin:0;background:#f5f6f8;color:#1d2430;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",Arial,sans-serif}main{max-width:1280px;margin:0 auto;padding:24px 28px 48px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:0 0 10px}.meta{color:#5b6575;margin:0;font-size:13px}
+header{padding:8px 0 14px}section{background:#fff;border-radius:10px;box-shadow:0 1px 3px #0002;padding:16px 20px;
+margin:14px 0}img.plot{max-width:100%;height:auto;display:block;margin:6px auto}
+.caption,.hint{color:#5b6575;font-size:13px}.none{color:#8a6d1f;background:#fff8e5;border-left:3px solid #e0b44c;
+padding:6px 10px;margin:6px 0}.stats{display:flex;flex-wrap:wrap;gap:12px}.stat{flex:1 1 240px;border-radius:8px;
+padding:10px 14px;background:#f1f3f7;border-left:5px solid #999}.stat.positive{border-color:#2f8f4e}
+.stat.negative{border-color:#c0392b}.stat .lib{font-weight:600}.stat .big{font-size:24px;font-weight:700}
+.stat .verdict{font-size:13px;color:#5b6575}ul.corr{font-size:13px}.scroll{overflow:auto;max-height:560px}
+table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e6eb;
+text-align:left;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef1f5;position:sticky;top:0;cursor:pointer;user-select:none}th[data-dir=asc]::after{content:" ▲"}
+th[data-dir=desc]::after{content:" ▼"}tbody tr:hover{background:#f7f9fc}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:14px}
+.card{border:1px solid #dde1e7;border-radius:10px;padding:12px;border-top:5px solid #2f8f4e}
+.card.wrong{border-top-color:#c0392b}.card-head{display:flex;gap:12px;align-items:flex-start}
+img.sample{border-radius:6px;border:1px solid #ccd;image-rendering:pixelated}.noimg{width:96px;height:96px;
+display:flex;align-items:center;justify-content:center;background:#eef0f3;color:#889;border-radius:6px;font-size:12px}
+.badge{display:inline-block;font-size:12px;font-weight:600;padding:1px 8px;border-radius:10px;color:#fff;
+background:#2f8f4e}.badge.wrong{background:#c0392b}.cls-true,.cls-pred{font-weight:700}
+.small{font-size:12px;color:#5b6575}ol.concepts{list-style:none;padding:0;margin:10px 0 0}
+ol.concepts li{display:flex;align-items:center;gap:8px;padding:3px 0;border-top:1px solid #f0f2f5}
+.cid{width:30px;font-size:12px;color:#5b6575}.shown{flex:1;display:flex;gap:4px;flex-wrap:wrap}
+img.crop{border-radius:3px;border:1px solid #ccd;image-rendering:pixelated}.word{font-weight:600}.muted{color:#99a}
+.bar{position:relative;width:70px;flex:none;height:12px;background:#f0f2f5;border-radius:3px}
+.bar::before{content:"";position:absolute;left:50%;top:0;bottom:0;border-left:1px solid #99a}
+.bar span{position:absolute;top:1px;bottom:1px}.bar .pos{background:#3b6fb6}.bar .neg{background:#c0392b}
+.val{width:50px;flex:none;text-align:right;font-size:12px;font-variant-numeric:tabular-nums}
+"""
+
+_JS = """
+document.querySelectorAll("table.sortable").forEach(function(t){
+  t.querySelectorAll("th").forEach(function(th,i){th.addEventListener("click",function(){
+    var asc=th.dataset.dir!=="asc";t.querySelectorAll("th").forEach(function(h){delete h.dataset.dir;});
+    th.dataset.dir=asc?"asc":"desc";var body=t.tBodies[0];
+    var key=function(r){var c=r.cells[i];return c.dataset.v!==undefined?parseFloat(c.dataset.v):c.textContent;};
+    Array.from(body.rows).sort(function(a,b){var x=key(a),y=key(b),d;
+      if(typeof x==="number"){if(isNaN(x))return 1;if(isNaN(y))return -1;d=x-y;}else d=String(x).localeCompare(y);
+      return asc?d:-d;}).forEach(function(r){body.appendChild(r);});});});});
+"""

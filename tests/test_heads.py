@@ -1,0 +1,168 @@
+"""The head trainer (analyze.heads): both protocols, on tiny synthetic data, CPU only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import analyze.heads as heads
+from analyze.activations import keep_count
+from analyze.heads import fit_heads
+
+
+def _blobs(seed: int, n: int, *, dim: int = 16, classes: int = 4, spread: float = 0.3):
+    """Well-separated Gaussian classes: ``(n, dim)`` float32 features and ``(n,)`` labels."""
+    g = torch.Generator().manual_seed(1234)  # the class means are shared by every split
+    means = torch.randn(classes, dim, generator=g) * 3
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return means[y] + spread * torch.randn(n, dim, generator=g), y
+
+
+def _splits(n_train: int = 400, n_val: int = 150, n_test: int = 200, **kw):
+    return {"train": _blobs(1, n_train, **kw), "val": _blobs(2, n_val, **kw), "test": _blobs(3, n_test, **kw)}
+
+
+def _buried_signal(seed: int, n: int):
+    """4 informative columns of magnitude <= 0.6, and 16 pure-noise columns of magnitude >= 1.
+
+    ``g_s`` keeps the largest magnitudes, so once ``k(s) <= 16`` it keeps noise only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    signal = torch.full((n, 4), -0.5)
+    signal[torch.arange(n), y] = 0.5
+    signal += 0.05 * torch.randn(n, 4, generator=g)
+    noise = torch.randn(n, 16, generator=g)
+    noise = noise.sign() * (1 + noise.abs())
+    return torch.cat([signal, noise], dim=1), y
+
+
+def test_standard_head_separates_separable_classes():
+    fit = fit_heads(**_splits(), num_classes=4, ratios=None, seed=0)
+    assert fit.ratios is None
+    assert fit.weight.shape == (1, 16, 4) and fit.bias.shape == (1, 4)
+    assert fit.test_top1[0] == 1.0 and fit.val_top1[0] == 1.0
+    assert fit.active_concepts.tolist() == [16]
+    assert fit.test_correct.shape == (1, 200) and fit.test_correct.dtype == bool
+    assert fit.test_pred.dtype == np.int64
+    assert fit.input_scale is None
+
+
+def test_accuracy_drops_once_only_noise_entries_are_kept():
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 600), ("val", 2, 200), ("test", 3, 400))}
+    ratios = [0.0, 0.5, 0.8, 0.95]
+    assert [keep_count(r, 20) for r in ratios] == [20, 10, 4, 1]
+    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0)
+    assert fit.weight.shape == (4, 20, 4)
+    assert fit.test_top1[0] > 0.95  # everything kept: the signal columns are there
+    assert fit.test_top1[1] < 0.4 and fit.test_top1[2] < 0.4 and fit.test_top1[3] < 0.4  # chance is 0.25
+    # Only the 16 noise columns ever survive g_s at s >= 0.5; at s = 0 all 20 do.
+    assert fit.active_concepts.tolist() == [20, 16, 16, 16]
+
+
+def test_fit_is_deterministic_given_the_seed():
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    first = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.5], seed=7, max_epochs=3)
+    again = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.5], seed=7, max_epochs=3)
+    other = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.5], seed=8, max_epochs=3)
+    assert torch.equal(first.weight, again.weight) and torch.equal(first.bias, again.bias)
+    assert np.array_equal(first.test_pred, again.test_pred)
+    assert not torch.equal(first.weight, other.weight)  # the seed drives the shuffling
+
+
+def test_heads_trained_together_match_heads_trained_alone():
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    together = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.8], seed=3, max_epochs=5)
+    for r, ratio in enumerate([0.0, 0.8]):
+        alone = fit_heads(**splits, num_classes=4, ratios=[ratio], seed=3, max_epochs=5)
+        torch.testing.assert_close(together.weight[r], alone.weight[0], atol=1e-5, rtol=1e-4)
+        assert together.best_epoch[r] == alone.best_epoch[0]
+        assert together.val_top1[r] == alone.val_top1[0]
+
+
+def _overfitting_splits():
+    """One informative column among 30 noise columns, 40 train images, 20% of their labels flipped."""
+
+    def make(seed: int, n: int, flip: float):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randn(n, 31, generator=g)
+        x[:, 0] += 2.0 * (2 * y - 1)
+        flipped = torch.rand(n, generator=g) < flip
+        return x, torch.where(flipped, 1 - y, y)
+
+    return {"train": make(1, 40, 0.2), "val": make(2, 400, 0.0), "test": make(3, 400, 0.0)}
+
+
+def test_default_protocol_keeps_the_best_val_state(monkeypatch):
+    """Spy on the val checks: the returned head is the best one seen, not the last one."""
+    seen: list[float] = []
+    original = heads._chunked_top1
+
+    def spy(*args):
+        out = original(*args)
+        seen.append(float(out.max()))  # best over the learning-rate grid at this check
+        return out
+
+    monkeypatch.setattr(heads, "_chunked_top1", spy)
+    epochs = 60
+    fit = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
+    # Memorising 40 noisy labels with 31 inputs costs val accuracy, so the kept state is early.
+    assert fit.best_epoch[0] < epochs // 2
+    assert seen[-1] < max(seen)
+    assert fit.val_top1[0] == pytest.approx(max(seen), abs=1.5 / 400)  # one image of float slack
+    assert fit.test_top1[0] > 0.75
+
+
+@pytest.mark.parametrize("protocol", ["default", "reference"])
+@pytest.mark.parametrize("ratios", [None, [0.0, 0.5, 0.9]], ids=["standard", "grid"])
+def test_logits_reproduce_the_reported_predictions(protocol, ratios):
+    splits = _splits(dim=10)
+    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0, protocol=protocol, max_epochs=4)
+    x_test, y_test = splits["test"]
+    for r in range(fit.weight.shape[0]):
+        logits = fit.logits(x_test, r)
+        assert logits.shape == (200, 4)
+        assert np.array_equal(logits.argmax(1).numpy(), fit.test_pred[r])
+        assert fit.test_top1[r] == pytest.approx((logits.argmax(1) == y_test).double().mean().item())
+        # Top-5 of 4 classes is top-4: always right.
+        assert fit.test_top5[r] == 1.0
+    assert (fit.input_scale is None) == (protocol == "default")
+
+
+def test_reference_protocol_selects_on_test(monkeypatch):
+    """Spy on the reference head's evaluations: the reported test top-1 is their maximum."""
+    splits = _overfitting_splits()
+    x_test, y_test = splits["test"]
+    seen: list[float] = []
+    original = heads._reference_logits
+
+    def spy(x, *args):
+        out = original(x, *args)
+        if x.shape[0] == x_test.shape[0]:
+            seen.append((out.argmax(1) == y_test).double().mean().item())
+        return out
+
+    monkeypatch.setattr(heads, "_reference_logits", spy)
+    epochs = 12
+    fit = fit_heads(**splits, num_classes=2, ratios=None, seed=0, protocol="reference", max_epochs=epochs,
+                    batch_size=8)
+    per_epoch = seen[:epochs]  # then the final evaluation, and logits() below
+    assert fit.test_top1[0] == max(per_epoch)
+    assert fit.best_epoch[0] == int(np.argmax(per_epoch))
+    # The case is one where test selection matters: the last epoch is worse than the best.
+    assert per_epoch[-1] < max(per_epoch)
+    assert heads._fit_reference.__doc__ and "TEST" in heads._fit_reference.__doc__
+    assert fit.input_scale.shape == (1, 2, 31)
+
+
+def test_invalid_arguments_raise():
+    splits = _splits()
+    with pytest.raises(ValueError, match="protocol"):
+        fit_heads(**splits, num_classes=4, ratios=None, seed=0, protocol="sklearn")
+    with pytest.raises(ValueError, match="labels"):
+        fit_heads(**splits, num_classes=3, ratios=None, seed=0)
+    with pytest.raises(ValueError):
+        fit_heads(**splits, num_classes=4, ratios=[], seed=0)
