@@ -9,8 +9,6 @@ One ``.npz`` per build (``<results>/libraries/<model>/<library>-K<K>-seed<s>-<pr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from analyze.activations import keep_count, sparsify
 from analyze.heads import HeadFit
 from analyze.libraries import ConceptLibrary
+from analyze.tables import atomic_file
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,6 @@ def save_library(lib: ConceptLibrary, fit: HeadFit, *, library_dir: str | None, 
         return None
     path = library_path(Path(library_dir), model=model, library=lib.name, num_concepts=lib.num_concepts,
                         seed=seed, protocol=fit.protocol, ratio=lib.ratio)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
     counts = np.array([len(m) for m in lib.members], dtype=np.int64)
     members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)
     meta = {"name": lib.name, "ratio": lib.ratio, "seed": seed, "store": store,
@@ -84,11 +81,8 @@ def save_library(lib: ConceptLibrary, fit: HeadFit, *, library_dir: str | None, 
                   meta=np.array(json.dumps(meta, default=float)))
     if fit.input_scale is not None:
         arrays["head_input_scale"] = fit.input_scale.numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=folder)
-    os.close(fd)
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
     return str(path)
 
 

@@ -7,8 +7,10 @@ folder, then replaces the table in one rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -83,19 +85,32 @@ def table_path(results: Path, name: str) -> Path:
     return Path(results) / f"{name}.parquet"
 
 
-def write_atomic(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write a Parquet file through a temporary file and a rename, so readers never see half."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    Readers never see a half-written file, and a failure leaves the old file untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a table should read like any file
     try:
-        pq.write_table(table, tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
+    """Write a Parquet file atomically (see :func:`atomic_file`)."""
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_table(results: Path, name: str) -> pd.DataFrame:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from analyze.tables import read_table, table_path
+from analyze.tables import atomic_file, read_table, table_path
 from apps import report_plots as plots
 
 if TYPE_CHECKING:
@@ -67,11 +65,8 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body><main>{''.join(body)}</main><script>{_JS}</script></body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(page)
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     log.info("report: wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return out
 

@@ -199,19 +199,52 @@ def report(result: dict) -> None:
     print(f"ratio ours/bare (wall, medians) = {med[2]:.3f}  (aim >= 0.9: {verdict})")
 
 
-def profile_once(dataset: ImageDataset, backbone: Backbone, opts: ExtractOptions, workdir: Path) -> None:
-    """cProfile one extract_store call; print the functions with the most cumulative/own time."""
-    prof = cProfile.Profile()
+# (function name, file name) of the stages of one extract_store call, as cProfile names them.
+_STAGES = (
+    ("extract_store", "runner.py", "the whole call"),
+    ("create_store", "store.py", "create the Zarr store (fixed cost)"),
+    ("__next__", "dataloader.py", "DataLoader: fetch + transform + collate"),
+    ("__getitem__", "runner.py", "  per image: load + transform"),
+    ("load", "datasets.py", "    dataset.load (PIL image)"),
+    ("to_tensor", "functional.py", "    ToTensor (uint8 -> float32)"),
+    ("normalize", "_functional_tensor.py", "    Normalize (clone, sub, div)"),
+    ("default_collate", "collate.py", "  collate (torch.stack)"),
+    ("write_block", "store.py", "write blocks + done markers"),
+    ("finalize_store", "store.py", "finalize (summary)"),
+)
+
+
+def profile_once(dataset: ImageDataset, backbone: Backbone, opts: ExtractOptions, workdir: Path,
+                 bare_cpu_s: float) -> None:
+    """cProfile one extract_store call in CPU time; print where it goes, stage by stage.
+
+    The forward is what the bare path also pays (``bare_cpu_s``, its median CPU seconds); the
+    rest is the pipeline's overhead. cProfile inflates Python-heavy stages somewhat.
+    """
+    prof = cProfile.Profile(time.process_time)
     prof.enable()
     time_ours(dataset, backbone, opts, workdir, "profile")
     prof.disable()
-    for key in ("cumulative", "tottime"):
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(key).print_stats(25)
-        lines = buf.getvalue().splitlines()
-        start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-        print(f"\n[profile of one CPU extract_store call, top 25 by {key}]")
-        print("\n".join([lines[start - 2]] + lines[start:]))
+    stats = pstats.Stats(prof).stats
+    found = {}
+    for (file, _line, func), (_cc, ncalls, _tt, cum, _callers) in stats.items():
+        for name, suffix, label in _STAGES:
+            if func == name and file.endswith(suffix) and cum > found.get(label, (0, 0))[1]:
+                found[label] = (ncalls, cum)
+    total = found.get(_STAGES[0][2], (0, 0.0))[1]
+    print("\n[profile of one CPU extract_store call, CPU seconds (cProfile, process_time)]")
+    print(f"{'stage':<44}{'calls':>8}{'cpu s':>9}{'share':>8}")
+    for _name, _suffix, label in _STAGES:
+        if label in found:
+            calls, cum = found[label]
+            print(f"{label:<44}{calls:>8}{cum:>9.3f}{cum / total:>8.1%}")
+    print(f"{'bare forward of the same images (median)':<44}{'':>8}{bare_cpu_s:>9.3f}{bare_cpu_s / total:>8.1%}")
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(12)
+    lines = buf.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+    print("\n[same profile, top 12 functions by own time]")
+    print("\n".join(line for line in lines[start:] if line.strip()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,7 +267,10 @@ def main(argv: list[str] | None = None) -> None:
           f"N {n} ({', '.join(f'{s} {len(dataset.splits[s])}' for s in st.SPLITS)}) of {args.dataset}, "
           f"dtype {args.dtype}, num_workers {args.num_workers}, repeats {args.repeats}")
 
-    batches = preprocess(dataset, backbone, block_rows=args.block_rows, batch_size=args.batch_size)
+    with _Clock(torch.device("cpu")) as prep:
+        batches = preprocess(dataset, backbone, block_rows=args.block_rows, batch_size=args.batch_size)
+    print(f"preprocessing for the bare path (dataset.load + transform + stack, main process): "
+          f"{1e3 * prep.cpu / n:.3f} CPU ms/image, {1e3 * prep.wall / n:.3f} wall ms/image")
     base = ExtractOptions(batch_size=args.batch_size, block_rows=args.block_rows, dtype=args.dtype,
                           num_workers=args.num_workers, amp=args.amp)
     with tempfile.TemporaryDirectory(prefix="iis-bench-") as tmp:
@@ -243,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
                       opts=replace(base, device="cpu"), repeats=args.repeats, workdir=workdir)
         report(cpu)
         if args.profile:
-            profile_once(dataset, backbone, replace(base, device="cpu"), workdir)
+            profile_once(dataset, backbone, replace(base, device="cpu"), workdir,
+                         statistics.median(c.cpu for c in cpu["bare"]))
         if cuda:
             device = torch.device("cuda")
             gpu_batches = [b.to(device).contiguous(memory_format=torch.channels_last) for b in batches]

@@ -430,7 +430,8 @@ def train_backbone(
             written[epoch] = checkpoint_path(out_dir, epoch)
             _save_checkpoint(model, written[epoch], backbone=backbone, epoch=epoch)
 
-    cuda_devices = [device] if device.type == "cuda" else []
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(options.seed)
         save(0)
@@ -455,7 +456,7 @@ def train_backbone(
                     z = _pre_logits(model, images)
                     loss = F.cross_entropy(head(z).float(), labels)
                     if extra_loss is not None:
-                        loss = loss + extra_loss(z.detach(), labels, step)
+                        loss = loss + extra_loss(z, labels, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -69,6 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch/BLAS threads per task")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
+    p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
+    p.add_argument("pipeline")
+    _add_config(p)
+
+    p = sub.add_parser("explain", help="application 2: predict with g∘g_s∘a and explain each prediction")
+    p.add_argument("pipeline")
+    _add_config(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--library", required=True)
+    p.add_argument("--ratio", type=float, required=True, help="sparsity ratio s of the head")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--top", type=int, default=5, help="concepts listed per image")
+    p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
+
+    p = sub.add_parser("run", help="the main job: extract, analyze, explain, fine-tune, report")
+    p.add_argument("pipeline")
+    _add_config(p)
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+
     p = sub.add_parser("export-h5", help="write a store to one HDF5 file")
     p.add_argument("store", type=Path)
     p.add_argument("file", type=Path)
@@ -109,6 +132,35 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from iis.jobs import report_pipeline
+
+    report_pipeline(load_pipeline(args.config, args.pipeline))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from iis.jobs import explain_pipeline
+
+    summary = explain_pipeline(load_pipeline(args.config, args.pipeline), model=args.model, library=args.library,
+                               ratio=args.ratio, split=args.split, images=args.images, seed=args.seed,
+                               limit=args.limit, top=args.top)
+    # The one figure a user asked for goes to stdout; the rest is in explanations.parquet.
+    sys.stdout.write(
+        f"{args.model} {args.library} s={args.ratio:g} ({args.split}, {summary['n_images']} images): "
+        f"interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 {summary['standard_top1']:.4f}, "
+        f"accuracy lost {100 * summary['accuracy_lost']:.2f} points\n")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from iis.jobs import run_pipeline
+
+    run_pipeline(load_pipeline(args.config, args.pipeline), workers=args.workers, scheduler=args.scheduler,
+                 device=args.device)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from extract.h5io import export_h5
 
@@ -126,6 +178,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "extract": _cmd_extract,
     "analyze": _cmd_analyze,
+    "report": _cmd_report,
+    "explain": _cmd_explain,
+    "run": _cmd_run,
     "export-h5": _cmd_export,
     "import-h5": _cmd_import,
 }

@@ -207,6 +207,28 @@ class AnalysisConfig(_Frozen):
         return value
 
 
+class ExplainConfig(_Frozen):
+    """What `iis run` explains for the report's cards (application 2)."""
+
+    model: str | None = None  # default: the model with the best standard top-1
+    library: str | None = None  # default: the first library of the analysis
+    ratio: float = Field(0.9, ge=0.0, lt=1.0)  # must be one of analysis.ratios
+    images: int = Field(8, ge=1)  # test images explained
+
+
+class FinetuneConfig(_Frozen):
+    """One fine-tuning comparison that `iis run` makes (application 1): lambda vs 0."""
+
+    model: str  # a measured model (e.g. "r10@e8"): its weights are the starting point
+    lambda_: float = Field(1.0, gt=0.0, alias="lambda")  # weight of the interpretable-head loss
+    epochs: int = Field(2, ge=1)
+    ratio: float = Field(0.9, ge=0.0, lt=1.0)  # sparsity of g_s inside the loss
+    library: Literal["prototype"] = "prototype"  # re-embedded by the current backbone
+    refresh_every: int = Field(20, ge=1)  # steps between re-embeddings of the library
+    lr: float = Field(5e-4, gt=0)
+    seed: int = 0
+
+
 class PipelineConfig(_Frozen):
     name: str
     dataset: DatasetConfig
@@ -216,6 +238,8 @@ class PipelineConfig(_Frozen):
     store: Path  # Zarr stores go under here, one per model
     results: Path  # stage 2 writes its tables and report here
     analysis: AnalysisConfig = AnalysisConfig()
+    explain: ExplainConfig = ExplainConfig()
+    finetune: FinetuneConfig | None = None
 
     @field_validator("store", "results")
     @classmethod
@@ -228,6 +252,14 @@ class PipelineConfig(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        measured = {m.name for m in self.measured_models()}
+        for section, name in (("explain", self.explain.model), ("finetune", self.finetune and self.finetune.model)):
+            if name and name not in measured:
+                raise ValueError(f"{section}.model {name!r} is not a model of this pipeline; known: {', '.join(sorted(measured))}")
+        if self.explain.library and self.explain.library not in self.analysis.libraries:
+            raise ValueError(f"explain.library {self.explain.library!r} is not in analysis.libraries")
+        if not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):
+            raise ValueError(f"explain.ratio {self.explain.ratio} is not in analysis.ratios {self.analysis.ratios}")
         return self
 
     def model(self, name: str) -> ModelConfig:

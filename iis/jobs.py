@@ -184,3 +184,52 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
              model, library, ratio, split, result.interpretable_top1, standard_top1,
              100 * summary["accuracy_lost"], result.n_images)
     return summary
+
+
+def _explain_defaults(cfg: PipelineConfig) -> tuple[str, str]:
+    """The model and library `iis run` explains: configured, or the best model and first library."""
+    from analyze import tables
+
+    library = cfg.explain.library or cfg.analysis.libraries[0]
+    if cfg.explain.model:
+        return cfg.explain.model, library
+    acc = tables.read_table(cfg.results, "accuracy")
+    std = acc[(acc.library == "standard") & (acc.pipeline == cfg.name)]
+    measured = [m.name for m in cfg.measured_models()]
+    std = std[std.model.isin(measured)]
+    best = std.groupby("model").test_top1.mean().idxmax() if len(std) else measured[0]
+    return str(best), library
+
+
+def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None = None,
+                 device: str | None = None) -> Path:
+    """The main job: extract, analyze, explain, fine-tune (if configured), report.
+
+    Work whose outputs are complete is skipped: finished stores are not recomputed, and
+    (model, seed) pairs already in the tables are not refitted.
+    """
+    import time
+
+    start = time.perf_counter()
+    extract_pipeline(cfg, device=device)
+    log.info("run %s: extract done at %.0f s", cfg.name, time.perf_counter() - start)
+    from analyze.pipeline import analyze_stores
+
+    args = _analysis_args(cfg.analysis, libraries=None, num_concepts=None, ratios=None, seeds=None,
+                          protocol=None, bootstrap=None)
+    analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, skip_complete=True,
+                   cluster=_cluster(scheduler, workers, 1, False), **args)
+    log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
+    model, library = _explain_defaults(cfg)
+    explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
+    if cfg.finetune is not None:
+        finetune_pipeline(cfg, device=device)
+        log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)
+    path = report_pipeline(cfg)
+    log.info("run %s: finished in %.0f s; open %s", cfg.name, time.perf_counter() - start, path)
+    return path
+
+
+def finetune_pipeline(cfg: PipelineConfig, *, device: str | None = None):
+    """Application 1: fine-tune with interpretability maximisation against lambda = 0."""
+    raise NotImplementedError("fine-tuning is wired in apps/finetune.py")

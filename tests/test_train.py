@@ -158,6 +158,13 @@ def test_same_seed_same_bytes_other_seed_other_bytes(small, small_plain, tmp_pat
     assert other.checkpoints[1].read_bytes() != reference
 
 
+def test_worker_processes_do_not_change_the_result(small, small_plain, tmp_path):
+    _, plain_dir = small_plain
+    options = TrainOptions(epochs=1, checkpoints=(1,), batch_size=16, lr=1e-2, num_workers=2)
+    workers = _train(small, tmp_path, options=options)
+    assert workers.checkpoints[1].read_bytes() == checkpoint_path(plain_dir, 1).read_bytes()
+
+
 def test_extra_loss_sees_pre_logits_and_trains_the_backbone(small, small_plain, tmp_path):
     _, plain_dir = small_plain
     calls: list[tuple[tuple, int, int, float]] = []

@@ -1,0 +1,175 @@
+"""Default head trainer vs the IIS authors' reference protocol: accuracy per ratio, and speed.
+
+A fixed synthetic workload (class means plus noise, 10% of labels flipped, a prototype library of
+training features drawn stratified over classes) is fitted twice on the same cores in the same
+run: the standard head plus every sparsity ratio, by ``fit_heads(protocol="default")`` (all
+ratios in one pass, selected on val) and by ``protocol="reference"`` (one ratio at a time,
+selected on test). Aims: the default is at least 10x faster, and every ratio's test top-1 is at
+least the reference's minus 0.5 points.
+
+    python benchmarks/heads_vs_reference.py            # N_train 20,000, D 512, C 100, K 200
+    python benchmarks/heads_vs_reference.py --quick    # a smaller workload, for a smoke test
+    python benchmarks/heads_vs_reference.py --ablate-layernorm   # also: reference, LayerNorm frozen
+
+Wall time is the aim's measure; CPU time (``time.process_time``) is printed beside it, because on
+a shared machine it moves less with the other processes' load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+import analyze.heads as heads
+from analyze.activations import concept_activations
+from analyze.heads import HeadFit, fit_heads
+from analyze.metrics import accuracy_retention, normalized_score
+
+RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
+SPEED_AIM = 10.0
+ACCURACY_AIM = -0.5  # points of test top-1, ours minus reference
+
+
+@dataclass(frozen=True)
+class Workload:
+    n_train: int
+    n_val: int
+    n_test: int
+    dim: int
+    classes: int
+    concepts: int
+    separation: float = 0.24  # std of the class means per dimension; the noise has std 1
+    offset: float = 0.5  # std of a mean shared by every class, as pooled features have
+    label_noise: float = 0.1  # fraction of labels replaced by a random class
+
+
+FULL = Workload(n_train=20_000, n_val=2_000, n_test=5_000, dim=512, classes=100, concepts=200)
+QUICK = Workload(n_train=4_000, n_val=500, n_test=1_000, dim=128, classes=20, concepts=40, separation=0.4)
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_workload(w: Workload, seed: int) -> tuple[dict[str, Split], dict[str, Split]]:
+    """Features and prototype-library activations of train/val/test, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(w.classes, w.dim, generator=g) * w.separation
+    shared = torch.randn(w.dim, generator=g) * w.offset
+
+    def split(n: int) -> Split:
+        y = torch.randint(0, w.classes, (n,), generator=g)
+        z = means[y] + shared + torch.randn(n, w.dim, generator=g)
+        flipped = torch.rand(n, generator=g) < w.label_noise
+        return z, torch.where(flipped, torch.randint(0, w.classes, (n,), generator=g), y)
+
+    features = {"train": split(w.n_train), "val": split(w.n_val), "test": split(w.n_test)}
+    # Prototype library: K train features drawn at random, stratified over classes, normalised.
+    z_train, y_train = features["train"]
+    per_class = w.concepts // w.classes
+    picks = [torch.nonzero(y_train == c).flatten() for c in range(w.classes)]
+    picks = torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picks])
+    library = torch.nn.functional.normalize(z_train[picks], dim=1)
+    activations = {name: (concept_activations(z, library), y) for name, (z, y) in features.items()}
+    return features, activations
+
+
+@dataclass
+class Timed:
+    standard: HeadFit
+    grid: HeadFit
+    wall: float
+    cpu: float
+
+
+def run_protocol(features: dict[str, Split], activations: dict[str, Split], *, classes: int, seed: int,
+                 protocol: str) -> Timed:
+    """The standard head and the whole ratio grid, timed together."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    standard = fit_heads(**features, num_classes=classes, ratios=None, seed=seed, protocol=protocol)
+    grid = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol=protocol)
+    return Timed(standard, grid, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def run_frozen_layernorm(activations: dict[str, Split], *, classes: int, seed: int) -> HeadFit:
+    """Reference protocol with its LayerNorm frozen at the identity (a diagnostic, private hook)."""
+    splits = {name: heads._check_split(name, split, classes) for name, split in activations.items()}
+    return heads._fit_reference(splits, num_classes=classes, ratios=RATIOS, seed=seed, epochs=heads._REF_EPOCHS,
+                                batch_size=heads._REF_BATCH, learn_layer_norm=False)
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)))
+
+
+def warm_up(classes: int) -> None:
+    """One tiny fit per protocol, so lazy imports and allocator warm-up are not timed."""
+    g = torch.Generator().manual_seed(0)
+    tiny = {name: (torch.randn(64, 8, generator=g), torch.randint(0, classes, (64,), generator=g))
+            for name in ("train", "val", "test")}
+    for protocol in heads.PROTOCOLS:
+        fit_heads(**tiny, num_classes=classes, ratios=[0.0, 0.5], seed=0, protocol=protocol, max_epochs=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workload (smoke test)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for both protocols (default 1: on a machine shared "
+                             "with other jobs, OpenMP threads that wait on each other distort timings)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablate-layernorm", action="store_true",
+                        help="also fit the reference protocol with its LayerNorm frozen")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    w = QUICK if args.quick else FULL
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}")
+    print(f"workload: N_train {w.n_train}, N_val {w.n_val}, N_test {w.n_test}, D {w.dim}, C {w.classes}, "
+          f"K {w.concepts}, ratios {RATIOS}, seed {args.seed}")
+    features, activations = make_workload(w, args.seed)
+    warm_up(w.classes)
+
+    ours = run_protocol(features, activations, classes=w.classes, seed=args.seed, protocol="default")
+    ref = run_protocol(features, activations, classes=w.classes, seed=args.seed, protocol="reference")
+    frozen = run_frozen_layernorm(activations, classes=w.classes, seed=args.seed) if args.ablate_layernorm else None
+
+    header = ["head", "ours top-1", "ref top-1", "diff (pts)", "ours epoch(val)", "ref epoch(test)"]
+    if frozen is not None:
+        header.append("ref frozen-LN top-1")
+    rows, diffs = [], []
+    names = ["standard", *[f"s={r:g}" for r in RATIOS]]
+    fits = [(ours.standard, ref.standard, 0, None), *[(ours.grid, ref.grid, i, i) for i in range(len(RATIOS))]]
+    for name, (o, f, i, j) in zip(names, fits):
+        diff = 100 * (o.test_top1[i] - f.test_top1[i])
+        diffs.append(diff)
+        row = [name, f"{100 * o.test_top1[i]:.2f}", f"{100 * f.test_top1[i]:.2f}", f"{diff:+.2f}",
+               str(o.best_epoch[i]), str(f.best_epoch[i])]
+        if frozen is not None:
+            row.append("" if j is None else f"{100 * frozen.test_top1[j]:.2f}")
+        rows.append(row)
+    print()
+    print_table(header, rows)
+
+    iis = {name: normalized_score(RATIOS, accuracy_retention(t.grid.test_top1, float(t.standard.test_top1[0])))
+           for name, t in (("ours", ours), ("ref", ref))}
+    print(f"\nnormalised IIS: ours {iis['ours']:.4f}, reference {iis['ref']:.4f}")
+    print(f"time, ours:      wall {ours.wall:7.2f} s, cpu {ours.cpu:7.2f} s "
+          f"(standard {ours.standard.fit_seconds:.2f} s, grid {ours.grid.fit_seconds:.2f} s)")
+    print(f"time, reference: wall {ref.wall:7.2f} s, cpu {ref.cpu:7.2f} s "
+          f"(standard {ref.standard.fit_seconds:.2f} s, grid {ref.grid.fit_seconds:.2f} s)")
+    speed_wall, speed_cpu = ref.wall / ours.wall, ref.cpu / ours.cpu
+    worst = min(diffs)
+    print(f"speed ratio (reference / ours): wall {speed_wall:.1f}x, cpu {speed_cpu:.1f}x")
+    print(f"aim speed >= {SPEED_AIM:g}x (wall): {'PASS' if speed_wall >= SPEED_AIM else 'FAIL'}")
+    failing = [name for name, d in zip(names, diffs) if d < ACCURACY_AIM]
+    verdict = "PASS" if not failing else f"FAIL ({', '.join(failing)})"
+    print(f"aim every head >= reference {ACCURACY_AIM:+g} pts (worst {worst:+.2f}): {verdict}")
+
+
+if __name__ == "__main__":
+    main()
