@@ -115,7 +115,7 @@ def explain_split(
     lib, _ = load_library(library_file)
     logits, details = explain_features(data.x, library_file=library_file, ratio=ratio, top=top)
     pred = logits.argmax(dim=1)
-    accuracy = float((pred == data.labels).float().mean()) if len(data.labels) else float("nan")
+    accuracy = float((pred == data.labels).double().mean()) if len(data.labels) else float("nan")
     if image_ids is not None:
         where = {v: i for i, v in enumerate(data.ids)}
         missing = [v for v in image_ids if v not in where]

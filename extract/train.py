@@ -239,7 +239,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _save_checkpoint(model: torch.nn.Module, path: Path, *, backbone: str, epoch: int) -> None:
+def _save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     # Clones break storage sharing (safetensors refuses shared tensors) and drop channels-last.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt"}  # one key only: safetensors writes its metadata map in no fixed order
@@ -269,6 +269,34 @@ def _top1(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> f
         correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         seen += len(labels)
     return correct / seen if seen else float("nan")
+
+
+def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device,
+                 extra_loss: ExtraLoss | None, step: int, desc: str) -> tuple[float, int, int, int]:
+    """One pass over ``loader``. Returns (mean loss, images trained on, unreadable skipped, next step)."""
+    head = model.get_classifier()
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    seen = skipped = 0
+    for images, labels, unreadable in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+        skipped += unreadable
+        if len(labels) < 2:  # batch norm cannot train on a single sample
+            continue
+        images = _to_device(images, device)
+        labels = labels.to(device, non_blocking=True)
+        with _autocast(device):
+            z = _pre_logits(model, images)
+            loss = F.cross_entropy(head(z).float(), labels)
+            if extra_loss is not None:
+                loss = loss + extra_loss(z, labels, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach().float() * len(labels)
+        seen += len(labels)
+    return (float(loss_sum) / seen if seen else float("nan")), seen, skipped, step
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -302,7 +330,9 @@ def _settings(*, dataset: ImageDataset, backbone: str, weights: str | Path, weig
             "callable": getattr(extra_loss, "__qualname__", type(extra_loss).__qualname__)}
     opts = {k: v for k, v in asdict(options).items() if k not in _RUNTIME_ONLY}
     settings = {
-        "backbone": backbone, "weights": str(weights), "weights_sha256": weights_sha256,
+        # A file is known by its digest, so a moved or re-spelled path still matches.
+        "backbone": backbone, "weights": weights if weights in ("random", "pretrained") else "file",
+        "weights_sha256": weights_sha256,
         "img_size": img_size, "init_seed": init_seed, "dataset": dataset.name,
         "classes": list(dataset.classes), "splits_sha256": _dataset_digest(dataset),
         "options": opts, "extra_loss": extra,
@@ -331,6 +361,10 @@ def _reuse(out_dir: Path, settings: dict, epochs: Sequence[int]) -> TrainResult 
     return TrainResult(checkpoints={e: checkpoint_path(out_dir, e) for e in epochs},
                        train_loss=record["train_loss"], val_top1=record["val_top1"],
                        seconds=record["seconds"], skipped=True)
+
+
+def _write_record(out_dir: Path, record: dict) -> None:
+    _atomic_write(out_dir / _RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +398,8 @@ def train_backbone(
         out_dir: receives ``e{epoch}.safetensors`` for each of ``options.checkpoints`` and
             ``train.json``. When ``train.json`` records the same settings (runtime-only options
             aside) and every requested checkpoint exists, nothing is trained and the earlier
-            result is returned; otherwise earlier checkpoints in ``out_dir`` are removed.
+            result is returned (and no callback runs); otherwise earlier checkpoints in
+            ``out_dir`` are removed first.
         extra_loss: called inside the forward pass (under autocast on CUDA) with the global step,
             counted from 0.
         extra_config: a JSON-able description of ``extra_loss`` (e.g. its weight), recorded and
@@ -414,7 +449,6 @@ def train_backbone(
     optimizer = torch.optim.AdamW(_param_groups(model, extra_params, options.weight_decay), lr=options.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, round(options.warmup_epochs * steps_per_epoch)))
-    head = model.get_classifier()
     log.info("train %s on %s: %d images, %d steps/epoch x %d epochs, device %s, checkpoints %s -> %s",
              backbone, dataset.name, len(train_rows), steps_per_epoch, options.epochs, device,
              list(options.checkpoints), out_dir)
@@ -428,7 +462,7 @@ def train_backbone(
     def save(epoch: int) -> None:
         if epoch in options.checkpoints:
             written[epoch] = checkpoint_path(out_dir, epoch)
-            _save_checkpoint(model, written[epoch], backbone=backbone, epoch=epoch)
+            _save_checkpoint(model, written[epoch])
 
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
@@ -441,30 +475,11 @@ def train_backbone(
         step = 0
         for epoch in range(1, options.epochs + 1):
             order.epoch = epoch
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
             epoch_start = time.perf_counter()
-            bar = tqdm(train_loader, desc=f"train {backbone} e{epoch}/{options.epochs}", unit="batch",
-                       disable=None, leave=False)
-            for images, labels, skipped in bar:
-                skipped_images += skipped
-                if len(labels) < 2:  # batch norm cannot train on a single sample
-                    continue
-                images = _to_device(images, device)
-                labels = labels.to(device, non_blocking=True)
-                with _autocast(device):
-                    z = _pre_logits(model, images)
-                    loss = F.cross_entropy(head(z).float(), labels)
-                    if extra_loss is not None:
-                        loss = loss + extra_loss(z, labels, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                loss_sum += loss.detach().float() * len(labels)
-                seen += len(labels)
-            mean_loss = float(loss_sum) / seen if seen else float("nan")
+            mean_loss, seen, skipped, step = _train_epoch(
+                model, train_loader, optimizer, scheduler, device=device, extra_loss=extra_loss, step=step,
+                desc=f"train {backbone} e{epoch}/{options.epochs}")
+            skipped_images += skipped
             if not math.isfinite(mean_loss):
                 raise RuntimeError(f"training {backbone}: epoch {epoch} mean loss is {mean_loss}")
             losses.append(mean_loss)
@@ -480,7 +495,7 @@ def train_backbone(
     if skipped_images:
         log.warning("skipped %d unreadable train image reads over %d epochs", skipped_images, options.epochs)
 
-    record = {
+    _write_record(out_dir, {
         "format": "iis-train",
         "schema_version": _SCHEMA,
         "settings": settings,
@@ -493,6 +508,5 @@ def train_backbone(
         "skipped_image_reads": skipped_images,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__},
-    }
-    _atomic_write(out_dir / _RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    })
     return TrainResult(checkpoints=written, train_loss=losses, val_top1=val_top1, seconds=seconds)

@@ -192,13 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
-    from extract.store import StoreError  # noqa: PLC0415 — keep `iis --help` fast
+    # Imported here, not at the top, to keep `iis --help` fast.
+    from analyze.store import StoreError as ReadError
+    from extract.backbones import WeightsError
+    from extract.store import StoreError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StoreError, FileExistsError, FileNotFoundError, ValueError) as err:
-        # Expected failures get one clear line, not a traceback.
-        log.error("%s", err)
+    except (ConfigError, StoreError, ReadError, WeightsError, FileExistsError, FileNotFoundError, ValueError) as err:
+        # Expected failures get one clear line, not a traceback (-v shows it).
+        log.error("%s", err, exc_info=args.verbose)
         return 2
 
 

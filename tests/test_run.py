@@ -1,0 +1,98 @@
+"""The main job end to end on the shipped `smoke` pipeline, and interpretable prediction."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analyze.artifacts import load_library
+from analyze.store import open_feature_store
+from apps.explain import explain_features, explain_split
+from iis.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """`iis run smoke` once, in a scratch copy of the shipped pipelines.yaml."""
+    work = tmp_path_factory.mktemp("smoke")
+    shutil.copy(ROOT / "pipelines.yaml", work / "pipelines.yaml")
+    assert main(["run", "smoke", "--config", str(work / "pipelines.yaml")]) == 0
+    return work
+
+
+@pytest.mark.slow
+def test_run_smoke_writes_every_table_and_the_report(smoke):
+    results = smoke / "results" / "smoke"
+    for name in ("accuracy", "iis", "correlation", "concepts", "explanations"):
+        assert (results / f"{name}.parquet").is_file(), name
+    acc = pd.read_parquet(results / "accuracy.parquet")
+    # 2 models x (standard + 2 libraries x 3 ratios)
+    assert len(acc) == 2 * (1 + 2 * 3)
+    assert set(acc.library) == {"standard", "prototype", "cluster"}
+    iis = pd.read_parquet(results / "iis.parquet")
+    assert len(iis) == 4 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 4).all()
+    # ARR is the ratio of the table's own accuracies, and IIS their trapezoid.
+    row = iis.iloc[0]
+    lib = acc[(acc.model == row.model) & (acc.library == row.library)].sort_values("sparsity")
+    std = acc[(acc.model == row.model) & (acc.library == "standard")].test_top1.item()
+    np.testing.assert_allclose(row.arr, lib.test_top1.to_numpy() / std)
+    np.testing.assert_allclose(row.iis, np.trapezoid(row.arr, row.ratios))
+    corr = pd.read_parquet(results / "correlation.parquet")
+    assert set(corr.library) == {"prototype", "cluster"} and (corr.n_models == 2).all()
+    html = (results / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "r10-random" in html
+    # A second run skips what is complete and leaves the tables as they were.
+    before = {n: pd.read_parquet(results / f"{n}.parquet") for n in ("accuracy", "iis")}
+    assert main(["run", "smoke", "--config", str(smoke / "pipelines.yaml")]) == 0
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(results / f"{name}.parquet"), frame)
+
+
+@pytest.mark.slow
+def test_explanations_add_up_to_the_logit(smoke):
+    results = smoke / "results" / "smoke"
+    library_file = results / "libraries" / "r10-random" / "prototype-K16-seed0-default.npz"
+    store = open_feature_store(smoke / "cache" / "smoke" / "r10-random.zarr")
+    test = store.read_split("test")
+    logits, details = explain_features(test.x[:20], library_file=library_file, ratio=0.5, top=None)
+    lib, heads = load_library(library_file)
+    for i, d in enumerate(details):
+        assert d["pred"] == int(logits[i].argmax())
+        # Every kept concept's w·a plus the bias is exactly the predicted class's logit.
+        assert sum(d["contribution"]) + d["bias"] == pytest.approx(d["logit"], abs=1e-4)
+        assert len(d["concept"]) == 16 - 8  # k(0.5) of K = 16
+        assert d["contribution"] == sorted(d["contribution"], reverse=True)
+    # The saved head reproduces the accuracy the table reports for that ratio.
+    acc = pd.read_parquet(results / "accuracy.parquet")
+    reported = acc[(acc.model == "r10-random") & (acc.library == "prototype") & (acc.sparsity == 0.5)].test_top1.item()
+    ex = explain_split(store=store.path, library_file=library_file, ratio=0.5, limit=3)
+    assert ex.interpretable_top1 == pytest.approx(reported, abs=1e-9)
+    assert len(ex.rows) == 3 and ex.rows.box.map(len).eq(5).all()
+    assert torch.allclose(lib.activations(test.x[:2]), lib.activations(test.x[:2]))
+
+
+@pytest.mark.slow
+def test_explain_cli_prints_accuracy_lost(smoke, capsys):
+    image = str(open_feature_store(smoke / "cache" / "smoke" / "vit-random.zarr").read_split("test").ids[7])
+    code = main(["explain", "smoke", "--config", str(smoke / "pipelines.yaml"), "--model", "vit-random",
+                 "--library", "cluster", "--ratio", "0.9", "--images", image, "--top", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "accuracy lost" in out and "vit-random cluster s=0.9" in out
+    rows = pd.read_parquet(smoke / "results" / "smoke" / "explanations.parquet")
+    mine = rows[(rows.model == "vit-random") & (rows.library == "cluster")]
+    # s = 0.9 of K = 16 keeps k = 2 concepts, so --top 3 lists both.
+    assert mine.image_id.tolist() == [image] and len(mine.concept.iloc[0]) == 2
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, caplog):
+    assert main(["extract", "nope", "--config", str(ROOT / "pipelines.yaml")]) == 2
+    assert "no pipeline 'nope'; known:" in caplog.text
+    assert main(["analyze", "--store", str(tmp_path / "absent.zarr"), "--results", str(tmp_path)]) == 2
+    assert "absent.zarr: no feature store here" in caplog.text
