@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="concepts listed per image")
     p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
 
+    p = sub.add_parser("finetune", help="application 1: fine-tune with interpretability maximisation vs lambda=0")
+    p.add_argument("pipeline")
+    _add_config(p)
+    p.add_argument("--model", help="a model of the pipeline (default: the pipeline's finetune.model)")
+    p.add_argument("--lambda", dest="lam", type=float, help="weight of the interpretable-head loss")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+
     p = sub.add_parser("run", help="the main job: extract, analyze, explain, fine-tune, report")
     p.add_argument("pipeline")
     _add_config(p)
@@ -153,6 +162,16 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from iis.jobs import finetune_pipeline
+
+    cfg = load_pipeline(args.config, args.pipeline)
+    if cfg.finetune is None and (args.model is None or args.lam is None):
+        raise ConfigError(f"pipeline {cfg.name!r} has no finetune: section; pass --model and --lambda")
+    finetune_pipeline(cfg, model=args.model, lam=args.lam, epochs=args.epochs, seed=args.seed, device=args.device)
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from iis.jobs import run_pipeline
 
@@ -180,6 +199,7 @@ _COMMANDS = {
     "analyze": _cmd_analyze,
     "report": _cmd_report,
     "explain": _cmd_explain,
+    "finetune": _cmd_finetune,
     "run": _cmd_run,
     "export-h5": _cmd_export,
     "import-h5": _cmd_import,
@@ -192,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    # Dask's own INFO lines (nanny start/stop, comms) drown the pipeline's; keep its warnings.
+    for noisy in ("distributed", "bokeh", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # Imported here, not at the top, to keep `iis --help` fast.
     from analyze.store import StoreError as ReadError
     from extract.backbones import WeightsError

@@ -28,15 +28,11 @@ def extract_pipeline(
         ``{model name: store complete}``.
     """
     from extract.backbones import create_backbone
-    from extract.datasets import load_dataset
     from extract.elements import plan_elements
     from extract.runner import ExtractOptions, extract_store
 
     ds = cfg.dataset
-    dataset = load_dataset(
-        source=ds.source, name=ds.label, root=ds.root, file=ds.file,
-        val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed,
-    )
+    dataset = _load_dataset(cfg)
     el = cfg.elements
     plans = plan_elements(
         dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
@@ -138,12 +134,9 @@ def analyze_explicit(*, stores: list[Path], results: Path, scheduler=None, worke
 def report_pipeline(cfg: PipelineConfig) -> Path:
     """Write ``<results>/report.html`` from the pipeline's tables."""
     from apps.report import write_report
-    from extract.datasets import load_dataset
 
-    ds = cfg.dataset
-    dataset = load_dataset(source=ds.source, name=ds.label, root=ds.root, file=ds.file,
-                           val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed)
-    path = write_report(results=cfg.results, dataset=dataset, title=f"iis: {cfg.name} ({ds.label})")
+    path = write_report(results=cfg.results, dataset=_load_dataset(cfg),
+                        title=f"iis: {cfg.name} ({cfg.dataset.label})")
     log.info("report: %s", path)
     return path
 
@@ -223,13 +216,96 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None
     model, library = _explain_defaults(cfg)
     explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
     if cfg.finetune is not None:
-        finetune_pipeline(cfg, device=device)
+        finetune_pipeline(cfg, device=device, workers=workers, scheduler=scheduler)
         log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)
     path = report_pipeline(cfg)
     log.info("run %s: finished in %.0f s; open %s", cfg.name, time.perf_counter() - start, path)
     return path
 
 
-def finetune_pipeline(cfg: PipelineConfig, *, device: str | None = None):
-    """Application 1: fine-tune with interpretability maximisation against lambda = 0."""
-    raise NotImplementedError("fine-tuning is wired in apps/finetune.py")
+def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
+                      epochs: int | None = None, seed: int | None = None, device: str | None = None,
+                      workers: int = 2, scheduler: str | None = None):
+    """Application 1: fine-tune a model with λ and with λ = 0, measure both, write ``finetune.parquet``.
+
+    Command-line values override the pipeline's ``finetune:`` section. Each arm's checkpoint
+    becomes a model of the pipeline's tables (``<model>+ft<λ>``), measured with the
+    fine-tuning library.
+    """
+    import pandas as pd
+
+    from analyze import tables
+    from analyze.libraries import LibraryInputs, build_library
+    from analyze.pipeline import analyze_stores
+    from analyze.store import open_feature_store
+    from apps.finetune import element_images, finetune_arms
+    from extract.backbones import create_backbone
+    from extract.elements import plan_elements
+    from extract.train import TrainOptions
+    from iis.config import FinetuneConfig
+
+    given = {"model": model, "lambda": lam, "epochs": epochs, "seed": seed}
+    base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
+    ft = FinetuneConfig.model_validate({**base_cfg, **{k: v for k, v in given.items() if v is not None}})
+    base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
+    if base is None:
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
+    dataset = _load_dataset(cfg)
+    el = cfg.elements
+    plans = plan_elements(dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
+                          seed=cfg.dataset.seed, slic_segments=el.slic_segments)
+    k = cfg.analysis.num_concepts
+    base_store = open_feature_store(cfg.store_path(base.name))
+    library = build_library(ft.library, LibraryInputs(elements=base_store.read_elements(),
+                                                      num_classes=base_store.num_classes),
+                            num_concepts=k, seed=ft.seed)
+    backbone = create_backbone(backbone=base.backbone, weights=base.weights, img_size=base.img_size, seed=base.seed)
+    images = element_images(dataset, plans, [int(m[0]) for m in library.members], backbone.data_config)
+    options = TrainOptions(epochs=ft.epochs, checkpoints=(ft.epochs,), lr=ft.lr, seed=ft.seed,
+                           batch_size=next((m.train.batch_size for m in cfg.models if m.train), 128),
+                           device=device or cfg.extract.device)
+    arms = finetune_arms(dataset=dataset, backbone=base.backbone, weights=base.weights, img_size=base.img_size,
+                         init_seed=base.seed, images=images, lam=ft.lambda_, ratio=ft.ratio, options=options,
+                         refresh_every=ft.refresh_every,
+                         out_root=cfg.checkpoint_dir(f"{base.name}+finetune-seed{ft.seed}-e{ft.epochs}"))
+    names = {arm.lam: f"{base.name}+ft{arm.lam:g}" for arm in arms}
+    from extract.runner import ExtractOptions, extract_store
+
+    ex = cfg.extract
+    ex_options = ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
+                                num_workers=ex.num_workers, device=device or ex.device, amp=ex.amp)
+    for arm in arms:
+        tuned = create_backbone(backbone=base.backbone, weights=str(arm.checkpoint), img_size=base.img_size,
+                                seed=base.seed)
+        extract_store(cfg.store_path(names[arm.lam]), dataset=dataset, backbone=tuned, model_name=names[arm.lam],
+                      element_plans=plans, elements_config=el.model_dump(), options=ex_options,
+                      pipeline=cfg.name, project_version=__version__)
+    stores = [cfg.store_path(base.name)] + [cfg.store_path(n) for n in names.values()]
+    analyze_stores(stores, results=cfg.results, pipeline=cfg.name, libraries=[ft.library], num_concepts=k,
+                   ratios=cfg.analysis.ratios, seeds=[ft.seed], bootstrap=cfg.analysis.bootstrap,
+                   skip_complete=True, cluster=_cluster(scheduler, workers, 1, False))
+    iis = tables.read_table(cfg.results, "iis")
+    iis = iis[(iis.library == ft.library) & (iis.num_concepts == k) & (iis.seed == ft.seed)
+              & (iis.protocol == "default") & (iis.pipeline == cfg.name)].set_index("model")
+    rows = [{
+        "pipeline": cfg.name, "dataset": cfg.dataset.label, "model": base.name, "lambda": arm.lam,
+        "seed": ft.seed, "epochs": ft.epochs, "ratio": ft.ratio, "library": ft.library, "num_concepts": k,
+        "standard_top1_before": float(iis.loc[base.name, "standard_top1"]),
+        "standard_top1_after": float(iis.loc[names[arm.lam], "standard_top1"]),
+        "iis_before": float(iis.loc[base.name, "iis"]), "iis_after": float(iis.loc[names[arm.lam], "iis"]),
+        "finetuned_model": names[arm.lam], "seconds": arm.result.seconds,
+    } for arm in arms]
+    table = tables.upsert(cfg.results, "finetune", pd.DataFrame(rows))
+    for row in rows:
+        log.info("fine-tune %s lambda=%g: standard top-1 %.4f -> %.4f, IIS %.4f -> %.4f", row["model"],
+                 row["lambda"], row["standard_top1_before"], row["standard_top1_after"], row["iis_before"],
+                 row["iis_after"])
+    return table
+
+
+def _load_dataset(cfg: PipelineConfig):
+    from extract.datasets import load_dataset
+
+    ds = cfg.dataset
+    return load_dataset(source=ds.source, name=ds.label, root=ds.root, file=ds.file,
+                        val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed)

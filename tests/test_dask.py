@@ -259,7 +259,7 @@ def _on_workers():
         """The keys the worker's thread is computing right now."""
         return [str(ts.key) for ts in dask_worker.state.executing]
 
-    def executed(dask_worker, key: str) -> bool:
+    def executed(key: str, dask_worker) -> bool:
         """Whether the worker's log shows ``key`` executing at some point."""
         return any("executing" in entry for entry in dask_worker.state.story(key))
 

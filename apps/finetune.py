@@ -1,0 +1,142 @@
+"""Fine-tuning with interpretability maximisation (METHOD.md, application 1).
+
+The backbone is trained with ``L = CE(h(z), y) + λ · CE(g(g_s(a(z))), y)``, where ``a(z)`` are
+the activations of a prototype library that the *current* backbone re-embeds every few steps,
+and ``g`` is a linear head on ``g_s(a)`` learned jointly. The same budget and seed with λ = 0
+is the control. Both results are ordinary checkpoints, so stage 1 and stage 2 measure them
+like any other model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from analyze.activations import concept_activations, sparsify
+from extract.backbones import element_transform
+from extract.datasets import ImageDataset
+from extract.elements import ElementPlan, render_element
+from extract.train import TrainOptions, TrainResult, train_backbone
+
+log = logging.getLogger(__name__)
+
+
+class InterpretabilityLoss:
+    """``λ · CE(g(g_s(a(z))), y)`` with a prototype library re-embedded by the live backbone.
+
+    Args:
+        element_images: ``(K, 3, H, W)`` normalised element crops: the prototype library.
+        num_classes: ``C``.
+        lam: ``λ``.
+        ratio: the sparsity ratio ``s`` of ``g_s``.
+        refresh_every: steps between re-embeddings of the library.
+        seed: seeds ``g``'s initialisation.
+    """
+
+    def __init__(self, *, element_images: torch.Tensor, num_classes: int, lam: float, ratio: float,
+                 refresh_every: int, seed: int):
+        self.images, self.lam, self.ratio, self.refresh_every = element_images, lam, ratio, refresh_every
+        generator = torch.Generator().manual_seed(seed)
+        k = element_images.shape[0]
+        # g starts small and seeded; nn.Linear's own init would draw from the global RNG.
+        self.weight = torch.nn.Parameter(torch.randn(num_classes, k, generator=generator) * 0.01)
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+        self.model: torch.nn.Module | None = None
+        self.concepts: torch.Tensor | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [self.weight, self.bias]
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Called by the trainer before the first step: the backbone to re-embed with."""
+        self.model = model
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-embed the library with the current backbone (eval mode, so BN stats stay put)."""
+        assert self.model is not None, "attach() the model first"
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        feats = self.model.forward_head(self.model.forward_features(self.images.to(device)), pre_logits=True)
+        self.concepts = feats.float()
+        self.model.train(was_training)
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """``z (B, D)``, ``y (B,)`` -> scalar loss; gradients reach the backbone through ``z``."""
+        if self.concepts is None or step % self.refresh_every == 0:
+            self.refresh()
+        a = concept_activations(z.float(), self.concepts)
+        logits = F.linear(sparsify(a, self.ratio), self.weight, self.bias)
+        return self.lam * F.cross_entropy(logits, y)
+
+
+def element_images(dataset: ImageDataset, plans: Sequence[ElementPlan], indices: Sequence[int],
+                   data_config: dict) -> torch.Tensor:
+    """Render elements ``indices`` of ``plans`` as the backbone's inputs: ``(K, 3, H, W)``."""
+    transform = element_transform(data_config)
+    fill = tuple(int(round(255 * m)) for m in data_config["mean"])
+    crops = []
+    for i in indices:
+        plan = plans[i]
+        crops.append(transform(render_element(dataset.load("train", plan.source_index), plan, fill=fill)))
+    return torch.stack(crops)
+
+
+@dataclass(frozen=True)
+class FinetuneArm:
+    """One arm of the comparison: its λ and the checkpoint it produced."""
+
+    lam: float
+    checkpoint: Path
+    result: TrainResult
+
+
+def finetune_arms(
+    *,
+    dataset: ImageDataset,
+    backbone: str,
+    weights: str,
+    img_size: int | None,
+    init_seed: int,
+    images: torch.Tensor,
+    lam: float,
+    ratio: float,
+    options: TrainOptions,
+    refresh_every: int,
+    out_root: Path,
+) -> list[FinetuneArm]:
+    """Fine-tune from ``weights`` with λ and with λ = 0, on the same budget and seed.
+
+    Args:
+        images: ``(K, 3, H, W)`` the prototype library's element crops (see :func:`element_images`).
+        options: epochs, lr, seed…; ``options.checkpoints`` must hold ``options.epochs``.
+        out_root: each arm writes under ``out_root / f"lam{λ:g}"``.
+
+    Returns:
+        The λ arm, then the λ = 0 arm.
+    """
+    arms = []
+    for arm_lam in (lam, 0.0):
+        loss = None
+        if arm_lam > 0:
+            loss = InterpretabilityLoss(element_images=images, num_classes=len(dataset.classes), lam=arm_lam,
+                                        ratio=ratio, refresh_every=refresh_every, seed=options.seed)
+        out_dir = Path(out_root) / f"lam{arm_lam:g}"
+        result = train_backbone(
+            dataset=dataset, backbone=backbone, weights=weights, img_size=img_size, init_seed=init_seed,
+            options=options, out_dir=out_dir, extra_loss=loss, extra_params=loss.params if loss else (),
+            extra_config={"lambda": arm_lam, "ratio": ratio, "library_size": int(images.shape[0]),
+                          "refresh_every": refresh_every, "start": str(weights)},
+            on_train_start=loss.attach if loss else None,
+        )
+        log.info("fine-tune lambda=%g: train loss %s, val top-1 %s", arm_lam,
+                 [round(v, 4) for v in result.train_loss], [round(v, 4) for v in result.val_top1])
+        arms.append(FinetuneArm(lam=arm_lam, checkpoint=result.checkpoints[options.epochs], result=result))
+    return arms
