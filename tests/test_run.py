@@ -30,14 +30,15 @@ def smoke(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_run_smoke_writes_every_table_and_the_report(smoke):
     results = smoke / "results" / "smoke"
-    for name in ("accuracy", "iis", "correlation", "concepts", "explanations"):
+    for name in ("accuracy", "iis", "correlation", "concepts", "explanations", "finetune"):
         assert (results / f"{name}.parquet").is_file(), name
     acc = pd.read_parquet(results / "accuracy.parquet")
-    # 2 models x (standard + 2 libraries x 3 ratios)
-    assert len(acc) == 2 * (1 + 2 * 3)
+    # 2 models x (standard + 2 libraries x 3 ratios), and 2 fine-tuned x (standard + prototype x 3 ratios)
+    assert len(acc) == 2 * (1 + 2 * 3) + 2 * (1 + 3)
+    assert set(acc.model) == {"r10-random", "vit-random", "r10-random+ft1", "r10-random+ft0"}
     assert set(acc.library) == {"standard", "prototype", "cluster"}
     iis = pd.read_parquet(results / "iis.parquet")
-    assert len(iis) == 4 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 4).all()
+    assert len(iis) == 6 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 6).all()
     # ARR is the ratio of the table's own accuracies, and IIS their trapezoid.
     row = iis.iloc[0]
     lib = acc[(acc.model == row.model) & (acc.library == row.library)].sort_values("sparsity")
@@ -45,7 +46,14 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     np.testing.assert_allclose(row.arr, lib.test_top1.to_numpy() / std)
     np.testing.assert_allclose(row.iis, np.trapezoid(row.arr, row.ratios))
     corr = pd.read_parquet(results / "correlation.parquet")
-    assert set(corr.library) == {"prototype", "cluster"} and (corr.n_models == 2).all()
+    assert corr.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 2}
+    # Application 1: both arms, same start, each measured like any other model.
+    ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
+    assert sorted(ft.index) == [0.0, 1.0] and (ft.model == "r10-random").all()
+    base = iis[(iis.model == "r10-random") & (iis.library == "prototype")].iloc[0]
+    assert (ft.iis_before == base.iis).all() and (ft.standard_top1_before == base.standard_top1).all()
+    tuned = iis[(iis.model == "r10-random+ft1") & (iis.library == "prototype")].iloc[0]
+    assert ft.loc[1.0, "iis_after"] == tuned.iis and ft.loc[1.0, "standard_top1_after"] == tuned.standard_top1
     html = (results / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "r10-random" in html
     # A second run skips what is complete and leaves the tables as they were.
