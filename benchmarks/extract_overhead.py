@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-rows", type=int, default=ExtractOptions.block_rows,
                    help="rows per store block (batches are cut at block boundaries)")
     p.add_argument("--dataset", default="mnist5k", choices=sorted(BUILTIN), help="builtin dataset")
-    p.add_argument("--limit", type=int, default=512,
+    p.add_argument("--limit", type=int, default=256,
                    help="images per measurement, taken proportionally from train/val/test")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each measurement")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
@@ -195,8 +195,8 @@ def report(result: dict) -> None:
                                      for j, v in enumerate(med)))
     pair = [statistics.median(r[2] for r in rows), statistics.median(r[5] for r in rows)]
     print(f"median of per-repeat ratios: wall {pair[0]:.3f}, cpu {pair[1]:.3f}")
-    verdict = "met" if med[2] >= 0.9 else "NOT met"
-    print(f"ratio ours/bare (wall, medians) = {med[2]:.3f}  (aim >= 0.9: {verdict})")
+    verdict = ", ".join(f"{k} {'met' if v >= 0.9 else 'NOT met'}" for k, v in (("wall", med[2]), ("cpu", med[5])))
+    print(f"ratio ours/bare (of the medians): wall {med[2]:.3f}, cpu {med[5]:.3f}  (aim >= 0.9: {verdict})")
 
 
 # (function name, file name) of the stages of one extract_store call, as cProfile names them.
@@ -253,7 +253,7 @@ def profile_once(dataset: ImageDataset, backbone: Backbone, opts: ExtractOptions
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
+    print("command:", shlex.join([sys.executable, *sys.argv]))
 
     full = load_dataset(source="builtin", name=args.dataset)
     dataset = limit_dataset(full, args.limit)

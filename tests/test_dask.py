@@ -113,8 +113,9 @@ def _normalized(results: Path, name: str) -> pd.DataFrame:
             return tuple(plain(v) for v in value)
         return value
 
-    for column in df.select_dtypes(include="object").columns:
-        df[column] = df[column].map(plain)
+    for column in df.columns:
+        if pd.api.types.is_object_dtype(df[column]):  # list cells (strings too, before pandas 3)
+            df[column] = df[column].map(plain)
     return df.sort_values(tables.KEYS[name], na_position="first", kind="stable").reset_index(drop=True)
 
 
