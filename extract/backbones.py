@@ -110,32 +110,42 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def image_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
+def image_transform(data_config: dict, *, uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """timm's evaluation transform (resize, centre crop, normalise) for whole images.
 
     Accepts mode ``"L"`` or ``"RGB"``; returns (3, H, W) float32 with (H, W) from ``input_size``.
+    With ``uint8=True`` it stops before normalising and returns (3, H, W) uint8, for
+    :func:`normalize_batch` to finish a whole batch at once (timm's prefetcher convention).
     """
-    tf = create_transform(**_transform_args(data_config), is_training=False)
+    tf = create_transform(**_transform_args(data_config), is_training=False, use_prefetcher=uint8)
     return transforms.Compose([_ToRGB(), tf])
 
 
-def element_transform(data_config: dict) -> Callable[[Image.Image], torch.Tensor]:
+def element_transform(data_config: dict, *, uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Transform for visual elements: resize to exactly (H, W) with no crop, then normalise.
 
     Elements are already crops, so cropping again would cut away part of the element.
-    Returns (3, H, W) float32.
+    Returns (3, H, W) float32, or uint8 before normalisation with ``uint8=True``.
     """
     _, height, width = data_config["input_size"]
+    resize = transforms.Resize((height, width), interpolation=str_to_interp_mode(data_config["interpolation"]))
+    if uint8:
+        return transforms.Compose([_ToRGB(), resize, transforms.PILToTensor()])
     return transforms.Compose(
-        [
-            _ToRGB(),
-            transforms.Resize(
-                (height, width), interpolation=str_to_interp_mode(data_config["interpolation"])
-            ),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=data_config["mean"], std=data_config["std"]),
-        ]
+        [_ToRGB(), resize, transforms.ToTensor(), transforms.Normalize(mean=data_config["mean"], std=data_config["std"])]
     )
+
+
+def normalize_batch(images: torch.Tensor, data_config: dict) -> torch.Tensor:
+    """Finish a uint8 batch ``(B, 3, H, W)`` on its device: float32, scaled and normalised.
+
+    Once per batch instead of once per image: per-image float ops each enter a parallel region,
+    which on a busy CPU costs more than the model's forward pass for small inputs (measured in
+    benchmarks/extract_overhead.py). On CUDA it also moves a quarter of the bytes.
+    """
+    mean = torch.tensor(data_config["mean"], device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(data_config["std"], device=images.device).view(1, -1, 1, 1) * 255
+    return images.float().sub_(mean).div_(std)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from extract import store as st
-from extract.backbones import Backbone, element_transform, image_transform
+from extract.backbones import Backbone, element_transform, image_transform, normalize_batch
 from extract.datasets import ImageDataset, ImageLoadError
 from extract.elements import ElementPlan, render_element
 
@@ -69,7 +70,7 @@ class _ImageRows(Dataset):
         except ImageLoadError as err:
             # Never substitute another image: the row keeps its place, marked invalid.
             log.warning("invalid sample %s[%d]: %s", self.split, index, err)
-            return torch.zeros(self.size), False
+            return torch.zeros(self.size, dtype=torch.uint8), False
 
 
 class _ElementRows(Dataset):
@@ -101,11 +102,13 @@ class _BlockBatches(Sampler[list[int]]):
                 yield list(range(start, min(start + self.batch_size, span.stop)))
 
     def __len__(self) -> int:
-        return sum(
-            -(-(st.block_slice(b, rows=self.rows, block_rows=self.block_rows).stop - b * self.block_rows)
-              // self.batch_size)
-            for b in self.blocks
-        )
+        sizes = (_block_size(b, rows=self.rows, block_rows=self.block_rows) for b in self.blocks)
+        return sum(math.ceil(n / self.batch_size) for n in sizes)
+
+
+def _block_size(block: int, *, rows: int, block_rows: int) -> int:
+    span = st.block_slice(block, rows=rows, block_rows=block_rows)
+    return span.stop - span.start
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,6 +134,9 @@ def store_attrs(*, dataset: ImageDataset, backbone: Backbone, model_name: str, p
         "layer": "pre_logits",
         "pooling": "model default (timm forward_head pre_logits)",
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        # uint8 per image, normalised per batch: values differ from per-image float
+        # normalisation in the last bit, so a store is never resumed across the two.
+        "preprocess": "timm eval transform to uint8; normalised per batch in float32",
         "dataset": dataset.name,
         "classes": list(dataset.classes),
         "elements": elements,
@@ -187,7 +193,7 @@ def _autocast(device: torch.device, amp: str):
 
 
 def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: torch.nn.Module,
-               device: torch.device, opts: ExtractOptions) -> int:
+               data_config: dict, device: torch.device, opts: ExtractOptions) -> int:
     """Compute and write this shard's pending blocks of one part. Returns rows written."""
     rows = group[part]["features"].shape[0]
     block_rows = int(group.attrs["block_rows"])
@@ -212,11 +218,11 @@ def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: to
     span = st.block_slice(block, rows=rows, block_rows=block_rows)
     feats: list[np.ndarray] = []
     valids: list[np.ndarray] = []
-    bar = tqdm(total=sum(st.block_slice(b, rows=rows, block_rows=block_rows).stop - b * block_rows
-                         for b in pending), desc=part, unit="img", disable=None, smoothing=0.1)
+    bar = tqdm(total=sum(_block_size(b, rows=rows, block_rows=block_rows) for b in pending),
+               desc=part, unit="img", disable=None, smoothing=0.1)
     with torch.inference_mode(), bar:
         for images, valid in loader:
-            images = images.to(device, non_blocking=True)
+            images = normalize_batch(images.to(device, non_blocking=True), data_config)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             with _autocast(device, opts.amp):
@@ -281,12 +287,14 @@ def extract_store(
         model = model.to(memory_format=torch.channels_last)
     size = tuple(backbone.data_config["input_size"])
     for split in st.SPLITS:
-        rows = _ImageRows(dataset, split, image_transform(backbone.data_config), size)
-        _fill_part(group, split, rows, split_meta=dataset.splits[split], model=model, device=device, opts=options)
+        rows = _ImageRows(dataset, split, image_transform(backbone.data_config, uint8=True), size)
+        _fill_part(group, split, rows, split_meta=dataset.splits[split], model=model,
+                   data_config=backbone.data_config, device=device, opts=options)
     if element_plans:
         fill = tuple(int(round(255 * m)) for m in backbone.data_config["mean"])
-        rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config), fill)
-        _fill_part(group, st.ELEMENTS, rows, split_meta=None, model=model, device=device, opts=options)
+        rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config, uint8=True), fill)
+        _fill_part(group, st.ELEMENTS, rows, split_meta=None, model=model,
+                   data_config=backbone.data_config, device=device, opts=options)
     complete = st.finalize_store(group, path)
     if not complete:
         log.info("%s: this shard is done; other shards still have blocks to fill", path)

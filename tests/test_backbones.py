@@ -206,3 +206,18 @@ def test_element_transform_resizes_without_crop():
     for edge in (out[:, 0, :], out[:, -1, :], out[:, :, 0], out[:, :, -1]):
         assert edge.min() > 1.5  # white: (1 - 0.5) / 0.25 = 2
     assert out[:, 10, 15].max() == pytest.approx(-2.0)  # black centre: (0-0.5)/0.25
+
+
+def test_uint8_transform_then_batch_normalisation_matches_the_float_transform():
+    from extract.backbones import element_transform, image_transform, normalize_batch
+
+    config = {"input_size": (3, 24, 24), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+              "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), mode="L"),
+              Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8))]
+    for make in (image_transform, element_transform):
+        raw = torch.stack([make(config, uint8=True)(im) for im in images])
+        assert raw.dtype == torch.uint8 and raw.shape == (2, 3, 24, 24)
+        expected = torch.stack([make(config)(im) for im in images])
+        torch.testing.assert_close(normalize_batch(raw, config), expected, atol=1e-5, rtol=0)

@@ -292,9 +292,10 @@ def test_cli_on_external_scheduler_matches_synchronous_run(stores, reference, tm
         finally:
             _stop(cli)
         assert code == 0, _logs(tmp_path / "dask")
-        # The tasks ran on the external workers, not in the CLI's own LocalCluster.
-        ran = cluster.client.run(_executed, "iis-m0-standard-K8-seed0-default")
-        assert any(ran.values()), ran
+        # Every task ran on the external workers (not in a LocalCluster of the CLI's own).
+        keys = [f"iis-m{i}-{lib}-K8-seed0-default" for i in range(len(NOISE)) for lib in ("standard", *LIBRARIES)]
+        ran = {key: cluster.client.run(_executed, key) for key in keys}
+        assert all(any(where.values()) for where in ran.values()), ran
     _assert_same_tables(_snapshot(results), reference)
 
 
