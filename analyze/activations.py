@@ -13,6 +13,8 @@ import torch
 
 # Guards the per-image standardisation against a constant activation vector.
 _STD_EPS = 1e-6
+# Rows ranked at once by magnitude_ranks.
+_RANK_CHUNK = 16384
 
 
 def keep_count(ratio: float, num_concepts: int) -> int:
@@ -68,11 +70,16 @@ def magnitude_ranks(activations: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(N, K)`` int16 when ``K`` fits, else int32. ``ranks < k`` selects the kept entries.
     """
-    order = torch.sort(activations.abs(), dim=1, descending=True, stable=True).indices
     n, k = activations.shape
     dtype = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
     ranks = torch.empty((n, k), dtype=dtype)
-    ranks.scatter_(1, order, torch.arange(k, dtype=dtype).expand(n, k).contiguous())
+    positions = torch.arange(k, dtype=dtype)
+    # Row chunks: a sort holds values and int64 indices of its input, several times the
+    # activations' size for a whole split (measured at 1M rows); only the ranks need to stay.
+    for start in range(0, n, _RANK_CHUNK):
+        rows = activations[start : start + _RANK_CHUNK]
+        order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+        ranks[start : start + _RANK_CHUNK].scatter_(1, order, positions.expand(rows.shape[0], k))
     return ranks
 
 

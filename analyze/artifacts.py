@@ -3,7 +3,8 @@
 One ``.npz`` per build (``<results>/libraries/<model>/<library>-K<K>-seed<s>-<protocol>[-s<ratio>].npz``):
 ``vectors (K, D)``, ``members`` (flat) with ``member_counts (K,)``, ``words``,
 ``head_weight (R, K, C)``, ``head_bias (R, C)``, ``head_ratios (R,)``, optionally
-``head_input_scale``, and a JSON ``meta``. The path is listed in ``concepts.parquet``.
+``head_input_scale``, ``activation_mean (K,)`` and ``activation_std (K,)`` (projection libraries),
+and a JSON ``meta`` (with the library's ``kind`` and its ``dropped`` concepts). The path is listed in ``concepts.parquet``.
 """
 
 from __future__ import annotations
@@ -74,13 +75,17 @@ def save_library(lib: ConceptLibrary, fit: HeadFit, *, library_dir: str | None, 
     counts = np.array([len(m) for m in lib.members], dtype=np.int64)
     members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)
     meta = {"name": lib.name, "ratio": lib.ratio, "seed": seed, "store": store,
-            "protocol": fit.protocol, "info": lib.info}
+            "protocol": fit.protocol, "info": lib.info, "kind": lib.kind, "dropped": lib.dropped}
     arrays = dict(vectors=lib.vectors, members=members, member_counts=counts,
                   words=np.array(lib.words or [], dtype=str), head_weight=fit.weight.numpy(),
                   head_bias=fit.bias.numpy(), head_ratios=np.array(fit.ratios, dtype=np.float64),
                   meta=np.array(json.dumps(meta, default=float)))
     if fit.input_scale is not None:
         arrays["head_input_scale"] = fit.input_scale.numpy()
+    if lib.mean is not None:
+        arrays["activation_mean"] = np.asarray(lib.mean, dtype=np.float32)
+    if lib.std is not None:
+        arrays["activation_std"] = np.asarray(lib.std, dtype=np.float32)
     with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     return str(path)
@@ -93,8 +98,13 @@ def load_library(path: Path) -> tuple[ConceptLibrary, SavedHeads]:
         bounds = np.cumsum(data["member_counts"])[:-1]
         members = np.split(data["members"], bounds) if len(data["member_counts"]) else []
         words = data["words"].tolist() or None
+        # Files written before projection libraries existed hold cosine libraries.
         lib = ConceptLibrary(name=meta["name"], vectors=data["vectors"], members=members,
-                             ratio=meta["ratio"], words=words, info=meta.get("info", {}))
+                             ratio=meta["ratio"], words=words, info=meta.get("info", {}),
+                             kind=meta.get("kind", "cosine"),
+                             mean=data["activation_mean"] if "activation_mean" in data else None,
+                             std=data["activation_std"] if "activation_std" in data else None,
+                             dropped=meta.get("dropped", []))
         heads = SavedHeads(weight=torch.from_numpy(data["head_weight"]), bias=torch.from_numpy(data["head_bias"]),
                            ratios=data["head_ratios"], protocol=meta.get("protocol", "default"))
     return lib, heads

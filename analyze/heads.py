@@ -218,7 +218,25 @@ def _check_split(name: str, split: Split, num_classes: int) -> Split:
     y = y.long()
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"{name}: labels must lie in [0, {num_classes})")
+    # Train may stay float16 (raw features of a float16 store: half the memory); batches are
+    # converted as they are drawn. Val and test are small and become float32 here.
+    if name == "train" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return x.contiguous(), y
     return x.float().contiguous(), y
+
+
+def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Column means ``(K,)`` and the RMS of the column stds, in float32, by row chunks."""
+    n = x.shape[0]
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, n, _EVAL_CHUNK):
+        chunk = x[start : start + _EVAL_CHUNK].double()
+        total += chunk.sum(dim=0)
+        squares += chunk.square().sum(dim=0)
+    mean = total / n
+    var = (squares / n - mean.square()).clamp_min(0.0) * (n / max(n - 1, 1))
+    return mean.float(), float(var.mean().sqrt())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,11 +309,17 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
     # constant column by its own tiny std blows it up (measured on digits). The map is folded
     # into weight and bias at the end. Concept activations, standardised per image already,
     # train as they are.
+    # Train is standardised batch by batch (a full standardised copy of N x D raw features was
+    # the largest allocation of a 1M-row analysis, measured in benchmarks/analyze_scaling.py).
+    prep = torch.Tensor.float
     if standard:
-        mean = x_train.mean(dim=0)
-        scale = float(x_train.std(dim=0).square().mean().sqrt())
+        mean, scale = _column_moments(x_train)
         inv_scale = 1.0 / scale if scale > _STD_FLOOR else 1.0
-        x_train, x_val = (x_train - mean) * inv_scale, (x_val - mean) * inv_scale
+
+        def prep(xb: torch.Tensor) -> torch.Tensor:
+            return (xb.float() - mean) * inv_scale
+
+        x_val = prep(x_val)
 
     generator = torch.Generator().manual_seed(seed)
     weight = torch.zeros(num_ratios, num_inputs, num_rates * num_classes)
@@ -323,7 +347,7 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
         order = torch.randperm(num_train, generator=generator)
         for batch_index in range(steps_per_epoch):
             idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-            inputs = _grid(x_train[idx], None if ranks_train is None else ranks_train[idx], keep[active])
+            inputs = _grid(prep(x_train[idx]), None if ranks_train is None else ranks_train[idx], keep[active])
             grads = _cross_entropy_grads(inputs, y_train[idx], weight, bias, active, num_classes)
             optimizer.step(grads, 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
             step += 1
@@ -467,6 +491,7 @@ def _fit_reference(splits: dict[str, Split], *, num_classes: int, ratios: list[f
     ``benchmarks/heads_vs_reference.py --ablate-layernorm`` uses to separate the two effects.
     """
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    x_train = x_train.float()  # the reference is for comparison only: no memory tricks
     num_train, num_inputs = x_train.shape
     keep = torch.tensor([num_inputs]) if ratios is None else keep_counts(ratios, num_inputs)
     generator = torch.Generator().manual_seed(seed)

@@ -128,6 +128,7 @@ def analyze_stores(
     pipeline: str | None = None,
     cluster: ClusterOptions = ClusterOptions(),
     skip_complete: bool = False,
+    clip_store: Path | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
 
@@ -143,6 +144,7 @@ def analyze_stores(
         pipeline: the pipeline's name for the tables (default: the store's attribute).
         cluster: where the tasks run.
         skip_complete: leave out (model, seed) pairs whose rows are all in the tables already.
+        clip_store: the CLIP store (image and concept-word features), needed by the text library.
 
     Returns:
         The four tables as written.
@@ -151,7 +153,10 @@ def analyze_stores(
     if len(ratios) < 2:
         raise ValueError("IIS needs at least two sparsity ratios")
     for name in libraries:
-        get_library(name)  # fail before any work on an unknown name
+        if get_library(name).needs_text and clip_store is None:
+            raise ValueError(f"library {name!r} needs a CLIP store (a `text:` section, or --clip-store)")
+    if clip_store is not None and any(get_library(n).needs_text for n in libraries):
+        open_feature_store(Path(clip_store))  # a partial CLIP store fails now, by name
     # Open every store once here: a partial or foreign store fails now, by name.
     keys = {str(Path(p)): model_keys(Path(p), pipeline=pipeline) for p in stores}
     models = [k["model"] for k in keys.values()]
@@ -160,7 +165,8 @@ def analyze_stores(
     library_dir = str(Path(results) / "libraries")
     specs = [
         TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
-                 protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir)
+                 protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir,
+                 clip_store=str(clip_store) if clip_store is not None and get_library(lib).needs_text else None)
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
     if skip_complete:

@@ -124,7 +124,8 @@ class FeatureStore:
             yield slice(start, min(start + step, rows))
 
     def read_split(
-        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        keep_dtype: bool = False,
     ) -> SplitData:
         """The valid rows of a split, read chunk by chunk.
 
@@ -133,18 +134,29 @@ class FeatureStore:
             transform: applied to each chunk's ``(b, D)`` float32 features, e.g. a concept
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
+            keep_dtype: without a transform, return features in the stored dtype (float16
+                stores stay float16: half the memory of float32).
         """
         g = self.group[split]
         valid = np.asarray(g["valid"][:], dtype=bool)
-        parts = []
+        features = g["features"]
+        # Filled in place, chunk by chunk: a list of chunks then a cat would hold the split twice.
+        x: torch.Tensor | None = None
+        filled = 0
         for rows in self._chunks(split):
             keep = valid[rows]
             if not keep.any():
                 continue
-            chunk = torch.from_numpy(np.asarray(g["features"][rows])[keep].astype(np.float32))
-            parts.append(transform(chunk) if transform is not None else chunk)
-        width = parts[0].shape[1] if parts else self.feature_dim
-        x = torch.cat(parts) if parts else torch.empty((0, width))
+            chunk = np.asarray(features[rows])[keep]
+            part = torch.from_numpy(chunk if keep_dtype and transform is None else chunk.astype(np.float32))
+            if transform is not None:
+                part = transform(part)
+            if x is None:
+                x = torch.empty((int(valid.sum()), part.shape[1]), dtype=part.dtype)
+            x[filled : filled + part.shape[0]] = part
+            filled += part.shape[0]
+        if x is None:
+            x = torch.empty((0, self.feature_dim))
         labels = torch.from_numpy(np.asarray(g["labels"][:], dtype=np.int64)[valid])
         ids = as_str(g["ids"][:])[valid]
         n_invalid = int((~valid).sum())

@@ -56,6 +56,7 @@ def iis_rows(
             "standard_top1": standard_top1, "iis": interpretability_score(ratios, arr),
             "iis_normalized": normalized_score(ratios, arr), "iis_ci_low": low, "iis_ci_high": high,
             "ratios": [float(s) for s in ratios], "arr": [float(a) for a in arr], "protocol": spec.protocol,
+            "caveat": res.accuracy_rows[0].get("caveat"),
         })
     return rows
 
@@ -71,7 +72,9 @@ def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: 
         per_model = group.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
         stats = correlation(per_model["standard_top1"].to_numpy(), per_model["iis"].to_numpy(),
                             n_resamples=n_resamples, seed=seed)
-        rows.append({**dict(zip(keys, key)), **stats, "models": per_model.index.tolist()})
+        caveats = sorted({c for c in group["caveat"].dropna()}) if "caveat" in group else []
+        rows.append({**dict(zip(keys, key)), **stats, "models": per_model.index.tolist(),
+                     "caveat": "; ".join(caveats) or None})
         log.info("%s/%s K=%s: %d models, pearson r=%.3f spearman rho=%.3f", key[0], key[1], key[2],
                  stats["n_models"], stats["pearson_r"], stats["spearman_rho"])
     return rows

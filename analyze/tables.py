@@ -28,6 +28,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("test_top1_ci_low", pa.float64()), ("test_top1_ci_high", pa.float64()),
         ("active_concepts", pa.int64()), ("n_train", pa.int64()), ("n_val", pa.int64()),
         ("n_test", pa.int64()), ("fit_seconds", pa.float64()), ("protocol", pa.string()),
+        ("caveat", pa.string()),
     ]),
     "iis": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -35,13 +36,14 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("num_concepts", pa.int64()), ("seed", pa.int64()), ("standard_top1", pa.float64()),
         ("iis", pa.float64()), ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()),
         ("iis_ci_high", pa.float64()), ("ratios", pa.list_(pa.float64())), ("arr", pa.list_(pa.float64())),
-        ("protocol", pa.string()),
+        ("protocol", pa.string()), ("caveat", pa.string()),
     ]),
     "correlation": pa.schema([
         ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()),
         ("protocol", pa.string()), ("n_models", pa.int64()), ("models", pa.list_(pa.string())),
         ("pearson_r", pa.float64()), ("pearson_p", pa.float64()), ("spearman_rho", pa.float64()),
         ("spearman_p", pa.float64()), ("kendall_tau", pa.float64()), ("kendall_p", pa.float64()),
+        ("caveat", pa.string()),
     ]),
     "concepts": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -49,7 +51,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("seed", pa.int64()), ("concept", pa.int64()), ("word", pa.string()),
         ("element_index", pa.list_(pa.int64())), ("source_id", pa.list_(pa.string())),
         ("box", pa.list_(pa.list_(pa.int64()))), ("kept", pa.bool_()), ("drop_reason", pa.string()),
-        ("drop_value", pa.float64()), ("library_file", pa.string()),
+        ("drop_value", pa.float64()), ("library_file", pa.string()), ("caveat", pa.string()),
     ]),
     "explanations": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -107,7 +109,9 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 
 def write_atomic(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write a Parquet file atomically (see :func:`atomic_file`)."""
+    """Write a Parquet file atomically (see :func:`atomic_file`); absent schema columns are null."""
+    if schema is not None:
+        df = df.reindex(columns=schema.names)
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
@@ -121,11 +125,17 @@ def read_table(results: Path, name: str) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def _conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    """``df`` as it reads back from Parquet: schema columns, schema dtypes, nulls as NaN/None."""
+    return pa.Table.from_pandas(df.reindex(columns=schema.names), schema=schema,
+                                preserve_index=False).to_pandas()
+
+
 def _key_frame(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    # Nulls (e.g. sparsity of the standard head) must compare equal to themselves.
+    # Both sides went through _conform, so a null key reads the same on each.
     if df.empty:
         return pd.Series([], dtype=object)
-    return df[keys].astype(object).map(str).agg("\x1f".join, axis=1)
+    return df[keys].astype(object).map(repr).agg("\x1f".join, axis=1)
 
 
 def upsert(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
@@ -135,10 +145,10 @@ def upsert(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
         The whole table as written, sorted by its key.
     """
     schema, keys = SCHEMAS[name], KEYS[name]
-    rows = rows.reindex(columns=schema.names)
+    rows = _conform(rows, schema)
     existing = read_table(results, name)
     if len(existing):
-        existing = existing.reindex(columns=schema.names)
+        existing = _conform(existing, schema)
         existing = existing[~_key_frame(existing, keys).isin(set(_key_frame(rows, keys)))]
         merged = pd.concat([existing, rows], ignore_index=True) if len(rows) else existing
     else:

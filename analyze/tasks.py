@@ -18,8 +18,9 @@ from threadpoolctl import threadpool_limits
 from analyze.artifacts import save_library
 from analyze.heads import HeadFit, fit_heads
 from analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
+from analyze.libraries.base import TextInputs
 from analyze.metrics import accuracy_ci
-from analyze.store import FeatureStore, SplitData, as_str, open_feature_store
+from analyze.store import FeatureStore, SplitData, StoreError, as_str, open_feature_store
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class TaskSpec:
         bootstrap: resamples for the accuracy confidence intervals; 0 disables them.
         threads: torch/BLAS threads for this task, so workers do not oversubscribe cores.
         library_dir: where built libraries are saved (``.npz``), or None.
+        clip_store: path of the CLIP store, for libraries that need text features.
     """
 
     store: str
@@ -51,6 +53,7 @@ class TaskSpec:
     bootstrap: int = 1000
     threads: int = 1
     library_dir: str | None = None
+    clip_store: str | None = None
 
     @property
     def key(self) -> str:
@@ -85,7 +88,7 @@ def _ci(correct: np.ndarray, spec: TaskSpec) -> tuple[float, float]:
 
 
 def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: int | None,
-                   ratios: list[float | None], sizes: dict[str, int]) -> list[dict]:
+                   ratios: list[float | None], sizes: dict[str, int], caveat: str | None = None) -> list[dict]:
     rows = []
     for r, ratio in enumerate(ratios):
         low, high = _ci(fit.test_correct[r], spec)
@@ -97,25 +100,36 @@ def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: 
             "n_val": sizes["val"], "n_test": sizes["test"],
             # A per-ratio library's fit time is its own; a grid fitted in one pass shares it.
             "fit_seconds": float(fit.fit_seconds) / (1 if len(ratios) == 1 else len(ratios)),
-            "protocol": spec.protocol,
+            "protocol": spec.protocol, "caveat": caveat,
         })
     return rows
 
 
-def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, library_file: str | None) -> list[dict]:
+def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, library_file: str | None,
+                  caveat: str | None) -> list[dict]:
+    """One row per kept concept (its source elements or word), and one per dropped concept."""
     g = store.group["elements"]
     source_ids = as_str(g["source_id"][:]) if "source_id" in g else None
     boxes = np.asarray(g["box"][:]) if "box" in g else None
+    base = {"library": lib.name, "num_concepts": lib.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
+            "library_file": library_file, "caveat": caveat}
     rows = []
     for k, members in enumerate(lib.members):
         members = np.asarray(members, dtype=np.int64)
         rows.append({
-            "library": lib.name, "num_concepts": lib.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
-            "concept": k, "word": lib.words[k] if lib.words else None,
+            **base, "concept": k, "word": lib.words[k] if lib.words else None,
             "element_index": members.tolist(),
             "source_id": source_ids[members].tolist() if source_ids is not None else [],
             "box": boxes[members].tolist() if boxes is not None else [],
-            "kept": True, "drop_reason": None, "drop_value": None, "library_file": library_file,
+            "kept": True, "drop_reason": None, "drop_value": None,
+        })
+    # Dropped concepts (text filters) keep their word, the filter and the value that failed it;
+    # they are numbered after the kept ones so the key stays unique.
+    for j, drop in enumerate(getattr(lib, "dropped", None) or []):
+        rows.append({
+            **base, "concept": lib.num_concepts + j, "word": drop.get("word"), "element_index": [],
+            "source_id": [], "box": [], "kept": False, "drop_reason": drop.get("reason"),
+            "drop_value": float(drop["value"]) if drop.get("value") is not None else None,
         })
     return rows
 
@@ -124,6 +138,33 @@ def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
          ratios: list[float] | None, spec: TaskSpec) -> HeadFit:
     return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
                      num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol)
+
+
+def _text_inputs(spec: TaskSpec, train: SplitData, val: SplitData) -> TextInputs:
+    """CLIP image features of train/val (row-aligned with the backbone's) and the concept words."""
+    if spec.clip_store is None:
+        raise ValueError(f"library {spec.library!r} needs a CLIP store")
+    clip = open_feature_store(Path(spec.clip_store))
+    if "text" not in clip.group:
+        raise StoreError(f"{spec.clip_store}: no text/ group (concept features); rerun `iis extract`")
+    splits = {}
+    for name, own in (("train", train), ("val", val)):
+        data = clip.read_split(name)
+        if not np.array_equal(data.ids, own.ids):
+            raise StoreError(f"{spec.clip_store}: {name} rows differ from {spec.store}'s (ids or validity)")
+        splits[name] = data.x
+    text = clip.group["text"]
+    return TextInputs(words=as_str(text["words"][:]).tolist(),
+                      text_features=np.asarray(text["features"][:], dtype=np.float32),
+                      clip_train=splits["train"], clip_val=splits["val"])
+
+
+def clip_caveat(clip_store: str | None) -> str | None:
+    """The mark every table row made with random CLIP weights carries."""
+    if clip_store is None:
+        return None
+    attrs = dict(open_feature_store(Path(clip_store)).group["text"].attrs)
+    return "random CLIP weights (random-for-tests): text concepts are meaningless" if attrs.get("random_weights") else None
 
 
 def run_task(spec: TaskSpec) -> TaskResult:
@@ -147,7 +188,9 @@ def _run(spec: TaskSpec) -> TaskResult:
     store = open_feature_store(Path(spec.store))
     num_classes = store.num_classes
     if spec.library == STANDARD:
-        splits = {s: store.read_split(s) for s in ("train", "val", "test")}
+        # Train stays in the store's dtype (float16: half of float32's N x D); the trainer
+        # converts batch by batch.
+        splits = {s: store.read_split(s, keep_dtype=s == "train") for s in ("train", "val", "test")}
         sizes = {s: len(d.labels) for s, d in splits.items()}
         fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=None, spec=spec)
         rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
@@ -160,9 +203,11 @@ def _run(spec: TaskSpec) -> TaskResult:
     inputs = LibraryInputs(elements=elements, num_classes=num_classes)
     if lib_spec.supervised:
         train_raw, val_raw = store.read_split("train"), store.read_split("val")
+        text = _text_inputs(spec, train_raw, val_raw) if lib_spec.needs_text else None
         inputs = LibraryInputs(elements=elements, num_classes=num_classes,
                                train_features=train_raw.x, train_labels=train_raw.labels,
-                               val_features=val_raw.x, val_labels=val_raw.labels)
+                               val_features=val_raw.x, val_labels=val_raw.labels, text=text)
+    caveat = clip_caveat(spec.clip_store)
     builds = [None] if not lib_spec.per_ratio else list(spec.ratios)
     accuracy_rows: list[dict] = []
     concept_rows: list[dict] = []
@@ -176,8 +221,10 @@ def _run(spec: TaskSpec) -> TaskResult:
         ratios = list(spec.ratios) if ratio is None else [ratio]
         fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=ratios, spec=spec)
         accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=lib.num_concepts,
-                                        ratios=ratios, sizes=sizes)
-        concept_rows += _concept_rows(lib, store, spec, save_library(lib, fit, library_dir=spec.library_dir, model=store.model, seed=spec.seed, store=spec.store))
+                                        ratios=ratios, sizes=sizes, caveat=caveat)
+        saved = save_library(lib, fit, library_dir=spec.library_dir, model=store.model, seed=spec.seed,
+                             store=spec.store)
+        concept_rows += _concept_rows(lib, store, spec, saved, caveat)
         correct.append(fit.test_correct)
         test_ids = splits["test"].ids
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,

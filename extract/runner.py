@@ -131,8 +131,10 @@ def store_attrs(*, dataset: ImageDataset, backbone: Backbone, model_name: str, p
         "backbone": backbone.backbone,
         "weights": backbone.weights_source,
         "weights_sha256": backbone.weights_sha256,
-        "layer": "pre_logits",
-        "pooling": "model default (timm forward_head pre_logits)",
+        # A CLIP image store (extract.clip.clip_backbone) holds projected image embeddings.
+        **({"layer": "image_embedding", "pooling": "open_clip encode_image (projected, not normalised)"}
+           if backbone.backbone.startswith("clip:") else
+           {"layer": "pre_logits", "pooling": "model default (timm forward_head pre_logits)"}),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         # uint8 per image, normalised per batch: values differ from per-image float
         # normalisation in the last bit, so a store is never resumed across the two.

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--store", action="append", type=Path, help="explicit mode: a store (repeatable)")
     p.add_argument("--results", type=Path, help="explicit mode: where tables go")
+    p.add_argument("--clip-store", type=Path, help="explicit mode: the CLIP store, for the text library")
     p.add_argument("--libraries", type=_csv(str))
     p.add_argument("--num-concepts", type=int)
     p.add_argument("--ratios", type=_csv(float))
@@ -133,7 +134,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.store:
         if args.pipeline or not args.results:
             raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")
-        analyze_explicit(stores=args.store, results=args.results, **options)
+        analyze_explicit(stores=args.store, results=args.results, clip_store=args.clip_store, **options)
     elif args.pipeline:
         analyze_pipeline(load_pipeline(args.config, args.pipeline), **options)
     else:

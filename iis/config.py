@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 BUILTIN_DATASETS = ("mnist5k", "digits")
+CLIP_STORE = "clip"  # the CLIP store's model name (its store is <store>/clip.zarr)
 DEFAULT_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -207,6 +208,41 @@ class AnalysisConfig(_Frozen):
         return value
 
 
+class ClipConfig(_Frozen):
+    """The CLIP model that embeds images and concept words for the text library."""
+
+    model: str  # an open_clip model name, e.g. ViT-B-32 (iis-tiny-test: a tiny config for tests)
+    weights: str  # a local weights file, or `random-for-tests` (marked in every table)
+    seed: int = 0  # seeds random-for-tests weights
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_ok(cls, value: str, info: ValidationInfo) -> str:
+        if value == "random-for-tests":
+            return value
+        if value in ("random", "pretrained"):
+            raise ValueError("CLIP weights come from a local file; random weights need the explicit value random-for-tests")
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return str(path)
+
+
+class TextConfig(_Frozen):
+    """Text concepts (the Label-free-CBM library): a concept list and a CLIP model."""
+
+    concepts: Path  # a text file, one concept per line (see data/concepts/README.md)
+    clip: ClipConfig
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts_exist(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+
 class ExplainConfig(_Frozen):
     """What `iis run` explains for the report's cards (application 2)."""
 
@@ -240,6 +276,7 @@ class PipelineConfig(_Frozen):
     analysis: AnalysisConfig = AnalysisConfig()
     explain: ExplainConfig = ExplainConfig()
     finetune: FinetuneConfig | None = None
+    text: TextConfig | None = None
 
     @field_validator("store", "results")
     @classmethod
@@ -252,6 +289,10 @@ class PipelineConfig(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        if "text" in self.analysis.libraries and self.text is None:
+            raise ValueError("analysis.libraries has text, which needs a `text:` section (concepts and clip)")
+        if CLIP_STORE in names:
+            raise ValueError(f"the model name {CLIP_STORE!r} is reserved for the CLIP store")
         measured = {m.name for m in self.measured_models()}
         for section, name in (("explain", self.explain.model), ("finetune", self.finetune and self.finetune.model)):
             if name and name not in measured:
@@ -286,6 +327,11 @@ class PipelineConfig(_Frozen):
                 out.append(MeasuredModel(name=f"{m.name}@e{epoch}", backbone=m.backbone, weights=str(ckpt),
                                          img_size=m.img_size, seed=m.seed, parent=m.name, epoch=epoch))
         return out
+
+    @property
+    def clip_store(self) -> Path | None:
+        """The CLIP store beside the backbone stores, when the pipeline has text concepts."""
+        return self.store / f"{CLIP_STORE}.zarr" if self.text else None
 
     def store_path(self, model: str) -> Path:
         """Where the store of one model lives."""

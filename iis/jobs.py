@@ -48,6 +48,8 @@ def extract_pipeline(
     for parent in sorted({m.parent for m in selected if m.epoch is not None}):
         train_pipeline_model(cfg, parent, dataset=dataset, device=options.device)
     status = {}
+    if cfg.text is not None and (not models or "clip" in models):
+        status["clip"] = extract_clip(cfg, dataset=dataset, options=options)
     for model in selected:
         backbone = create_backbone(backbone=model.backbone, weights=model.weights,
                                    img_size=model.img_size, seed=model.seed)
@@ -59,6 +61,31 @@ def extract_pipeline(
             pipeline=cfg.name, project_version=__version__,
         )
     return status
+
+
+def extract_clip(cfg: PipelineConfig, *, dataset, options) -> bool:
+    """Fill the CLIP store (image features of every split) and add the concept list's text features."""
+    from extract.clip import (
+        clip_backbone,
+        create_clip,
+        encode_text,
+        read_concepts,
+        text_attrs,
+        write_text_features,
+    )
+    from extract.runner import extract_store
+
+    clip_cfg = cfg.text.clip
+    clip = create_clip(model=clip_cfg.model, weights=clip_cfg.weights, seed=clip_cfg.seed)
+    concepts = read_concepts(cfg.text.concepts)
+    log.info("extract %s/clip: %s (%s), %d concepts", cfg.name, clip.name, clip.weights, len(concepts))
+    complete = extract_store(cfg.clip_store, dataset=dataset, backbone=clip_backbone(clip), model_name="clip",
+                             element_plans=[], elements_config=None, options=options, pipeline=cfg.name,
+                             project_version=__version__)
+    if options.shard[0] == 0:  # text features are metadata: the coordinator writes them
+        write_text_features(cfg.clip_store, concepts=concepts, features=encode_text(clip, concepts),
+                            attrs=text_attrs(clip, cfg.text.concepts))
+    return complete
 
 
 def select_models(cfg: PipelineConfig, names: list[str] | None) -> list[MeasuredModel]:
@@ -117,17 +144,17 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler=None, workers=2, threads=
     from analyze.pipeline import analyze_stores
 
     args = _analysis_args(cfg.analysis, **overrides)
-    return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name,
+    return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
                           cluster=_cluster(scheduler, workers, threads, synchronous), **args)
 
 
-def analyze_explicit(*, stores: list[Path], results: Path, scheduler=None, workers=2, threads=1,
-                     synchronous=False, **overrides) -> dict:
+def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None, scheduler=None,
+                     workers=2, threads=1, synchronous=False, **overrides) -> dict:
     """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
     from analyze.pipeline import analyze_stores
 
     args = _analysis_args(None, **overrides)
-    return analyze_stores(stores, results=results, pipeline=None,
+    return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
                           cluster=_cluster(scheduler, workers, threads, synchronous), **args)
 
 
@@ -211,6 +238,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None
     args = _analysis_args(cfg.analysis, libraries=None, num_concepts=None, ratios=None, seeds=None,
                           protocol=None, bootstrap=None)
     analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, skip_complete=True,
+                   clip_store=cfg.clip_store,
                    cluster=_cluster(scheduler, workers, 1, False), **args)
     log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
     model, library = _explain_defaults(cfg)

@@ -33,6 +33,7 @@ import pandas as pd
 import pytest
 import zarr
 
+import analyze.pipeline
 from analyze import tables
 from analyze.pipeline import ClusterOptions, analyze_stores
 from analyze.store import StoreError
@@ -346,8 +347,6 @@ def test_rerun_replaces_rows(stores, reference, tmp_path, monkeypatch):
     _assert_same_tables(_snapshot(results), first)
     _assert_same_tables(first, reference)
     # With every row present, skip_complete schedules nothing at all.
-    import analyze.pipeline
-
     monkeypatch.setattr(analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("tasks ran"))
     analyze_stores(stores, results=results, cluster=SYNC, skip_complete=True, **ANALYSIS)
     _assert_same_tables(_snapshot(results), first)
@@ -371,8 +370,6 @@ def _foreign_group(stores: list[Path], folder: Path) -> Path:
 @pytest.mark.parametrize(("make", "reason"), [(_partial_store, r"incomplete store.*train: blocks 1 "),
                                               (_foreign_group, "foreign store")], ids=["partial", "foreign"])
 def test_bad_store_is_refused_before_any_task(stores, tmp_path, monkeypatch, make, reason):
-    import analyze.pipeline
-
     bad = make(stores, tmp_path)
     monkeypatch.setattr(analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("a task was scheduled"))
     results = tmp_path / "results"

@@ -107,8 +107,14 @@ def _purity(assignment: np.ndarray, truth: np.ndarray) -> float:
 
 # ---- the contract, over the registry ---------------------------------------------------------
 
+# Libraries built from visual elements: unit-norm concept vectors with element provenance.
+# Text libraries (CLIP inputs, projection vectors, words) have their own contract in
+# tests/test_text_library.py.
+ELEMENT_LIBRARIES = [n for n in list_libraries() if not get_library(n).needs_text]
+TEXT_LIBRARIES = [n for n in list_libraries() if get_library(n).needs_text]
 
-@pytest.mark.parametrize("name", list_libraries())
+
+@pytest.mark.parametrize("name", ELEMENT_LIBRARIES)
 def test_contract(name: str, random_inputs: LibraryInputs) -> None:
     library = _build(name, random_inputs, num_concepts=CONTRACT_K, seed=0)
     assert library.name == name
@@ -123,7 +129,7 @@ def test_contract(name: str, random_inputs: LibraryInputs) -> None:
     assert library.ratio == expected_ratio
 
 
-@pytest.mark.parametrize("name", list_libraries())
+@pytest.mark.parametrize("name", ELEMENT_LIBRARIES)
 def test_seeded_and_pure(name: str, random_inputs: LibraryInputs) -> None:
     torch_state = torch.get_rng_state()
     numpy_state = np.random.get_state()[1].copy()  # noqa: NPY002 - the legacy global state is the point
@@ -138,7 +144,13 @@ def test_seeded_and_pure(name: str, random_inputs: LibraryInputs) -> None:
     assert np.array_equal(np.random.get_state()[1], numpy_state)  # noqa: NPY002
 
 
-@pytest.mark.parametrize("name", list_libraries())
+@pytest.mark.parametrize("name", TEXT_LIBRARIES)
+def test_text_library_without_clip_inputs_says_what_is_missing(name: str, random_inputs: LibraryInputs) -> None:
+    with pytest.raises(ValueError, match="CLIP features"):
+        _build(name, random_inputs, num_concepts=CONTRACT_K, seed=0)
+
+
+@pytest.mark.parametrize("name", ELEMENT_LIBRARIES)
 def test_more_concepts_than_elements_is_an_error(name: str, random_inputs: LibraryInputs) -> None:
     with pytest.raises(ValueError, match=r"121.*120"):
         _build(name, random_inputs, num_concepts=121, seed=0)

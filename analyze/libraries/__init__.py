@@ -25,24 +25,28 @@ class LibrarySpec:
         per_ratio: True when the library depends on the sparsity ratio (end2end), so it is
             built once per ratio instead of once per (model, seed).
         supervised: True when the builder reads train/val features and labels.
+        needs_text: True when the builder reads CLIP features (``LibraryInputs.text``).
     """
 
     name: str
     build: Builder
     per_ratio: bool = False
     supervised: bool = False
+    needs_text: bool = False
 
 
 _REGISTRY: dict[str, LibrarySpec] = {}
 
 
-def register_library(name: str, *, per_ratio: bool = False, supervised: bool = False) -> Callable[[Builder], Builder]:
+def register_library(name: str, *, per_ratio: bool = False, supervised: bool = False,
+                     needs_text: bool = False) -> Callable[[Builder], Builder]:
     """Decorator that registers a builder under ``name``."""
 
     def _register(fn: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"concept library {name!r} is registered twice")
-        _REGISTRY[name] = LibrarySpec(name=name, build=fn, per_ratio=per_ratio, supervised=supervised)
+        _REGISTRY[name] = LibrarySpec(name=name, build=fn, per_ratio=per_ratio, supervised=supervised,
+                                      needs_text=needs_text)
         return fn
 
     return _register
@@ -88,4 +92,4 @@ __all__ = [
 ]
 
 # Registrations: importing a module runs its @register_library.
-from analyze.libraries import cluster, end2end, prototype  # noqa: E402,F401
+from analyze.libraries import cluster, end2end, prototype, text  # noqa: E402,F401
