@@ -66,11 +66,16 @@ def library_path(library_dir: Path, *, model: str, library: str, num_concepts: i
 
 
 def save_library(lib: ConceptLibrary, fit: HeadFit, *, library_dir: str | None, model: str, seed: int,
-                 store: str) -> str | None:
-    """Write a library and its heads atomically; returns the path (None without a directory)."""
+                 store: str, num_concepts: int | None = None) -> str | None:
+    """Write a library and its heads atomically; returns the path (None without a directory).
+
+    ``num_concepts`` names the file by the requested K (default: the library's own, which a
+    filtered text library may have fewer of).
+    """
     if library_dir is None:
         return None
-    path = library_path(Path(library_dir), model=model, library=lib.name, num_concepts=lib.num_concepts,
+    path = library_path(Path(library_dir), model=model, library=lib.name,
+                        num_concepts=lib.num_concepts if num_concepts is None else num_concepts,
                         seed=seed, protocol=fit.protocol, ratio=lib.ratio)
     counts = np.array([len(m) for m in lib.members], dtype=np.int64)
     members = np.concatenate(lib.members).astype(np.int64) if len(lib.members) else np.empty(0, np.int64)

@@ -129,6 +129,7 @@ def analyze_stores(
     cluster: ClusterOptions = ClusterOptions(),
     skip_complete: bool = False,
     clip_store: Path | None = None,
+    options: dict[str, dict] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
 
@@ -145,6 +146,7 @@ def analyze_stores(
         cluster: where the tasks run.
         skip_complete: leave out (model, seed) pairs whose rows are all in the tables already.
         clip_store: the CLIP store (image and concept-word features), needed by the text library.
+        options: per-library builder settings, ``{library: {name: value}}``.
 
     Returns:
         The four tables as written.
@@ -163,10 +165,12 @@ def analyze_stores(
     if len(set(models)) != len(models):
         raise ValueError(f"two stores carry the same model id: {models}")
     library_dir = str(Path(results) / "libraries")
+    text_libraries = {name for name in libraries if get_library(name).needs_text}
     specs = [
         TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
                  protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir,
-                 clip_store=str(clip_store) if clip_store is not None and get_library(lib).needs_text else None)
+                 clip_store=str(clip_store) if clip_store is not None and lib in text_libraries else None,
+                 options=(options or {}).get(lib))
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
     if skip_complete:

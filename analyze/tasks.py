@@ -42,6 +42,7 @@ class TaskSpec:
         threads: torch/BLAS threads for this task, so workers do not oversubscribe cores.
         library_dir: where built libraries are saved (``.npz``), or None.
         clip_store: path of the CLIP store, for libraries that need text features.
+        options: the library's own settings (its builder's keyword arguments), or None.
     """
 
     store: str
@@ -54,6 +55,7 @@ class TaskSpec:
     threads: int = 1
     library_dir: str | None = None
     clip_store: str | None = None
+    options: dict | None = None
 
     @property
     def key(self) -> str:
@@ -111,7 +113,7 @@ def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, libr
     g = store.group["elements"]
     source_ids = as_str(g["source_id"][:]) if "source_id" in g else None
     boxes = np.asarray(g["box"][:]) if "box" in g else None
-    base = {"library": lib.name, "num_concepts": lib.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
+    base = {"library": lib.name, "num_concepts": spec.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
             "library_file": library_file, "caveat": caveat}
     rows = []
     for k, members in enumerate(lib.members):
@@ -214,16 +216,19 @@ def _run(spec: TaskSpec) -> TaskResult:
     correct = []
     test_ids = None
     for ratio in builds:
-        lib = build_library(spec.library, inputs, num_concepts=spec.num_concepts, seed=spec.seed, ratio=ratio)
+        lib = build_library(spec.library, inputs, num_concepts=spec.num_concepts, seed=spec.seed, ratio=ratio,
+                            options=spec.options)
         # Projection happens chunk by chunk inside the reader: N x K is held, never N x D.
         splits = {s: store.read_split(s, transform=lib.activations) for s in ("train", "val", "test")}
         sizes = {s: len(d.labels) for s, d in splits.items()}
         ratios = list(spec.ratios) if ratio is None else [ratio]
         fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=ratios, spec=spec)
-        accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=lib.num_concepts,
+        # Rows carry the requested K: a text library may keep fewer concepts (K' <= K, filters),
+        # and the tables line libraries up by the K the user asked for.
+        accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=spec.num_concepts,
                                         ratios=ratios, sizes=sizes, caveat=caveat)
         saved = save_library(lib, fit, library_dir=spec.library_dir, model=store.model, seed=spec.seed,
-                             store=spec.store)
+                             store=spec.store, num_concepts=spec.num_concepts)
         concept_rows += _concept_rows(lib, store, spec, saved, caveat)
         correct.append(fit.test_correct)
         test_ids = splits["test"].ids

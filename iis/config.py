@@ -177,6 +177,8 @@ class AnalysisConfig(_Frozen):
     seeds: list[int] = [0]
     protocol: Literal["default", "reference"] = "default"
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
+    # Per-library settings passed to its builder, e.g. {text: {top5_cutoff: 0.05, val_cutoff: 0.1}}.
+    options: dict[str, dict[str, float | int]] = {}
 
     @field_validator("libraries")
     @classmethod
@@ -190,6 +192,13 @@ class AnalysisConfig(_Frozen):
         if len(set(value)) != len(value) or not value:
             raise ValueError("libraries must be a non-empty list without repeats")
         return value
+
+    @model_validator(mode="after")
+    def _options_for_listed_libraries(self) -> AnalysisConfig:
+        stray = sorted(set(self.options) - set(self.libraries))
+        if stray:
+            raise ValueError(f"options given for libraries not in `libraries`: {', '.join(stray)}")
+        return self
 
     @field_validator("ratios")
     @classmethod

@@ -128,6 +128,8 @@ def _analysis_args(cfg_analysis, *, libraries, num_concepts, ratios, seeds, prot
     overrides = dict(libraries=libraries, num_concepts=num_concepts, ratios=ratios, seeds=seeds,
                      protocol=protocol, bootstrap=bootstrap)
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    # A --libraries override may leave out a library that has options; its options go too.
+    merged["options"] = {k: v for k, v in merged["options"].items() if k in merged["libraries"]}
     checked = AnalysisConfig.model_validate(merged)  # overrides get the same checks as yaml
     return checked.model_dump()
 

@@ -7,8 +7,9 @@ and one import line at the bottom of this file; the registry-parametrised tests 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from analyze.libraries.base import ConceptLibrary, ElementSet, LibraryInputs
 
@@ -72,12 +73,22 @@ def build_library(
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ConceptLibrary:
-    """Build library ``name`` with ``num_concepts`` concepts (``ratio`` only for per-ratio ones)."""
+    """Build library ``name`` with ``num_concepts`` concepts (``ratio`` only for per-ratio ones).
+
+    ``options`` are the library's own settings (keyword arguments of its builder), e.g. the
+    text library's cutoffs; a builder that takes none rejects any.
+    """
     spec = get_library(name)
     if spec.per_ratio and ratio is None:
         raise ValueError(f"library {name!r} is built per sparsity ratio; pass ratio=")
-    return spec.build(inputs, num_concepts=num_concepts, seed=seed, ratio=ratio)
+    try:
+        return spec.build(inputs, num_concepts=num_concepts, seed=seed, ratio=ratio, **(options or {}))
+    except TypeError as err:
+        if options and "unexpected keyword" in str(err):
+            raise ValueError(f"library {name!r} does not take options {sorted(options)}: {err}") from None
+        raise
 
 
 __all__ = [

@@ -439,9 +439,11 @@ def build_text(
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
+    **options: float,
 ) -> ConceptLibrary:
-    """The registered builder: :func:`fit_text_library` with the default :class:`TextConfig`.
+    """The registered builder: :func:`fit_text_library` with :class:`TextConfig` (defaults, or
+    the pipeline's ``analysis.options.text`` overrides, e.g. the two cutoffs).
 
     ``ratio`` is unused: the text library does not depend on the sparsity ratio.
     """
-    return fit_text_library(inputs, num_concepts=num_concepts, seed=seed)
+    return fit_text_library(inputs, num_concepts=num_concepts, seed=seed, config=TextConfig(**options))
