@@ -311,9 +311,12 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                       element_plans=plans, elements_config=el.model_dump(), options=ex_options,
                       pipeline=cfg.name, project_version=__version__)
     stores = [cfg.store_path(base.name)] + [cfg.store_path(n) for n in names.values()]
-    analyze_stores(stores, results=cfg.results, pipeline=cfg.name, libraries=[ft.library], num_concepts=k,
+    # Measured with every library of the pipeline, so each correlation row counts the same models.
+    libraries = list(dict.fromkeys([*cfg.analysis.libraries, ft.library]))
+    analyze_stores(stores, results=cfg.results, pipeline=cfg.name, libraries=libraries, num_concepts=k,
                    ratios=cfg.analysis.ratios, seeds=[ft.seed], bootstrap=cfg.analysis.bootstrap,
-                   skip_complete=True, cluster=_cluster(scheduler, workers, 1, False))
+                   skip_complete=True, cluster=_cluster(scheduler, workers, 1, False), clip_store=cfg.clip_store,
+                   options=cfg.analysis.options)
     iis = tables.read_table(cfg.results, "iis")
     iis = iis[(iis.library == ft.library) & (iis.num_concepts == k) & (iis.seed == ft.seed)
               & (iis.protocol == "default") & (iis.pipeline == cfg.name)].set_index("model")

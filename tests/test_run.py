@@ -33,12 +33,12 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     for name in ("accuracy", "iis", "correlation", "concepts", "explanations", "finetune"):
         assert (results / f"{name}.parquet").is_file(), name
     acc = pd.read_parquet(results / "accuracy.parquet")
-    # 2 models x (standard + 2 libraries x 3 ratios), and 2 fine-tuned x (standard + prototype x 3 ratios)
-    assert len(acc) == 2 * (1 + 2 * 3) + 2 * (1 + 3)
+    # 2 models and 2 fine-tuned ones, each x (standard + 2 libraries x 3 ratios)
+    assert len(acc) == 4 * (1 + 2 * 3)
     assert set(acc.model) == {"r10-random", "vit-random", "r10-random+ft1", "r10-random+ft0"}
     assert set(acc.library) == {"standard", "prototype", "cluster"}
     iis = pd.read_parquet(results / "iis.parquet")
-    assert len(iis) == 6 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 6).all()
+    assert len(iis) == 8 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 8).all()
     # ARR is the ratio of the table's own accuracies, and IIS their trapezoid.
     row = iis.iloc[0]
     lib = acc[(acc.model == row.model) & (acc.library == row.library)].sort_values("sparsity")
@@ -46,7 +46,7 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     np.testing.assert_allclose(row.arr, lib.test_top1.to_numpy() / std)
     np.testing.assert_allclose(row.iis, np.trapezoid(row.arr, row.ratios))
     corr = pd.read_parquet(results / "correlation.parquet")
-    assert corr.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 2}
+    assert corr.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 4}
     # Application 1: both arms, same start, each measured like any other model.
     ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
     assert sorted(ft.index) == [0.0, 1.0] and (ft.model == "r10-random").all()
