@@ -404,21 +404,33 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml")
     return parsed.pipelines
 
 
-def load_pipelines(path: Path) -> dict[str, PipelineConfig]:
-    """Read and validate a pipelines.yaml; relative paths resolve against its folder."""
+def _read_yaml(path: Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_pipelines(data, base=path.resolve().parent, source=str(path))
+
+
+def load_pipelines(path: Path) -> dict[str, PipelineConfig]:
+    """Read and validate every pipeline of a pipelines.yaml; relative paths resolve against its folder."""
+    path = Path(path)
+    return parse_pipelines(_read_yaml(path), base=path.resolve().parent, source=str(path))
 
 
 def load_pipeline(path: Path, name: str) -> PipelineConfig:
-    """One named pipeline; an unknown name lists the known ones."""
-    pipelines = load_pipelines(path)
-    if name not in pipelines:
-        raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(pipelines))}")
-    return pipelines[name]
+    """Read and validate one named pipeline; an unknown name lists the known ones.
+
+    Only that pipeline is validated, so a pipeline whose files live on another machine (a GPU
+    node's dataset, say) does not stop the others from running here.
+    """
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("pipelines"), dict):
+        raise ConfigError(f"{path}: top level must be a mapping with a `pipelines` key")
+    if name not in data["pipelines"]:
+        raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(data['pipelines']))}")
+    only = {**data, "pipelines": {name: data["pipelines"][name]}}
+    return parse_pipelines(only, base=path.resolve().parent, source=str(path))[name]

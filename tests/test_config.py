@@ -102,3 +102,19 @@ def test_weights_file_resolves_relative_to_yaml(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"x")
     cfg = load_pipeline(_write(tmp_path, GOOD.replace("weights: random,", "weights: w.pth,")), "p")
     assert cfg.models[1].weights == str(tmp_path / "w.pth")
+
+
+def test_one_pipeline_is_validated_without_the_others(tmp_path):
+    text = GOOD + """
+  gpu:
+    dataset: {source: imagefolder, root: /only/on/the/gpu/node}
+    models: [{name: a, backbone: resnet10t}]
+    store: s
+    results: r
+"""
+    path = _write(tmp_path, text)
+    assert load_pipeline(path, "p").name == "p"
+    with pytest.raises(ConfigError, match=r"pipelines\.gpu\.dataset\.root: directory not found"):
+        load_pipeline(path, "gpu")
+    with pytest.raises(ConfigError, match=r"pipelines\.gpu\.dataset\.root"):
+        load_pipelines(path)
