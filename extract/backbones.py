@@ -80,7 +80,7 @@ def create_backbone(
             raise WeightsError(f"weights file {path} does not exist; give an existing checkpoint path")
         model = _create(backbone, img_size=img_size, seed=seed)
         _load_file(model, path, backbone)
-        source, digest = f"file:{path}", _file_sha256(path)
+        source, digest = f"file:{path}", file_sha256(path)
     model.eval()
     override = {"input_size": (3, img_size, img_size)} if img_size is not None else {}
     data_config = resolve_data_config(override, model=model)
@@ -232,7 +232,8 @@ def _load_file(model: torch.nn.Module, path: Path, name: str) -> None:
         )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (weights files can be GBs)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -296,4 +297,4 @@ def _create_pretrained(name: str, *, img_size: int | None, seed: int) -> tuple[t
         raise WeightsError(
             f"cannot load cached pretrained weights for {name!r} ({hf_hub_id}): {exc}. {how}"
         ) from exc
-    return model, f"hf:{hf_hub_id}", _file_sha256(cached)
+    return model, f"hf:{hf_hub_id}", file_sha256(cached)

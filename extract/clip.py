@@ -32,7 +32,7 @@ import torch
 import zarr
 
 from extract import store as st
-from extract.backbones import Backbone, state_dict_sha256
+from extract.backbones import Backbone, file_sha256, state_dict_sha256
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def create_clip(*, model: str, weights: str | Path, seed: int = 0) -> ClipModel:
             net = _create(model, pretrained=str(path), seed=seed)
         except Exception as exc:  # torch, safetensors and strict loading raise many types
             raise ClipError(f"cannot load CLIP weights {path} into {model}: {type(exc).__name__}: {exc}") from exc
-        source, digest = str(path), _file_sha256(path)
+        source, digest = str(path), file_sha256(path)
     net.eval()
     return ClipModel(
         model=net,
@@ -340,11 +340,3 @@ def _create(name: str, *, pretrained: str | None, seed: int) -> torch.nn.Module:
             name, pretrained=pretrained, precision="fp32", device="cpu",
             pretrained_image=False, pretrained_text=False, require_pretrained=pretrained is not None,
         )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -13,7 +13,6 @@ Import is how features computed elsewhere enter the pipeline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 
 from extract import store as st
+from extract.backbones import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _imported_attrs(f: h5py.File, h5_path: Path, classes: list[str]) -> dict:
     for key in ("model", "dataset"):
         if key not in f.attrs:
             raise ValueError(f"{h5_path}: missing file attribute {key!r}")
-    digest = hashlib.sha256(Path(h5_path).read_bytes()).hexdigest()
+    digest = file_sha256(Path(h5_path))
     return {
         "model": str(f.attrs["model"]),
         "pipeline": None,

@@ -187,7 +187,8 @@ def _provenance(plans: Sequence[ElementPlan]) -> st.ElementProvenance:
     )
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str = "bfloat16"):
+    """Autocast to ``amp`` (bfloat16 or float16) on CUDA; nothing on CPU."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp]
@@ -227,7 +228,7 @@ def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: to
             images = normalize_batch(images.to(device, non_blocking=True), data_config)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, opts.amp):
+            with autocast(device, opts.amp):
                 out = model(images)
             out = out.float().cpu().numpy()
             valid = valid.numpy().astype(bool)

@@ -13,7 +13,6 @@ replaced by others.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from extract.backbones import _ToRGB, create_backbone, image_transform
 from extract.datasets import ImageDataset, ImageLoadError
-from extract.runner import resolve_device
+from extract.runner import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +245,6 @@ def _save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
-def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
 def _pre_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(images), pre_logits=True)
 
@@ -264,7 +257,7 @@ def _top1(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> f
         if len(labels) == 0:
             continue
         images = _to_device(images, device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(images)
         correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         seen += len(labels)
@@ -284,7 +277,7 @@ def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.op
             continue
         images = _to_device(images, device)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             z = _pre_logits(model, images)
             loss = F.cross_entropy(head(z).float(), labels)
             if extra_loss is not None:
