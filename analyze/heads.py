@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -209,8 +210,71 @@ def fit_heads(
     return fit
 
 
+class ChunkedRows(Protocol):
+    """Train rows read a chunk at a time (e.g. straight from a feature store), never held whole.
+
+    ``shape`` is ``(N, K)``; ``chunk(i)`` returns chunk ``i``'s rows as ``(b_i, K)`` float32 and
+    the index of its first row in the split (rows ``start .. start + b_i`` of the labels).
+    """
+
+    shape: tuple[int, int]
+    num_chunks: int
+
+    def chunk(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+def _is_chunked(x: object) -> bool:
+    return hasattr(x, "chunk") and hasattr(x, "num_chunks")
+
+
+def _materialize(x: torch.Tensor | ChunkedRows) -> torch.Tensor:
+    return torch.cat([x.chunk(i)[0] for i in range(x.num_chunks)]) if _is_chunked(x) else x
+
+
+def _row_blocks(x: torch.Tensor | ChunkedRows) -> Iterator[torch.Tensor]:
+    """The rows of ``x`` in order, a block at a time."""
+    if _is_chunked(x):
+        for i in range(x.num_chunks):
+            yield x.chunk(i)[0]
+    else:
+        for start in range(0, x.shape[0], _EVAL_CHUNK):
+            yield x[start : start + _EVAL_CHUNK]
+
+
+def _epoch_batches(x: torch.Tensor | ChunkedRows, y: torch.Tensor, *, batch_size: int,
+                   generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """One epoch of shuffled ``(x_batch, y_batch, row_index)``; ``ceil(N / batch_size)`` batches.
+
+    In memory: a permutation of all rows. Chunked: chunks in random order, rows shuffled within
+    each chunk, leftovers carried into the next chunk's batches, so only a chunk or two is held
+    (the usual out-of-core compromise; ``row_index`` is then None).
+    """
+    if not _is_chunked(x):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            yield x[idx], y[idx], idx
+        return
+    carry_x, carry_y = x.chunk(0)[0][:0], y[:0]
+    for i in torch.randperm(x.num_chunks, generator=generator).tolist():
+        rows, start = x.chunk(i)
+        perm = torch.randperm(rows.shape[0], generator=generator)
+        pool_x = torch.cat([carry_x, rows[perm]])
+        pool_y = torch.cat([carry_y, y[start : start + rows.shape[0]][perm]])
+        full = pool_x.shape[0] - pool_x.shape[0] % batch_size
+        for b in range(0, full, batch_size):
+            yield pool_x[b : b + batch_size], pool_y[b : b + batch_size], None
+        carry_x, carry_y = pool_x[full:], pool_y[full:]
+    if carry_x.shape[0]:
+        yield carry_x, carry_y, None
+
+
 def _check_split(name: str, split: Split, num_classes: int) -> Split:
     x, y = split
+    if _is_chunked(x):
+        if name != "train" or tuple(x.shape)[0] != y.shape[0]:
+            raise ValueError(f"{name}: only train may be chunked, with one label per row")
+        return x, y.long()
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"{name}: expected X (N, K) and y (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
@@ -230,10 +294,10 @@ def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     n = x.shape[0]
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     squares = torch.zeros(x.shape[1], dtype=torch.float64)
-    for start in range(0, n, _EVAL_CHUNK):
-        chunk = x[start : start + _EVAL_CHUNK].double()
-        total += chunk.sum(dim=0)
-        squares += chunk.square().sum(dim=0)
+    for block in _row_blocks(x):
+        block = block.double()
+        total += block.sum(dim=0)
+        squares += block.square().sum(dim=0)
     mean = total / n
     var = (squares / n - mean.square()).clamp_min(0.0) * (n / max(n - 1, 1))
     return mean.float(), float(var.mean().sqrt())
@@ -296,6 +360,8 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     num_train, num_inputs = x_train.shape
     standard = ratios is None
+    if not standard:
+        x_train = _materialize(x_train)  # concept activations are N x K: held, as ranks need
     keep = torch.tensor([num_inputs]) if standard else keep_counts(ratios, num_inputs)
     num_ratios = len(keep)
     rates = torch.tensor(_STANDARD_LRS if standard else _CONCEPT_LRS)
@@ -344,11 +410,10 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
     active = torch.arange(num_ratios)
     step = 0
     for epoch in range(epochs):
-        order = torch.randperm(num_train, generator=generator)
-        for batch_index in range(steps_per_epoch):
-            idx = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-            inputs = _grid(prep(x_train[idx]), None if ranks_train is None else ranks_train[idx], keep[active])
-            grads = _cross_entropy_grads(inputs, y_train[idx], weight, bias, active, num_classes)
+        batches = _epoch_batches(x_train, y_train, batch_size=batch_size, generator=generator)
+        for batch_index, (xb, yb, idx) in enumerate(batches):
+            inputs = _grid(prep(xb), None if ranks_train is None else ranks_train[idx], keep[active])
+            grads = _cross_entropy_grads(inputs, yb, weight, bias, active, num_classes)
             optimizer.step(grads, 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
             step += 1
             if batch_index + 1 not in checks:
@@ -491,7 +556,7 @@ def _fit_reference(splits: dict[str, Split], *, num_classes: int, ratios: list[f
     ``benchmarks/heads_vs_reference.py --ablate-layernorm`` uses to separate the two effects.
     """
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
-    x_train = x_train.float()  # the reference is for comparison only: no memory tricks
+    x_train = _materialize(x_train).float()  # the reference is for comparison only: no memory tricks
     num_train, num_inputs = x_train.shape
     keep = torch.tensor([num_inputs]) if ratios is None else keep_counts(ratios, num_inputs)
     generator = torch.Generator().manual_seed(seed)

@@ -54,6 +54,45 @@ class SplitData:
     n_invalid: int
 
 
+class ChunkedSplit:
+    """One split's valid rows, read from the store a chunk at a time (``analyze.heads.ChunkedRows``).
+
+    Only labels, ids and row maps are held; ``chunk(i)`` decodes chunk ``i`` when asked. The
+    standard head trains from this, so an analysis never holds the ``N x D`` train features.
+
+    Attributes:
+        shape: ``(N, D)`` of the valid rows.
+        labels: ``(N,)`` int64; ids ``(N,)`` str; rows ``(N,)`` int64 positions in the split.
+        n_invalid: rows excluded because ``valid`` is false.
+    """
+
+    def __init__(self, store: FeatureStore, split: str):
+        g = store.group[split]
+        valid = np.asarray(g["valid"][:], dtype=bool)
+        self._features = g["features"]
+        self._spans: list[tuple[slice, np.ndarray, int]] = []
+        filled = 0
+        for rows in store._chunks(split):
+            keep = valid[rows]
+            if keep.any():
+                self._spans.append((rows, keep, filled))
+                filled += int(keep.sum())
+        self.shape = (filled, store.feature_dim)
+        self.labels = torch.from_numpy(np.asarray(g["labels"][:], dtype=np.int64)[valid])
+        self.ids = as_str(g["ids"][:])[valid]
+        self.rows = np.flatnonzero(valid)
+        self.n_invalid = int((~valid).sum())
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._spans)
+
+    def chunk(self, index: int) -> tuple[torch.Tensor, int]:
+        """Chunk ``index``'s valid rows, ``(b, D)`` float32, and its first row's index."""
+        rows, keep, start = self._spans[index]
+        return torch.from_numpy(np.asarray(self._features[rows])[keep].astype(np.float32)), start
+
+
 class FeatureStore:
     """A validated, complete store opened for reading."""
 
@@ -124,8 +163,7 @@ class FeatureStore:
             yield slice(start, min(start + step, rows))
 
     def read_split(
-        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        keep_dtype: bool = False,
+        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> SplitData:
         """The valid rows of a split, read chunk by chunk.
 
@@ -134,8 +172,6 @@ class FeatureStore:
             transform: applied to each chunk's ``(b, D)`` float32 features, e.g. a concept
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
-            keep_dtype: without a transform, return features in the stored dtype (float16
-                stores stay float16: half the memory of float32).
         """
         g = self.group[split]
         valid = np.asarray(g["valid"][:], dtype=bool)
@@ -148,7 +184,7 @@ class FeatureStore:
             if not keep.any():
                 continue
             chunk = np.asarray(features[rows])[keep]
-            part = torch.from_numpy(chunk if keep_dtype and transform is None else chunk.astype(np.float32))
+            part = torch.from_numpy(chunk.astype(np.float32))
             if transform is not None:
                 part = transform(part)
             if x is None:
@@ -163,6 +199,10 @@ class FeatureStore:
         if n_invalid:
             log.info("%s %s: %d invalid samples excluded", self.model, split, n_invalid)
         return SplitData(x=x, labels=labels, ids=ids, rows=np.flatnonzero(valid), n_invalid=n_invalid)
+
+    def chunked_split(self, split: str) -> ChunkedSplit:
+        """A split's valid rows as a :class:`ChunkedSplit`: read chunk by chunk, on demand."""
+        return ChunkedSplit(self, split)
 
     def read_elements(self) -> ElementSet:
         """The store's visual elements with provenance; empty arrays when it has none."""

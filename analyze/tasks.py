@@ -190,14 +190,16 @@ def _run(spec: TaskSpec) -> TaskResult:
     store = open_feature_store(Path(spec.store))
     num_classes = store.num_classes
     if spec.library == STANDARD:
-        # Train stays in the store's dtype (float16: half of float32's N x D); the trainer
-        # converts batch by batch.
-        splits = {s: store.read_split(s, keep_dtype=s == "train") for s in ("train", "val", "test")}
-        sizes = {s: len(d.labels) for s, d in splits.items()}
-        fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=None, spec=spec)
+        # Train is streamed from the store chunk by chunk (never N x D in memory); val and test
+        # are small and read whole.
+        train = store.chunked_split("train")
+        val, test = store.read_split("val"), store.read_split("test")
+        sizes = {"train": train.shape[0], "val": len(val.labels), "test": len(test.labels)}
+        fit = fit_heads(train=(train, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
+                        num_classes=num_classes, ratios=None, seed=spec.seed, protocol=spec.protocol)
         rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
         log.info("%s standard head: test top-1 %.4f", store.model, fit.test_top1[0])
-        return TaskResult(spec, rows, [], fit.test_correct, splits["test"].ids,
+        return TaskResult(spec, rows, [], fit.test_correct, test.ids,
                           info={"seconds": time.perf_counter() - start})
 
     lib_spec = get_library(spec.library)

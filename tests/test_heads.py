@@ -166,3 +166,38 @@ def test_invalid_arguments_raise():
         fit_heads(**splits, num_classes=3, ratios=None, seed=0)
     with pytest.raises(ValueError):
         fit_heads(**splits, num_classes=4, ratios=[], seed=0)
+
+
+class _Chunks:
+    """A tensor served a chunk at a time, as a feature store's ChunkedSplit serves one."""
+
+    def __init__(self, x: torch.Tensor, rows: int):
+        self.x, self.rows = x, rows
+        self.shape = tuple(x.shape)
+        self.num_chunks = -(-x.shape[0] // rows)
+        self.served = 0
+
+    def chunk(self, index: int):
+        self.served += 1
+        start = index * self.rows
+        return self.x[start : start + self.rows], start
+
+
+def test_standard_head_trains_from_chunks_without_holding_the_split():
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 24, generator=generator) * 2
+    def split(n):
+        y = torch.arange(n) % 4
+        return means[y] + torch.randn(n, 24, generator=generator), y
+    (x_train, y_train), val, test = split(900), split(300), split(300)
+    chunks = _Chunks(x_train, rows=128)
+    streamed = fit_heads(train=(chunks, y_train), val=val, test=test, num_classes=4, ratios=None, seed=1)
+    again = fit_heads(train=(_Chunks(x_train, rows=128), y_train), val=val, test=test, num_classes=4,
+                      ratios=None, seed=1)
+    whole = fit_heads(train=(x_train, y_train), val=val, test=test, num_classes=4, ratios=None, seed=1)
+    assert chunks.served > chunks.num_chunks  # read again every epoch, never materialised once
+    assert torch.equal(streamed.weight, again.weight)  # deterministic
+    assert streamed.test_top1[0] > 0.9 and abs(streamed.test_top1[0] - whole.test_top1[0]) < 0.03
+    with pytest.raises(ValueError, match="only train may be chunked"):
+        fit_heads(train=(x_train, y_train), val=(_Chunks(val[0], 64), val[1]), test=test, num_classes=4,
+                  ratios=None, seed=1)

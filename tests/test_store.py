@@ -158,3 +158,17 @@ def test_import_rejects_malformed_h5(tmp_path):
         f["train/labels"] = np.zeros(4, dtype=int)
     with pytest.raises(ValueError, match="missing dataset /val/features"):
         import_h5(src, tmp_path / "x.zarr")
+
+
+def test_chunked_split_yields_the_same_rows_as_a_whole_read(tmp_path):
+    path = tmp_path / "m.zarr"
+    _make_store(path)
+    store = open_feature_store(path)
+    whole, chunked = store.read_split("train"), store.chunked_split("train")
+    assert chunked.shape == tuple(whole.x.shape) and chunked.num_chunks == 6  # 23 rows in blocks of 4
+    rows = [chunked.chunk(i) for i in range(chunked.num_chunks)]
+    starts = [start for _, start in rows]
+    assert starts == sorted(starts) and starts[0] == 0
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in rows]), whole.x.numpy())
+    np.testing.assert_array_equal(chunked.labels.numpy(), whole.labels.numpy())
+    assert chunked.ids.tolist() == whole.ids.tolist() and chunked.n_invalid == whole.n_invalid == 1
