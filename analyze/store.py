@@ -173,32 +173,21 @@ class FeatureStore:
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
         """
-        g = self.group[split]
-        valid = np.asarray(g["valid"][:], dtype=bool)
-        features = g["features"]
+        source = self.chunked_split(split)
         # Filled in place, chunk by chunk: a list of chunks then a cat would hold the split twice.
         x: torch.Tensor | None = None
-        filled = 0
-        for rows in self._chunks(split):
-            keep = valid[rows]
-            if not keep.any():
-                continue
-            chunk = np.asarray(features[rows])[keep]
-            part = torch.from_numpy(chunk.astype(np.float32))
+        for i in range(source.num_chunks):
+            part, start = source.chunk(i)
             if transform is not None:
                 part = transform(part)
             if x is None:
-                x = torch.empty((int(valid.sum()), part.shape[1]), dtype=part.dtype)
-            x[filled : filled + part.shape[0]] = part
-            filled += part.shape[0]
+                x = torch.empty((source.shape[0], part.shape[1]), dtype=part.dtype)
+            x[start : start + part.shape[0]] = part
         if x is None:
             x = torch.empty((0, self.feature_dim))
-        labels = torch.from_numpy(np.asarray(g["labels"][:], dtype=np.int64)[valid])
-        ids = as_str(g["ids"][:])[valid]
-        n_invalid = int((~valid).sum())
-        if n_invalid:
-            log.info("%s %s: %d invalid samples excluded", self.model, split, n_invalid)
-        return SplitData(x=x, labels=labels, ids=ids, rows=np.flatnonzero(valid), n_invalid=n_invalid)
+        if source.n_invalid:
+            log.info("%s %s: %d invalid samples excluded", self.model, split, source.n_invalid)
+        return SplitData(x=x, labels=source.labels, ids=source.ids, rows=source.rows, n_invalid=source.n_invalid)
 
     def chunked_split(self, split: str) -> ChunkedSplit:
         """A split's valid rows as a :class:`ChunkedSplit`: read chunk by chunk, on demand."""
