@@ -28,22 +28,12 @@ def extract_pipeline(
         ``{model name: store complete}``.
     """
     from extract.backbones import create_backbone
-    from extract.elements import plan_elements
-    from extract.runner import ExtractOptions, extract_store
+    from extract.runner import extract_store
 
-    ds = cfg.dataset
     dataset = _load_dataset(cfg)
     el = cfg.elements
-    plans = plan_elements(
-        dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
-        seed=ds.seed, slic_segments=el.slic_segments,
-    )
-    ex = cfg.extract
-    options = ExtractOptions(
-        batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
-        num_workers=ex.num_workers if num_workers is None else num_workers,
-        device=device or ex.device, amp=ex.amp, shard=shard,
-    )
+    plans = _plan_elements(cfg, dataset)
+    options = _extract_options(cfg, device=device, num_workers=num_workers, shard=shard)
     selected = select_models(cfg, models)
     for parent in sorted({m.parent for m in selected if m.epoch is not None}):
         train_pipeline_model(cfg, parent, dataset=dataset, device=options.device)
@@ -270,7 +260,6 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
     from analyze.store import open_feature_store
     from apps.finetune import element_images, finetune_arms
     from extract.backbones import create_backbone
-    from extract.elements import plan_elements
     from extract.train import TrainOptions
     from iis.config import FinetuneConfig
 
@@ -282,8 +271,7 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
         raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
     dataset = _load_dataset(cfg)
     el = cfg.elements
-    plans = plan_elements(dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
-                          seed=cfg.dataset.seed, slic_segments=el.slic_segments)
+    plans = _plan_elements(cfg, dataset)
     k = cfg.analysis.num_concepts
     base_store = open_feature_store(cfg.store_path(base.name))
     library = build_library(ft.library, LibraryInputs(elements=base_store.read_elements(),
@@ -299,11 +287,9 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                          refresh_every=ft.refresh_every,
                          out_root=cfg.checkpoint_dir(f"{base.name}+finetune-seed{ft.seed}-e{ft.epochs}"))
     names = {arm.lam: f"{base.name}+ft{arm.lam:g}" for arm in arms}
-    from extract.runner import ExtractOptions, extract_store
+    from extract.runner import extract_store
 
-    ex = cfg.extract
-    ex_options = ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
-                                num_workers=ex.num_workers, device=device or ex.device, amp=ex.amp)
+    ex_options = _extract_options(cfg, device=device)
     for arm in arms:
         tuned = create_backbone(backbone=base.backbone, weights=str(arm.checkpoint), img_size=base.img_size,
                                 seed=base.seed)
@@ -334,6 +320,26 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                  row["lambda"], row["standard_top1_before"], row["standard_top1_after"], row["iis_before"],
                  row["iis_after"])
     return table
+
+
+def _plan_elements(cfg: PipelineConfig, dataset):
+    """The pipeline's visual elements; the same plan for every model of the pipeline."""
+    from extract.elements import plan_elements
+
+    el = cfg.elements
+    return plan_elements(dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
+                         seed=cfg.dataset.seed, slic_segments=el.slic_segments)
+
+
+def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_workers: int | None = None,
+                     shard: tuple[int, int] = (0, 1)):
+    """The pipeline's `extract:` section, with command-line overrides."""
+    from extract.runner import ExtractOptions
+
+    ex = cfg.extract
+    return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
+                          num_workers=ex.num_workers if num_workers is None else num_workers,
+                          device=device or ex.device, amp=ex.amp, shard=shard)
 
 
 def _load_dataset(cfg: PipelineConfig):
