@@ -82,6 +82,24 @@ def test_heads_trained_together_match_heads_trained_alone():
         assert together.val_top1[r] == alone.val_top1[0]
 
 
+def test_sparsest_heads_train_longer_and_order_does_not_matter(monkeypatch):
+    """Heads keeping <= 10% of the inputs train _SPARSE_EPOCH_FACTOR times the epochs, on their own
+    schedule; with the ratios out of order, the long heads are not contiguous (the gather/scatter
+    update path), and every head still equals the same head trained alone."""
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    ratios = [0.95, 0.0, 0.9]  # keep 1, 20 and 2 of 20: the first and last train longer
+    together = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=3)
+    for r, ratio in enumerate(ratios):
+        alone = fit_heads(**splits, num_classes=4, ratios=[ratio], seed=3, max_epochs=3)
+        torch.testing.assert_close(together.weight[r], alone.weight[0], atol=1e-5, rtol=1e-4)
+        assert together.best_epoch[r] == alone.best_epoch[0]
+    monkeypatch.setattr(heads, "_SPARSE_EPOCH_FACTOR", 1)
+    short = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=3)
+    torch.testing.assert_close(short.weight[1], together.weight[1])  # the dense head is untouched
+    assert not torch.allclose(short.weight[0], together.weight[0])  # the sparse ones trained longer
+    assert not torch.allclose(short.weight[2], together.weight[2])
+
+
 def _overfitting_splits():
     """One informative column among 30 noise columns, 40 train images, 20% of their labels flipped."""
 
