@@ -190,7 +190,8 @@ def fit_heads(
             authors' protocol, which selects on **test**; for comparison only).
         max_epochs: override of the protocol's epoch count (tests use it for speed). The default
             protocol otherwise trains ``_DEFAULT_EPOCHS`` epochs, or more on a small train set,
-            to reach ``_MIN_STEPS`` optimiser steps.
+            to reach ``_MIN_STEPS`` optimiser steps; either way, the heads that keep at most
+            ``_SPARSE_KEEP_FRACTION`` of the inputs train ``_SPARSE_EPOCH_FACTOR`` times as many.
         batch_size: override of the protocol's batch size (default protocol: 256, or smaller
             for a train set of fewer than ``8 * 256`` images).
 
