@@ -3,7 +3,7 @@
 A fixed synthetic workload (class means plus noise, 10% of labels flipped, a prototype library of
 training features drawn stratified over classes) is fitted twice on the same cores in the same
 run: the standard head plus every sparsity ratio, by ``fit_heads(protocol="default")`` (all
-ratios in one pass, selected on val) and by ``protocol="reference"`` (one ratio at a time,
+ratios in one pass, learning rate chosen on val) and by ``protocol="reference"`` (one ratio at a time,
 selected on test). Aims: the default is at least 10x faster, and every ratio's test top-1 is at
 least the reference's minus 0.5 points.
 
@@ -157,7 +157,7 @@ def run_seed(w: Workload, seed: int, *, ablate_layernorm: bool, ceiling: bool) -
     frozen = run_frozen_layernorm(activations, classes=w.classes, seed=seed) if ablate_layernorm else None
     converged = fit_converged(activations) if ceiling else None
 
-    header = ["head", "ours top-1", "ref top-1", "diff (pts)", "ours epoch(val)", "ref epoch(test)"]
+    header = ["head", "ours top-1", "ref top-1", "diff (pts)", "ours epoch(last)", "ref epoch(test)"]
     if frozen is not None:
         header.append("ref frozen-LN top-1")
     if converged is not None:
@@ -191,7 +191,9 @@ def run_seed(w: Workload, seed: int, *, ablate_layernorm: bool, ceiling: bool) -
 
 def print_verdicts(speed_wall: float, diffs: list[float]) -> None:
     print(f"aim speed >= {SPEED_AIM:g}x (wall): {'PASS' if speed_wall >= SPEED_AIM else 'FAIL'}")
-    failing = [name for name, d in zip(HEAD_NAMES, diffs) if d < ACCURACY_AIM]
+    # "At or above": a difference of exactly -0.5 points (25 of 5,000 images) meets the aim, whatever
+    # the float rounding of the two accuracies.
+    failing = [name for name, d in zip(HEAD_NAMES, diffs) if d < ACCURACY_AIM - 1e-6]
     verdict = "PASS" if not failing else f"FAIL ({', '.join(failing)})"
     print(f"aim every head >= reference {ACCURACY_AIM:+g} pts (worst {min(diffs):+.2f}): {verdict}")
 
@@ -225,7 +227,7 @@ def main() -> None:
         print(f"\nsummary over {len(seeds)} seeds (points, ours minus reference)")
         print_table(["head", "mean", "worst", "seeds below aim"],
                     [[name, f"{diffs[:, i].mean():+.2f}", f"{diffs[:, i].min():+.2f}",
-                      str(int((diffs[:, i] < ACCURACY_AIM).sum()))] for i, name in enumerate(HEAD_NAMES)])
+                      str(int((diffs[:, i] < ACCURACY_AIM - 1e-6).sum()))] for i, name in enumerate(HEAD_NAMES)])
         print(f"median speed ratio (wall): {np.median([r.speed_wall for r in results]):.1f}x")
         print("verdicts on the mean differences and the median speed:")
         print_verdicts(float(np.median([r.speed_wall for r in results])), list(diffs.mean(axis=0)))
