@@ -187,7 +187,7 @@ def fit_heads(
         num_classes: ``C``.
         ratios: sparsity ratios in ``[0, 1)``, or None for the standard head (no ``g_s``).
         seed: seeds initialisation and shuffling (a private ``torch.Generator``).
-        protocol: ``"default"`` (val-selected, all ratios in one pass) or ``"reference"`` (the
+        protocol: ``"default"`` (all ratios in one pass, learning rate chosen on val) or ``"reference"`` (the
             authors' protocol, which selects on **test**; for comparison only).
         max_epochs: override of the protocol's epoch count (tests use it for speed). The default
             protocol otherwise trains ``_DEFAULT_EPOCHS`` epochs, or more on a small train set,
@@ -321,7 +321,7 @@ def _column_moments(x: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Default protocol: all heads in one pass, selected on val.
+# Default protocol: all heads in one pass, learning rate chosen on val.
 # ---------------------------------------------------------------------------------------------
 
 
