@@ -70,9 +70,10 @@ _INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the epochs (each on
 # its own cosine schedule; the others leave the batch grid when theirs ends). Each concept's
 # weights learn only from the images that keep it, so these heads converge slowest. Measured on
-# benchmarks/heads_vs_reference.py (4 seeds): twice the epochs moved s = 0.95 from -1.08 to -0.33
-# points against the reference and s = 0.98 from -0.79 to -0.18, for 14.4x -> 11.1x the speed
-# (three times: -0.74 and -0.24 at under 10x). They are cheap, trained alone once the rest finish.
+# benchmarks/heads_vs_reference.py (4 seeds, then with val-picked checkpoints): twice the epochs
+# moved s = 0.95 from -1.08 to -0.33 points against the reference and s = 0.98 from -0.79 to -0.18,
+# for 14.4x -> 11.1x the speed (three times: -0.74 and -0.24 at under 10x). They are cheap,
+# trained alone once the rest finish.
 _SPARSE_KEEP_FRACTION = 0.1
 _SPARSE_EPOCH_FACTOR = 2
 # Rows per chunk when evaluating a whole split, to bound the (R, chunk, K) sparsified block.
