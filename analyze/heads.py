@@ -51,6 +51,12 @@ _MIN_BATCHES_PER_EPOCH = 8
 # Small train sets get more epochs, up to this many optimiser steps in all: four epochs of a few
 # batches leave the heads far from the val plateau.
 _MIN_STEPS = 300
+# Large train sets get fewer: at most this many steps (a million images at batch 256; it binds
+# above 256k train rows). Without it a 1M-row analysis took 1.8x as long (181 s vs 80 s,
+# benchmarks/analyze_scaling.py). What it costs, measured on the heads_vs_reference workload at
+# 200k train rows with a tighter cap of 1,000 steps against the full 3,125: -0.56 to +0.60 points
+# per head (mean -0.17); at 4,000 steps the heads see 4x that.
+_MAX_STEPS = 4000
 # Learning-rate grids, selected on val per ratio. Concept activations are standardised per image,
 # so one rate serves every library (a second rate bought < 1 point at 1.5x the time); raw
 # features, even rescaled, vary more between backbones, and their single head is cheap to triple.
@@ -429,22 +435,26 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
         out = torch.baddbmm(b, _grid(x, ranks, keep[heads]), w)
         return out.view(len(heads), x.shape[0], num_rates, num_classes)
 
-    head_epochs = torch.full((num_ratios,), epochs, dtype=torch.int64)
-    if not standard:
-        head_epochs[keep <= _SPARSE_KEEP_FRACTION * num_inputs] *= _SPARSE_EPOCH_FACTOR
+    # Each head's schedule, in optimiser steps: the epochs, capped at _MAX_STEPS on a large train
+    # set; the sparsest heads get _SPARSE_EPOCH_FACTOR times as many.
     steps_per_epoch = math.ceil(num_train / batch_size)
-    head_steps = (head_epochs * steps_per_epoch).double().view(-1, 1, 1)  # each head's cosine length
+    head_steps = torch.full((num_ratios,), min(epochs * steps_per_epoch, _MAX_STEPS), dtype=torch.int64)
+    if not standard:
+        head_steps[keep <= _SPARSE_KEEP_FRACTION * num_inputs] *= _SPARSE_EPOCH_FACTOR
+    cosine_length = head_steps.double().view(-1, 1, 1)
     active = torch.arange(num_ratios)
     step = 0
-    for epoch in range(int(head_epochs.max())):
+    while len(active):
         for xb, yb, idx in _epoch_batches(x_train, y_train, batch_size=batch_size, generator=generator):
             inputs = _grid(prep(xb), None if ranks_train is None else ranks_train[idx], keep[active])
             heads = _as_slice(active)
             grads = _cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
-            schedule = 0.5 * (1.0 + torch.cos(math.pi * (step / head_steps[heads]).clamp(max=1.0)))
+            schedule = 0.5 * (1.0 + torch.cos(math.pi * (step / cosine_length[heads]).clamp(max=1.0)))
             optimizer.step(grads, schedule.float(), heads)
             step += 1
-        active = active[head_epochs[active] > epoch + 1]  # heads whose schedule ended
+            active = active[head_steps[active] > step]  # heads whose schedule ended leave
+            if len(active) == 0:
+                break
 
     # Val is evaluated once, on the final states.
     val_top1 = _chunked_top1(partial(grid_logits, heads=torch.arange(num_ratios)), x_val, ranks_val, y_val)
@@ -457,7 +467,7 @@ def _fit_default(splits: dict[str, Split], *, num_classes: int, ratios: list[flo
     if standard:
         final_weight = final_weight * inv_scale
         final_bias = final_bias - mean @ final_weight[0]
-    fit = _empty_fit(ratios, final_weight, final_bias, None, (head_epochs - 1).numpy(), "default")
+    fit = _empty_fit(ratios, final_weight, final_bias, None, ((head_steps - 1) // steps_per_epoch).numpy(), "default")
     _evaluate(fit, splits, ranks_val=ranks_val, ranks_test=rank(splits["test"][0]))
     return fit
 
