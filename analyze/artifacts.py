@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from analyze.activations import keep_count, sparsify
-from analyze.heads import HeadFit
-from analyze.libraries import ConceptLibrary
-from analyze.tables import atomic_file
+from iis.analyze.activations import keep_count, sparsify
+from iis.analyze.heads import HeadFit
+from iis.analyze.libraries import ConceptLibrary
+from iis.analyze.tables import atomic_file
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from analyze.activations import keep_counts, magnitude_ranks, sparsify_grid
+from iis.analyze.activations import keep_counts, magnitude_ranks, sparsify_grid
 
 logger = logging.getLogger(__name__)
 
@@ -542,7 +541,7 @@ def _reference_input(x: torch.Tensor, layer_norm: torch.Tensor, keep: int) -> to
     ``g_s`` acts on the LayerNorm's output, whose learned affine map changes which entries are
     largest, so it is recomputed for every batch. ``torch.topk`` picks them (as fast a ``g_s``
     as the authors' code could have); on ties its choice is unspecified, unlike
-    :func:`analyze.activations.magnitude_ranks`, which matters only for exactly tied magnitudes.
+    :func:`iis.analyze.activations.magnitude_ranks`, which matters only for exactly tied magnitudes.
     """
     h = F.layer_norm(x, (x.shape[1],), layer_norm[0], layer_norm[1], _LAYER_NORM_EPS)
     if keep >= x.shape[1]:

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from iis.analyze import tables
+from iis.analyze.libraries import get_library
+from iis.analyze.store import open_feature_store
+from iis.analyze.summary import correlation_rows, iis_rows
+from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
 from tqdm.auto import tqdm
-
-from analyze import tables
-from analyze.libraries import get_library
-from analyze.store import open_feature_store
-from analyze.summary import correlation_rows, iis_rows
-from analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
 
 log = logging.getLogger(__name__)
 

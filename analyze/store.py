@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-
-from analyze.libraries.base import ElementSet
+from iis.analyze.libraries.base import ElementSet
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class SplitData:
 
 
 class ChunkedSplit:
-    """One split's valid rows, read from the store a chunk at a time (``analyze.heads.ChunkedRows``).
+    """One split's valid rows, read from the store a chunk at a time (``iis.analyze.heads.ChunkedRows``).
 
     Only labels, ids and row maps are held; ``chunk(i)`` decodes chunk ``i`` when asked. The
     standard head trains from this, so an analysis never holds the ``N x D`` train features.

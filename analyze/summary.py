@@ -6,15 +6,14 @@ import logging
 
 import numpy as np
 import pandas as pd
-
-from analyze.metrics import (
+from iis.analyze.metrics import (
     accuracy_retention,
     correlation,
     interpretability_score,
     normalized_score,
     score_ci,
 )
-from analyze.tasks import STANDARD, TaskResult
+from iis.analyze.tasks import STANDARD, TaskResult
 
 log = logging.getLogger(__name__)
 

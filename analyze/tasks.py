@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from iis.analyze.artifacts import save_library
+from iis.analyze.heads import HeadFit, fit_heads
+from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
+from iis.analyze.libraries.base import TextInputs
+from iis.analyze.metrics import accuracy_ci
+from iis.analyze.store import FeatureStore, SplitData, StoreError, as_str, open_feature_store
 from threadpoolctl import threadpool_limits
-
-from analyze.artifacts import save_library
-from analyze.heads import HeadFit, fit_heads
-from analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
-from analyze.libraries.base import TextInputs
-from analyze.metrics import accuracy_ci
-from analyze.store import FeatureStore, SplitData, StoreError, as_str, open_feature_store
 
 log = logging.getLogger(__name__)
 

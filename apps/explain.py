@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-from analyze.artifacts import load_library
-from analyze.store import as_str, open_feature_store
+from iis.analyze.artifacts import load_library
+from iis.analyze.store import as_str, open_feature_store
 
 log = logging.getLogger(__name__)
 

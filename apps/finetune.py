@@ -16,12 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from analyze.activations import concept_activations, sparsify
-from extract.backbones import element_transform
-from extract.datasets import ImageDataset
-from extract.elements import ElementPlan, render_element
-from extract.train import TrainOptions, TrainResult, train_backbone
+from iis.analyze.activations import concept_activations, sparsify
+from iis.extract.backbones import element_transform
+from iis.extract.datasets import ImageDataset
+from iis.extract.elements import ElementPlan, render_element
+from iis.extract.train import TrainOptions, TrainResult, train_backbone
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-
-from analyze.tables import atomic_file, read_table, table_path
-from apps import report_plots as plots
+from iis.analyze.tables import atomic_file, read_table, table_path
+from iis.apps import report_plots as plots
 
 if TYPE_CHECKING:
-    from extract.datasets import ImageDataset
+    from iis.extract.datasets import ImageDataset
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 if TYPE_CHECKING:
-    from extract.datasets import ImageDataset
+    from iis.extract.datasets import ImageDataset
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def write_store(path: Path, *, n_train: int, args: argparse.Namespace, seed: int = 0) -> dict[str, int]:
     """A complete store of random class-mean + noise features, written a whole block at a time."""
-    from extract import store as st
+    from iis.extract import store as st
 
     rng = np.random.default_rng(seed)
     d, c, e = args.dim, args.classes, args.elements
@@ -217,18 +217,19 @@ class _Steps:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    import analyze.heads
-    import analyze.tasks
-    from analyze.store import FeatureStore
-    from analyze.tasks import TaskSpec, run_task
+    import iis.analyze.heads
+    import iis.analyze.tasks
+    from iis.analyze.store import FeatureStore
+    from iis.analyze.tasks import TaskSpec, run_task
+
     from iis.config import DEFAULT_RATIOS
 
     steps = _Steps(args.interval / 2)
     steps.wrap(FeatureStore, "read_split", "read_split")
-    steps.wrap(analyze.tasks, "fit_heads", "fit_heads")
-    steps.wrap(analyze.heads, "magnitude_ranks", "  magnitude_ranks")
-    steps.wrap(analyze.heads, "_evaluate", "  evaluate")
-    steps.wrap(analyze.tasks, "_ci", "bootstrap CI")
+    steps.wrap(iis.analyze.tasks, "fit_heads", "fit_heads")
+    steps.wrap(iis.analyze.heads, "magnitude_ranks", "  magnitude_ranks")
+    steps.wrap(iis.analyze.heads, "_evaluate", "  evaluate")
+    steps.wrap(iis.analyze.tasks, "_ci", "bootstrap CI")
     store, library = args.task
     spec = TaskSpec(store=store, library=library, seed=0, num_concepts=args.num_concepts,
                     ratios=tuple(DEFAULT_RATIOS), bootstrap=args.bootstrap, threads=args.threads)

@@ -2,7 +2,7 @@
 
 Measures, in one process, side by side and interleaved:
 
-- **ours**: ``extract.runner.extract_store`` into a fresh temporary Zarr store: the real
+- **ours**: ``iis.extract.runner.extract_store`` into a fresh temporary Zarr store: the real
   dataset, its timm eval transform, the DataLoader with block-cut batches, the forward, the
   float16 cast and the block writes (no visual elements: an empty plan list). The whole call is
   timed, store creation and finalisation included.
@@ -40,10 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from extract import store as st  # noqa: E402
-from extract.backbones import Backbone, create_backbone, image_transform  # noqa: E402
-from extract.datasets import BUILTIN, ImageDataset, Split, load_dataset  # noqa: E402
-from extract.runner import ExtractOptions, extract_store  # noqa: E402
+from iis.extract import store as st  # noqa: E402
+from iis.extract.backbones import Backbone, create_backbone, image_transform  # noqa: E402
+from iis.extract.datasets import BUILTIN, ImageDataset, Split, load_dataset  # noqa: E402
+from iis.extract.runner import ExtractOptions, extract_store  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,13 +24,12 @@ import platform
 import time
 from dataclasses import dataclass
 
+import iis.analyze.heads as heads
 import numpy as np
 import torch
-
-import analyze.heads as heads
-from analyze.activations import concept_activations, keep_counts, magnitude_ranks
-from analyze.heads import HeadFit, fit_heads
-from analyze.metrics import accuracy_retention, normalized_score
+from iis.analyze.activations import concept_activations, keep_counts, magnitude_ranks
+from iis.analyze.heads import HeadFit, fit_heads
+from iis.analyze.metrics import accuracy_retention, normalized_score
 
 RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 HEAD_NAMES = ["standard", *[f"s={r:g}" for r in RATIOS]]

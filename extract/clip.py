@@ -2,7 +2,7 @@
 features of a concept list, both in CLIP's joint space.
 
 The image side is an ordinary feature store: :func:`clip_backbone` wraps ``encode_image`` as a
-:class:`~extract.backbones.Backbone`, so :func:`extract.runner.extract_store` fills it with the
+:class:`~iis.extract.backbones.Backbone`, so :func:`iis.extract.runner.extract_store` fills it with the
 same resumable, shardable code as any backbone. The text side is a ``text/`` group that
 :func:`write_text_features` adds to that store::
 
@@ -24,21 +24,21 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import zarr
-
-from extract import store as st
-from extract.backbones import Backbone, file_sha256, state_dict_sha256
+from iis.extract import store as st
+from iis.extract.backbones import Backbone, file_sha256, state_dict_sha256
 
 log = logging.getLogger(__name__)
 
 RANDOM_FOR_TESTS = "random-for-tests"
 # Configs this project ships (data/clip/*.json); registered with open_clip on first use.
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "data" / "clip"
+CONFIG_DIR = Path(str(resources.files("iis.data") / "clip"))
 SHIPPED_MODELS = ("iis-tiny-test",)
 TEXT_GROUP = "text"
 TEXT_FORMAT = "iis-clip-text"
@@ -111,7 +111,7 @@ def create_clip(*, model: str, weights: str | Path, seed: int = 0) -> ClipModel:
 
 
 def clip_data_config(preprocess_cfg: dict) -> dict:
-    """open_clip's eval preprocessing as the data config :mod:`extract.backbones` uses.
+    """open_clip's eval preprocessing as the data config :mod:`iis.extract.backbones` uses.
 
     ``preprocess_cfg``: ``size`` (int or (H, W)), ``mean``, ``std``, ``interpolation``,
     ``resize_mode`` (``shortest`` | ``squash`` | ``longest``). With ``crop_pct = 1.0`` the timm
@@ -145,7 +145,7 @@ class _ImageEncoder(torch.nn.Module):
 
 
 def clip_backbone(clip: ClipModel) -> Backbone:
-    """The CLIP image encoder as a :class:`Backbone`, for :func:`extract.runner.extract_store`.
+    """The CLIP image encoder as a :class:`Backbone`, for :func:`iis.extract.runner.extract_store`.
 
     The module shares its parameters with ``clip.model``: moving one moves both.
     """

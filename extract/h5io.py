@@ -19,9 +19,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from extract import store as st
-from extract.backbones import file_sha256
+from iis.extract import store as st
+from iis.extract.backbones import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from iis.extract import store as st
+from iis.extract.backbones import Backbone, element_transform, image_transform, normalize_batch
+from iis.extract.datasets import ImageDataset, ImageLoadError
+from iis.extract.elements import ElementPlan, render_element
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
-
-from extract import store as st
-from extract.backbones import Backbone, element_transform, image_transform, normalize_batch
-from extract.datasets import ImageDataset, ImageLoadError
-from extract.elements import ElementPlan, render_element
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def store_attrs(*, dataset: ImageDataset, backbone: Backbone, model_name: str, p
         "backbone": backbone.backbone,
         "weights": backbone.weights_source,
         "weights_sha256": backbone.weights_sha256,
-        # A CLIP image store (extract.clip.clip_backbone) holds projected image embeddings.
+        # A CLIP image store (iis.extract.clip.clip_backbone) holds projected image embeddings.
         **({"layer": "image_embedding", "pooling": "open_clip encode_image (projected, not normalised)"}
            if backbone.backbone.startswith("clip:") else
            {"layer": "pre_logits", "pooling": "model default (timm forward_head pre_logits)"}),

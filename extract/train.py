@@ -29,15 +29,14 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from iis.extract.backbones import _ToRGB, create_backbone, image_transform
+from iis.extract.datasets import ImageDataset, ImageLoadError
+from iis.extract.runner import autocast, resolve_device
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
-
-from extract.backbones import _ToRGB, create_backbone, image_transform
-from extract.datasets import ImageDataset, ImageLoadError
-from extract.runner import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def train_transform(data_config: dict) -> Callable:
     """Light training augmentation: random resized crop (scale 0.8-1, no flips, no colour or auto-augment).
 
     Digits must not be mirrored, so there is no flip. Accepts mode ``"L"`` or ``"RGB"``; returns
-    (3, H, W) float32, normalised like :func:`extract.backbones.image_transform`.
+    (3, H, W) float32, normalised like :func:`iis.extract.backbones.image_transform`.
     """
     tf = create_transform(
         input_size=data_config["input_size"], is_training=True, scale=(0.8, 1.0), hflip=0.0,
@@ -385,7 +384,7 @@ def train_backbone(
     ``extra_params`` (moved in place to the training device), cosine schedule over all steps.
 
     Args:
-        backbone, weights, img_size, init_seed: as for :func:`extract.backbones.create_backbone`;
+        backbone, weights, img_size, init_seed: as for :func:`iis.extract.backbones.create_backbone`;
             ``init_seed`` also seeds the new classifier.
         options: see :class:`TrainOptions`. Epoch 0 is the initial weights, before any step.
         out_dir: receives ``e{epoch}.safetensors`` for each of ``options.checkpoints`` and

@@ -182,14 +182,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from extract.h5io import export_h5
+    from iis.extract.h5io import export_h5
 
     export_h5(args.store, args.file)
     return 0
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from extract.h5io import import_h5
+    from iis.extract.h5io import import_h5
 
     import_h5(args.file, args.store, block_rows=args.block_rows)
     return 0
@@ -217,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # Imported here, not at the top, to keep `iis --help` fast.
-    from analyze.store import StoreError as ReadError
-    from extract.backbones import WeightsError
-    from extract.store import StoreError
+    from iis.analyze.store import StoreError as ReadError
+    from iis.extract.backbones import WeightsError
+    from iis.extract.store import StoreError
 
     try:
         return _COMMANDS[args.command](args)

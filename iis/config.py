@@ -183,7 +183,7 @@ class AnalysisConfig(_Frozen):
     @field_validator("libraries")
     @classmethod
     def _known_libraries(cls, value: list[str]) -> list[str]:
-        from analyze.libraries import list_libraries  # the registry is the source of truth
+        from iis.analyze.libraries import list_libraries  # the registry is the source of truth
 
         known = list_libraries()
         for name in value:

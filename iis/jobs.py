@@ -27,8 +27,8 @@ def extract_pipeline(
     Returns:
         ``{model name: store complete}``.
     """
-    from extract.backbones import create_backbone
-    from extract.runner import extract_store
+    from iis.extract.backbones import create_backbone
+    from iis.extract.runner import extract_store
 
     dataset = _load_dataset(cfg)
     el = cfg.elements
@@ -55,7 +55,7 @@ def extract_pipeline(
 
 def extract_clip(cfg: PipelineConfig, *, dataset, options) -> bool:
     """Fill the CLIP store (image features of every split) and add the concept list's text features."""
-    from extract.clip import (
+    from iis.extract.clip import (
         clip_backbone,
         create_clip,
         encode_text,
@@ -63,7 +63,7 @@ def extract_clip(cfg: PipelineConfig, *, dataset, options) -> bool:
         text_attrs,
         write_text_features,
     )
-    from extract.runner import extract_store
+    from iis.extract.runner import extract_store
 
     clip_cfg = cfg.text.clip
     clip = create_clip(model=clip_cfg.model, weights=clip_cfg.weights, seed=clip_cfg.seed)
@@ -92,7 +92,7 @@ def select_models(cfg: PipelineConfig, names: list[str] | None) -> list[Measured
 
 def train_pipeline_model(cfg: PipelineConfig, name: str, *, dataset, device: str = "auto"):
     """Train one `models:` entry that has a `train:` section; skipped when its checkpoints exist."""
-    from extract.train import TrainOptions, train_backbone
+    from iis.extract.train import TrainOptions, train_backbone
 
     model = cfg.model(name)
     t = model.train
@@ -125,7 +125,7 @@ def _analysis_args(cfg_analysis, *, libraries, num_concepts, ratios, seeds, prot
 
 
 def _cluster(scheduler, workers, threads, synchronous):
-    from analyze.pipeline import ClusterOptions
+    from iis.analyze.pipeline import ClusterOptions
 
     return ClusterOptions(scheduler=scheduler, workers=workers, threads=threads, synchronous=synchronous)
 
@@ -133,7 +133,7 @@ def _cluster(scheduler, workers, threads, synchronous):
 def analyze_pipeline(cfg: PipelineConfig, *, scheduler=None, workers=2, threads=1, synchronous=False,
                      **overrides) -> dict:
     """Run stage 2 over every model store of a pipeline."""
-    from analyze.pipeline import analyze_stores
+    from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(cfg.analysis, **overrides)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
@@ -143,7 +143,7 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler=None, workers=2, threads=
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None, scheduler=None,
                      workers=2, threads=1, synchronous=False, **overrides) -> dict:
     """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
-    from analyze.pipeline import analyze_stores
+    from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(None, **overrides)
     return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
@@ -152,7 +152,7 @@ def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | No
 
 def report_pipeline(cfg: PipelineConfig) -> Path:
     """Write ``<results>/report.html`` from the pipeline's tables."""
-    from apps.report import write_report
+    from iis.apps.report import write_report
 
     path = write_report(results=cfg.results, dataset=_load_dataset(cfg),
                         title=f"iis: {cfg.name} ({cfg.dataset.label})")
@@ -168,10 +168,10 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
     Returns:
         ``{"interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
     """
-    from analyze import tables
-    from analyze.artifacts import library_path
-    from analyze.libraries import get_library
-    from apps.explain import explain_split
+    from iis.analyze import tables
+    from iis.analyze.artifacts import library_path
+    from iis.analyze.libraries import get_library
+    from iis.apps.explain import explain_split
 
     seed = cfg.analysis.seeds[0] if seed is None else seed
     if model not in {m.name for m in cfg.measured_models()}:
@@ -200,7 +200,7 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
 
 def _explain_defaults(cfg: PipelineConfig) -> tuple[str, str]:
     """The model and library `iis run` explains: configured, or the best model and first library."""
-    from analyze import tables
+    from iis.analyze import tables
 
     library = cfg.explain.library or cfg.analysis.libraries[0]
     if cfg.explain.model:
@@ -225,7 +225,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None
     start = time.perf_counter()
     extract_pipeline(cfg, device=device)
     log.info("run %s: extract done at %.0f s", cfg.name, time.perf_counter() - start)
-    from analyze.pipeline import analyze_stores
+    from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(cfg.analysis, libraries=None, num_concepts=None, ratios=None, seeds=None,
                           protocol=None, bootstrap=None)
@@ -254,14 +254,14 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
     """
     import pandas as pd
 
-    from analyze import tables
-    from analyze.libraries import LibraryInputs, build_library
-    from analyze.pipeline import analyze_stores
-    from analyze.store import open_feature_store
-    from apps.finetune import element_images, finetune_arms
-    from extract.backbones import create_backbone
-    from extract.train import TrainOptions
+    from iis.analyze import tables
+    from iis.analyze.libraries import LibraryInputs, build_library
+    from iis.analyze.pipeline import analyze_stores
+    from iis.analyze.store import open_feature_store
+    from iis.apps.finetune import element_images, finetune_arms
     from iis.config import FinetuneConfig
+    from iis.extract.backbones import create_backbone
+    from iis.extract.train import TrainOptions
 
     given = {"model": model, "lambda": lam, "epochs": epochs, "seed": seed}
     base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
@@ -287,7 +287,7 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                          refresh_every=ft.refresh_every,
                          out_root=cfg.checkpoint_dir(f"{base.name}+finetune-seed{ft.seed}-e{ft.epochs}"))
     names = {arm.lam: f"{base.name}+ft{arm.lam:g}" for arm in arms}
-    from extract.runner import extract_store
+    from iis.extract.runner import extract_store
 
     ex_options = _extract_options(cfg, device=device)
     for arm in arms:
@@ -324,7 +324,7 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
 
 def _plan_elements(cfg: PipelineConfig, dataset):
     """The pipeline's visual elements; the same plan for every model of the pipeline."""
-    from extract.elements import plan_elements
+    from iis.extract.elements import plan_elements
 
     el = cfg.elements
     return plan_elements(dataset, images_per_class=el.images_per_class, grid=el.grid, slic=el.slic,
@@ -334,7 +334,7 @@ def _plan_elements(cfg: PipelineConfig, dataset):
 def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_workers: int | None = None,
                      shard: tuple[int, int] = (0, 1)):
     """The pipeline's `extract:` section, with command-line overrides."""
-    from extract.runner import ExtractOptions
+    from iis.extract.runner import ExtractOptions
 
     ex = cfg.extract
     return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
@@ -343,7 +343,7 @@ def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_work
 
 
 def _load_dataset(cfg: PipelineConfig):
-    from extract.datasets import load_dataset
+    from iis.extract.datasets import load_dataset
 
     ds = cfg.dataset
     return load_dataset(source=ds.source, name=ds.label, root=ds.root, file=ds.file,

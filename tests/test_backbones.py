@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from safetensors.torch import save_file
-
-from extract.backbones import (
+from iis.extract.backbones import (
     WeightsError,
     create_backbone,
     element_transform,
     image_transform,
     state_dict_sha256,
 )
+from PIL import Image
+from safetensors.torch import save_file
 
 TINY = "test_vit"  # 0.3M parameters; a ViT, so it takes img_size
 TINY_CNN = "test_resnet"  # a CNN, whose constructor has no img_size
@@ -209,7 +208,7 @@ def test_element_transform_resizes_without_crop():
 
 
 def test_uint8_transform_then_batch_normalisation_matches_the_float_transform():
-    from extract.backbones import element_transform, image_transform, normalize_batch
+    from iis.extract.backbones import element_transform, image_transform, normalize_batch
 
     config = {"input_size": (3, 24, 24), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
               "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "crop_mode": "center"}

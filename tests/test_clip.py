@@ -12,13 +12,12 @@ import open_clip
 import pytest
 import torch
 import zarr
+from iis.analyze.store import open_feature_store
+from iis.extract import clip as xc
+from iis.extract import store as st
+from iis.extract.datasets import load_dataset
+from iis.extract.runner import ExtractOptions, extract_store
 from open_clip.transform import PreprocessCfg, image_transform_v2
-
-from analyze.store import open_feature_store
-from extract import clip as xc
-from extract import store as st
-from extract.datasets import load_dataset
-from extract.runner import ExtractOptions, extract_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "iis-tiny-test"
@@ -152,9 +151,9 @@ def test_read_concepts_cleans_with_a_warning(tmp_path, caplog):
     path = tmp_path / "c.txt"
     path.write_text("# header\n a closed loop \n\nA Closed  Loop\nthick   strokes\n   \n# x\nthick strokes\nhook\n",
                     encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="extract.clip"):
+    with caplog.at_level(logging.WARNING, logger="iis.extract.clip"):
         assert xc.read_concepts(path) == ["a closed loop", "thick strokes", "hook"]
-    (record,) = [r for r in caplog.records if r.name == "extract.clip"]
+    (record,) = [r for r in caplog.records if r.name == "iis.extract.clip"]
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert "2 blank line(s)" in message and "lines 3, 6" in message

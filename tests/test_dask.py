@@ -4,7 +4,7 @@ Three small synthetic stores (class means + noise, so heads and IIS are non-triv
 between models) are analysed
 
 1. synchronously, in this process: the reference;
-2. on a ``LocalCluster`` through :func:`analyze.pipeline.analyze_stores`;
+2. on a ``LocalCluster`` through :func:`iis.analyze.pipeline.analyze_stores`;
 3. by the ``iis analyze`` CLI against a ``dask scheduler`` with two ``dask worker`` processes;
 4. the same, with one worker SIGKILLed while it executes a task;
 
@@ -28,16 +28,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import iis.analyze.pipeline
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
-
-import analyze.pipeline
-from analyze import tables
-from analyze.pipeline import ClusterOptions, analyze_stores
-from analyze.store import StoreError
-from extract import store as st
+from iis.analyze import tables
+from iis.analyze.pipeline import ClusterOptions, analyze_stores
+from iis.analyze.store import StoreError
+from iis.extract import store as st
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -174,7 +173,7 @@ def _free_port() -> int:
 
 def _child_env() -> dict[str, str]:
     env = {**os.environ, **THREAD_ENV}
-    # Workers unpickle analyze.tasks.run_task by reference: they must import this checkout.
+    # Workers unpickle iis.analyze.tasks.run_task by reference: they must import this checkout.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
@@ -347,7 +346,7 @@ def test_rerun_replaces_rows(stores, reference, tmp_path, monkeypatch):
     _assert_same_tables(_snapshot(results), first)
     _assert_same_tables(first, reference)
     # With every row present, skip_complete schedules nothing at all.
-    monkeypatch.setattr(analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("tasks ran"))
+    monkeypatch.setattr(iis.analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("tasks ran"))
     analyze_stores(stores, results=results, cluster=SYNC, skip_complete=True, **ANALYSIS)
     _assert_same_tables(_snapshot(results), first)
 
@@ -371,7 +370,7 @@ def _foreign_group(stores: list[Path], folder: Path) -> Path:
                                               (_foreign_group, "foreign store")], ids=["partial", "foreign"])
 def test_bad_store_is_refused_before_any_task(stores, tmp_path, monkeypatch, make, reason):
     bad = make(stores, tmp_path)
-    monkeypatch.setattr(analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("a task was scheduled"))
+    monkeypatch.setattr(iis.analyze.pipeline, "run_tasks", lambda *a, **k: pytest.fail("a task was scheduled"))
     results = tmp_path / "results"
     # The bad store comes last: every store is checked before anything is scheduled.
     with pytest.raises(StoreError, match=reason) as err:

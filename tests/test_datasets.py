@@ -6,9 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+from iis.extract.datasets import ImageDataset, ImageLoadError, load_dataset
 from PIL import Image
-
-from extract.datasets import ImageDataset, ImageLoadError, load_dataset
 
 SPLITS = ("train", "val", "test")
 

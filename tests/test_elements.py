@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from iis.extract.datasets import load_dataset
+from iis.extract.elements import ElementPlan, plan_elements, render_element, slic_segments_of
 from PIL import Image
-
-from extract.datasets import load_dataset
-from extract.elements import ElementPlan, plan_elements, render_element, slic_segments_of
 
 # Four flat quadrants of very different colours: SLIC with 4 segments finds exactly the quadrants.
 _QUADRANT_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
@@ -153,7 +152,7 @@ def test_unreadable_image_is_replaced(tmp_path, caplog):
     picked = plan_elements(ds, images_per_class=2, grid=1, slic=False, seed=0)
     victim = picked[0].source_id
     (tmp_path / victim).write_bytes(b"not a png at all")
-    with caplog.at_level("WARNING", logger="extract.elements"):
+    with caplog.at_level("WARNING", logger="iis.extract.elements"):
         plans = plan_elements(ds, images_per_class=2, grid=1, slic=False, seed=0)
     assert victim in caplog.text
     assert victim not in {p.source_id for p in plans}

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from iis.analyze.store import open_feature_store
 from PIL import Image
 
-from analyze.store import open_feature_store
 from iis.cli import main
 from iis.config import load_pipeline
 from iis.jobs import extract_pipeline

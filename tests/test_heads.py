@@ -1,14 +1,13 @@
-"""The head trainer (analyze.heads): both protocols, on tiny synthetic data, CPU only."""
+"""The head trainer (iis.analyze.heads): both protocols, on tiny synthetic data, CPU only."""
 
 from __future__ import annotations
 
+import iis.analyze.heads as heads
 import numpy as np
 import pytest
 import torch
-
-import analyze.heads as heads
-from analyze.activations import keep_count
-from analyze.heads import fit_heads
+from iis.analyze.activations import keep_count
+from iis.analyze.heads import fit_heads
 
 
 def _blobs(seed: int, n: int, *, dim: int = 16, classes: int = 4, spread: float = 0.3):

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
-
-from analyze.libraries import (
+from iis.analyze.libraries import (
     ElementSet,
     LibraryInputs,
     build_library,
@@ -20,8 +18,9 @@ from analyze.libraries import (
     get_library,
     list_libraries,
 )
-from analyze.libraries.end2end import End2EndConfig, fit_end2end
-from analyze.libraries.prototype import stratified_quotas
+from iis.analyze.libraries.end2end import End2EndConfig, fit_end2end
+from iis.analyze.libraries.prototype import stratified_quotas
+from scipy.optimize import linear_sum_assignment
 
 CONTRACT_K = 12
 CONTRACT_RATIO = 0.5

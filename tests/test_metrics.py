@@ -1,4 +1,4 @@
-"""IIS, accuracy retention, bootstrap intervals and correlation (analyze.metrics)."""
+"""IIS, accuracy retention, bootstrap intervals and correlation (iis.analyze.metrics)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from analyze.metrics import (
+from iis.analyze.metrics import (
     accuracy_ci,
     accuracy_retention,
     correlation,

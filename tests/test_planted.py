@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from analyze.heads import fit_heads
-from analyze.libraries.base import ConceptLibrary
-from analyze.metrics import accuracy_retention, interpretability_score, normalized_score
+from iis.analyze.heads import fit_heads
+from iis.analyze.libraries.base import ConceptLibrary
+from iis.analyze.metrics import accuracy_retention, interpretability_score, normalized_score
 
 RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 NUM_CLASSES, PER_CLASS, DIM = 5, 4, 64

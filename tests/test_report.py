@@ -11,12 +11,11 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+from iis.analyze.tables import SCHEMAS, write_atomic
+from iis.apps.report import write_report
+from iis.apps.report_plots import mean_arr_curves, model_points
+from iis.extract.datasets import load_dataset
 from PIL import Image
-
-from analyze.tables import SCHEMAS, write_atomic
-from apps.report import write_report
-from apps.report_plots import mean_arr_curves, model_points
-from extract.datasets import load_dataset
 
 MODELS = ["r10", "vit_tiny_patch16", "convnext_atto"]
 LIBRARIES = ["prototype", "cluster"]

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from iis.analyze.artifacts import load_library
+from iis.analyze.store import open_feature_store
+from iis.apps.explain import explain_features, explain_split
 
-from analyze.artifacts import load_library
-from analyze.store import open_feature_store
-from apps.explain import explain_features, explain_split
 from iis.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

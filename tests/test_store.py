@@ -8,11 +8,10 @@ import h5py
 import numpy as np
 import pytest
 import zarr
-
-from analyze.store import StoreError as ReadError
-from analyze.store import open_feature_store
-from extract import store as st
-from extract.h5io import export_h5, import_h5
+from iis.analyze.store import StoreError as ReadError
+from iis.analyze.store import open_feature_store
+from iis.extract import store as st
+from iis.extract.h5io import export_h5, import_h5
 
 SIZES = {"train": 23, "val": 7, "test": 11}
 DIM = 5

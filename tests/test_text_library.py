@@ -19,14 +19,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-from analyze import libraries
-from analyze.artifacts import load_library, save_library
-from analyze.heads import HeadFit
-from analyze.libraries import ConceptLibrary, ElementSet, LibraryInputs, build_library, get_library
-from analyze.libraries import text as text_lib
-from analyze.libraries.base import TextInputs
-from analyze.libraries.text import TextConfig, cubed_cosine_similarity, fit_text_library
+from iis.analyze import libraries
+from iis.analyze.artifacts import load_library, save_library
+from iis.analyze.heads import HeadFit
+from iis.analyze.libraries import ConceptLibrary, ElementSet, LibraryInputs, build_library, get_library
+from iis.analyze.libraries import text as text_lib
+from iis.analyze.libraries.base import TextInputs
+from iis.analyze.libraries.text import TextConfig, cubed_cosine_similarity, fit_text_library
 
 DIM = 16
 WORDS = ["good0", "good1", "good2", "good3", "noise", "trainonly", "orth", "spike"]
@@ -314,7 +313,7 @@ def test_an_emptied_library_names_its_filter(planted, caplog: pytest.LogCaptureF
     inputs, _, _ = planted
     with pytest.raises(ValueError, match=r"top5_similarity filter: the largest value is 0\.[23]\d*, not above the cutoff 0\.9"):
         fit_text_library(inputs, num_concepts=8, seed=0, config=TextConfig(top5_cutoff=0.9))
-    with caplog.at_level(logging.INFO, logger="analyze.libraries.text"):
+    with caplog.at_level(logging.INFO, logger="iis.analyze.libraries.text"):
         with pytest.raises(ValueError, match=r"val_similarity filter: the largest value is 0\.9\d*, not above the cutoff 0\.9999"):
             fit_text_library(inputs, num_concepts=8, seed=0, config=TextConfig(val_cutoff=0.9999))
     # Every drop was logged with its reason before the error.

@@ -12,19 +12,18 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from safetensors.torch import load_file
-from torchvision import transforms
-
-from extract.backbones import create_backbone, state_dict_sha256
-from extract.datasets import ImageDataset, Split, load_dataset
-from extract.train import (
+from iis.extract.backbones import create_backbone, state_dict_sha256
+from iis.extract.datasets import ImageDataset, Split, load_dataset
+from iis.extract.train import (
     TrainOptions,
     checkpoint_path,
     load_checkpoint_into,
     train_backbone,
     train_transform,
 )
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision import transforms
 
 NAME = "resnet10t"
 SIZE = 32
@@ -231,7 +230,7 @@ def test_unreadable_images_are_skipped_not_replaced(digits, tmp_path, caplog):
         labels_seen.extend(y.tolist())
         return z.sum() * 0.0
 
-    with caplog.at_level(logging.WARNING, logger="extract.train"):
+    with caplog.at_level(logging.WARNING, logger="iis.extract.train"):
         _train(data, tmp_path / "out", backbone="test_resnet", extra_loss=count,
                options=TrainOptions(epochs=1, checkpoints=(1,), batch_size=64))
     good = np.delete(data.splits["train"].labels, 3)

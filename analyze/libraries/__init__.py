@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from analyze.libraries.base import ConceptLibrary, ElementSet, LibraryInputs
+from iis.analyze.libraries.base import ConceptLibrary, ElementSet, LibraryInputs
 
 Builder = Callable[..., ConceptLibrary]
 
@@ -103,4 +103,4 @@ __all__ = [
 ]
 
 # Registrations: importing a module runs its @register_library.
-from analyze.libraries import cluster, end2end, prototype, text  # noqa: E402,F401
+from iis.analyze.libraries import cluster, end2end, prototype, text  # noqa: E402,F401

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from analyze.activations import concept_activations
+from iis.analyze.activations import concept_activations
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ import logging
 
 import numpy as np
 import torch
+from iis.analyze.activations import normalize_concepts
+from iis.analyze.libraries import register_library
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
 from sklearn.cluster import KMeans
-
-from analyze.activations import normalize_concepts
-from analyze.libraries import register_library
-from analyze.libraries.base import ConceptLibrary, LibraryInputs
 
 logger = logging.getLogger(__name__)
 

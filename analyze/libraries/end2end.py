@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from iis.analyze.activations import concept_activations, keep_count, magnitude_ranks, normalize_concepts
+from iis.analyze.libraries import register_library
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
 from sklearn.cluster import kmeans_plusplus
-
-from analyze.activations import concept_activations, keep_count, magnitude_ranks, normalize_concepts
-from analyze.libraries import register_library
-from analyze.libraries.base import ConceptLibrary, LibraryInputs
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,9 @@ import logging
 
 import numpy as np
 import torch
-
-from analyze.activations import normalize_concepts
-from analyze.libraries import register_library
-from analyze.libraries.base import ConceptLibrary, LibraryInputs
+from iis.analyze.activations import normalize_concepts
+from iis.analyze.libraries import register_library
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 METHOD.md, "Concept libraries", "Text". Concept words are embedded by a CLIP text encoder and the
 train/val images by the same CLIP's image encoder (done upstream: this module reads
-:class:`~analyze.libraries.base.TextInputs`). Then:
+:class:`~iis.analyze.libraries.base.TextInputs`). Then:
 
 1. Concepts whose mean top-5 image-text similarity over train is ``<= top5_cutoff`` (0.25) are
    dropped: CLIP does not see them in any image.
@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from analyze.libraries import register_library
-from analyze.libraries.base import ConceptLibrary, LibraryInputs, TextInputs
+from iis.analyze.libraries import register_library
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, TextInputs
 
 logger = logging.getLogger(__name__)
 
