@@ -18,7 +18,8 @@ import torch
 from iis.analyze.activations import keep_count, sparsify
 from iis.analyze.heads import HeadFit
 from iis.analyze.libraries import ConceptLibrary
-from iis.analyze.tables import atomic_file
+
+from iis.store_format import atomic_file
 
 
 @dataclass(frozen=True)

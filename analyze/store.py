@@ -18,20 +18,15 @@ import torch
 import zarr
 from iis.analyze.libraries.base import ElementSet
 
+from iis.store_format import FORMAT, SPLITS, SUPPORTED_SCHEMAS, StoreError  # noqa: F401  (StoreError re-exported)
+
 log = logging.getLogger(__name__)
 
-FORMAT = "iis-feature-store"
-SUPPORTED_SCHEMAS = (1,)
-SPLITS = ("train", "val", "test")
 
 
 def as_str(values: np.ndarray) -> np.ndarray:
     """Zarr returns variable-length strings as numpy StringDType; callers get plain ``<U``."""
     return np.asarray(values).astype(object).astype(str)
-
-
-class StoreError(Exception):
-    """A store stage 2 cannot use; the message names the store and the reason."""
 
 
 @dataclass(frozen=True)

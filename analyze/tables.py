@@ -7,15 +7,13 @@ folder, then replaces the table in one rename.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from iis.store_format import atomic_file
 
 MODEL_KEYS = ["pipeline", "dataset", "model", "backbone", "weights"]
 
@@ -85,27 +83,6 @@ KEYS: dict[str, list[str]] = {
 def table_path(results: Path, name: str) -> Path:
     """``<results>/<name>.parquet``."""
     return Path(results) / f"{name}.parquet"
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
-
-    Readers never see a half-written file, and a failure leaves the old file untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a table should read like any file
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_atomic(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:

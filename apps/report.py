@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from iis.analyze.tables import atomic_file, read_table, table_path
+from iis.analyze.tables import read_table, table_path
 from iis.apps import report_plots as plots
+
+from iis.store_format import atomic_file
 
 if TYPE_CHECKING:
     from iis.extract.datasets import ImageDataset

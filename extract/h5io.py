@@ -22,6 +22,8 @@ import numpy as np
 from iis.extract import store as st
 from iis.extract.backbones import file_sha256
 
+from iis.store_format import atomic_file
+
 log = logging.getLogger(__name__)
 
 _PROVENANCE = ("source_id", "source_index", "label", "box", "kind", "segment")
@@ -32,8 +34,7 @@ def export_h5(store_path: Path, h5_path: Path) -> None:
     group = st.open_store(store_path)
     st.check_complete(group, store_path)
     attrs = st.creation_attrs(group)
-    tmp = Path(h5_path).with_suffix(Path(h5_path).suffix + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_file(h5_path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["model"] = attrs.get("model", "")
         f.attrs["dataset"] = attrs.get("dataset", "")
         if attrs.get("classes") is not None:
@@ -54,7 +55,6 @@ def export_h5(store_path: Path, h5_path: Path) -> None:
                     dst.create_dataset(name, data=values.astype(object), dtype=h5py.string_dtype())
                 else:
                     dst.create_dataset(name, data=values)
-    tmp.replace(h5_path)
     log.info("exported %s -> %s", store_path, h5_path)
 
 

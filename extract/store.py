@@ -34,20 +34,18 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from iis.store_format import (  # noqa: F401  (re-exported: stage 1's callers use st.SPLITS, st.StoreError, …)
+    ELEMENTS,
+    FEATURE_DTYPES,
+    FORMAT,
+    PARTS,
+    SCHEMA_VERSION,
+    SPLITS,
+    SUMMARY_KEY,
+    StoreError,
+)
+
 log = logging.getLogger(__name__)
-
-FORMAT = "iis-feature-store"
-SCHEMA_VERSION = 1
-SPLITS = ("train", "val", "test")
-ELEMENTS = "elements"
-PARTS = (*SPLITS, ELEMENTS)
-FEATURE_DTYPES = ("float16", "float32")
-# Attributes that finalize_store adds after creation; everything else is fixed at creation.
-SUMMARY_KEY = "summary"
-
-
-class StoreError(Exception):
-    """A store that cannot be used: missing, foreign, of another schema, or incomplete."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +36,8 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
+
+from iis.store_format import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +229,12 @@ def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float
     return factor
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     # Clones break storage sharing (safetensors refuses shared tensors) and drop channels-last.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt"}  # one key only: safetensors writes its metadata map in no fixed order
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def _pre_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -356,7 +349,8 @@ def _reuse(out_dir: Path, settings: dict, epochs: Sequence[int]) -> TrainResult 
 
 
 def _write_record(out_dir: Path, record: dict) -> None:
-    _atomic_write(out_dir / _RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    with atomic_file(out_dir / _RECORD) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -217,13 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # Imported here, not at the top, to keep `iis --help` fast.
-    from iis.analyze.store import StoreError as ReadError
     from iis.extract.backbones import WeightsError
-    from iis.extract.store import StoreError
+    from iis.store_format import StoreError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StoreError, ReadError, WeightsError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, StoreError, WeightsError, FileExistsError, FileNotFoundError, ValueError) as err:
         # Expected failures get one clear line, not a traceback (-v shows it).
         log.error("%s", err, exc_info=args.verbose)
         return 2
