@@ -3,7 +3,7 @@
 One ``.npz`` per build (``<results>/libraries/<model>/<library>-K<K>-seed<s>-<protocol>[-s<ratio>].npz``):
 ``vectors (K, D)``, ``members`` (flat) with ``member_counts (K,)``, ``words``,
 ``head_weight (R, K, C)``, ``head_bias (R, C)``, ``head_ratios (R,)``, optionally
-``head_input_scale``, ``activation_mean (K,)`` and ``activation_std (K,)`` (projection libraries),
+``head_input_scale (R, 2, K)`` (each head's learnt per-concept ``(γ, β)``), ``activation_mean (K,)`` and ``activation_std (K,)`` (projection libraries),
 and a JSON ``meta`` (with the library's ``kind`` and its ``dropped`` concepts). The path is listed in ``concepts.parquet``.
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from iis.analyze.activations import keep_count, sparsify
 from iis.analyze.heads import HeadFit
 from iis.analyze.libraries import ConceptLibrary
 
@@ -24,19 +23,21 @@ from iis.store_format import atomic_file
 
 @dataclass(frozen=True)
 class SavedHeads:
-    """The interpretable heads of one library build (default protocol: they act on ``g_s(a)``).
+    """The interpretable heads of one library build (default protocol: they act on ``g_s(ã)``).
 
     Attributes:
         weight: ``(R, K, C)`` float32.
         bias: ``(R, C)`` float32.
         ratios: ``(R,)`` the sparsity ratio of each head.
         protocol: ``default`` or ``reference``.
+        input_scale: ``(R, 2, K)`` each head's per-concept ``(γ, β)``, or None (fixed standardisation).
     """
 
     weight: torch.Tensor
     bias: torch.Tensor
     ratios: np.ndarray
     protocol: str
+    input_scale: torch.Tensor | None = None
 
     def index(self, ratio: float) -> int:
         """The head fitted at ``ratio``; an absent ratio lists the available ones."""
@@ -45,12 +46,18 @@ class SavedHeads:
             raise ValueError(f"no head at sparsity {ratio}; fitted: {', '.join(f'{r:g}' for r in self.ratios)}")
         return int(hits[0])
 
+    def _model(self) -> HeadFit:
+        return HeadFit(ratios=[float(r) for r in self.ratios], weight=self.weight, bias=self.bias,
+                      input_scale=self.input_scale, val_top1=None, test_top1=None, test_top5=None,
+                      test_correct=None, test_pred=None, active_concepts=None, best_epoch=None,
+                      fit_seconds=0.0, protocol=self.protocol)
+
     def kept_inputs(self, activations: torch.Tensor, ratio: float) -> torch.Tensor:
-        """``g_s(a)``: ``(N, K)`` activations -> ``(N, K)`` with ``k(s)`` entries kept per row."""
+        """``g_s(ã)``: ``(N, K)`` activations -> ``(N, K)``, the learnt scale and shift applied and
+        ``k(s)`` entries kept per row: what the head's linear layer sees."""
         if self.protocol != "default":
-            raise ValueError("explanations need heads of the default protocol (they act on g_s(a) directly)")
-        keep_count(ratio, activations.shape[1])  # validates the ratio
-        return sparsify(activations, ratio)
+            raise ValueError("explanations need heads of the default protocol (the reference re-normalises inside)")
+        return self._model().head_inputs(activations, self.index(ratio))
 
     def logits(self, activations: torch.Tensor, ratio: float) -> torch.Tensor:
         """``(N, K)`` activations -> ``(N, C)`` logits of the head at ``ratio``."""
@@ -111,5 +118,7 @@ def load_library(path: Path) -> tuple[ConceptLibrary, SavedHeads]:
                              std=data["activation_std"] if "activation_std" in data else None,
                              dropped=meta.get("dropped", []))
         heads = SavedHeads(weight=torch.from_numpy(data["head_weight"]), bias=torch.from_numpy(data["head_bias"]),
-                           ratios=data["head_ratios"], protocol=meta.get("protocol", "default"))
+                           ratios=data["head_ratios"], protocol=meta.get("protocol", "default"),
+                           input_scale=torch.from_numpy(data["head_input_scale"]) if "head_input_scale" in data
+                           else None)
     return lib, heads

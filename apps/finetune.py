@@ -45,12 +45,15 @@ class InterpretabilityLoss:
         # g starts small and seeded; nn.Linear's own init would draw from the global RNG.
         self.weight = torch.nn.Parameter(torch.randn(num_classes, k, generator=generator) * 0.01)
         self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+        # METHOD.md's per-concept scale and shift before g_s, learnt with g.
+        self.scale = torch.nn.Parameter(torch.ones(k))
+        self.shift = torch.nn.Parameter(torch.zeros(k))
         self.model: torch.nn.Module | None = None
         self.concepts: torch.Tensor | None = None
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [self.weight, self.bias]
+        return [self.weight, self.bias, self.scale, self.shift]
 
     def attach(self, model: torch.nn.Module) -> None:
         """Called by the trainer before the first step: the backbone to re-embed with."""
@@ -71,7 +74,7 @@ class InterpretabilityLoss:
         """``z (B, D)``, ``y (B,)`` -> scalar loss; gradients reach the backbone through ``z``."""
         if self.concepts is None or step % self.refresh_every == 0:
             self.refresh()
-        a = concept_activations(z.float(), self.concepts)
+        a = torch.addcmul(self.shift, self.scale, concept_activations(z.float(), self.concepts))
         logits = F.linear(sparsify(a, self.ratio), self.weight, self.bias)
         return self.lam * F.cross_entropy(logits, y)
 

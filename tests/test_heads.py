@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import iis.analyze.heads as heads
+import iis.analyze.heads_default as default
+import iis.analyze.heads_model as model
+import iis.analyze.heads_reference as reference
 import numpy as np
 import pytest
 import torch
@@ -49,11 +51,13 @@ def test_standard_head_separates_separable_classes():
     assert fit.input_scale is None
 
 
-def test_accuracy_drops_once_only_noise_entries_are_kept():
+def test_fixed_standardisation_keeps_only_noise_once_k_is_small():
+    """With γ = 1, β = 0 (the option), g_s keeps the largest raw magnitudes: noise only here."""
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 600), ("val", 2, 200), ("test", 3, 400))}
     ratios = [0.0, 0.5, 0.8, 0.95]
     assert [keep_count(r, 20) for r in ratios] == [20, 10, 4, 1]
-    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0)
+    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0, learn_scale=False)
+    assert fit.input_scale is None
     assert fit.weight.shape == (4, 20, 4)
     assert fit.test_top1[0] > 0.95  # everything kept: the signal columns are there
     assert fit.test_top1[1] < 0.4 and fit.test_top1[2] < 0.4 and fit.test_top1[3] < 0.4  # chance is 0.25
@@ -92,7 +96,7 @@ def test_sparsest_heads_train_longer_and_order_does_not_matter(monkeypatch):
         alone = fit_heads(**splits, num_classes=4, ratios=[ratio], seed=3, max_epochs=3)
         torch.testing.assert_close(together.weight[r], alone.weight[0], atol=1e-5, rtol=1e-4)
         assert together.best_epoch[r] == alone.best_epoch[0]
-    monkeypatch.setattr(heads, "_SPARSE_EPOCH_FACTOR", 1)
+    monkeypatch.setattr(default, "SPARSE_EPOCH_FACTOR", 1)
     short = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=3)
     torch.testing.assert_close(short.weight[1], together.weight[1])  # the dense head is untouched
     assert not torch.allclose(short.weight[0], together.weight[0])  # the sparse ones trained longer
@@ -117,21 +121,21 @@ def test_default_protocol_regularises_to_the_end_and_looks_at_val_once(monkeypat
     """No early stopping: the L2 penalty keeps 40 noisy labels from being memorised, every head
     keeps its final state, and val is evaluated once, to choose the learning rate."""
     seen: list[torch.Tensor] = []
-    original = heads._chunked_top1
+    original = default._val_top1
 
-    def spy(*args):
-        out = original(*args)
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(heads, "_chunked_top1", spy)
+    monkeypatch.setattr(default, "_val_top1", spy)
     epochs = 60
     fit = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
-    assert len(seen) == 1 and seen[0].shape == (1, len(heads._STANDARD_LRS))
+    assert len(seen) == 1 and seen[0].shape == (1, len(default.STANDARD_LRS))
     assert fit.best_epoch.tolist() == [epochs - 1]
     assert fit.val_top1[0] == pytest.approx(float(seen[0].max()), abs=1.5 / 400)  # the val-chosen rate
     assert fit.test_top1[0] > 0.88
-    monkeypatch.setattr(heads, "_INVERSE_L2", 1e9)  # (almost) no penalty: the noise is learnt
+    monkeypatch.setattr(default, "INVERSE_L2", 1e9)  # (almost) no penalty: the noise is learnt
     unregularised = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
     assert unregularised.test_top1[0] < fit.test_top1[0] - 0.05
 
@@ -149,7 +153,8 @@ def test_logits_reproduce_the_reported_predictions(protocol, ratios):
         assert fit.test_top1[r] == pytest.approx((logits.argmax(1) == y_test).double().mean().item())
         # Top-5 of 4 classes is top-4: always right.
         assert fit.test_top5[r] == 1.0
-    assert (fit.input_scale is None) == (protocol == "default")
+    # The reference's LayerNorm applies to every head; the default's (γ, β) to the concept heads.
+    assert (fit.input_scale is None) == (protocol == "default" and ratios is None)
 
 
 def test_reference_protocol_selects_on_test(monkeypatch):
@@ -157,7 +162,7 @@ def test_reference_protocol_selects_on_test(monkeypatch):
     splits = _overfitting_splits()
     x_test, y_test = splits["test"]
     seen: list[float] = []
-    original = heads._reference_logits
+    original = reference.reference_logits
 
     def spy(x, *args):
         out = original(x, *args)
@@ -165,7 +170,7 @@ def test_reference_protocol_selects_on_test(monkeypatch):
             seen.append((out.argmax(1) == y_test).double().mean().item())
         return out
 
-    monkeypatch.setattr(heads, "_reference_logits", spy)
+    monkeypatch.setattr(reference, "reference_logits", spy)
     epochs = 12
     fit = fit_heads(**splits, num_classes=2, ratios=None, seed=0, protocol="reference", max_epochs=epochs,
                     batch_size=8)
@@ -174,7 +179,7 @@ def test_reference_protocol_selects_on_test(monkeypatch):
     assert fit.best_epoch[0] == int(np.argmax(per_epoch))
     # The case is one where test selection matters: the last epoch is worse than the best.
     assert per_epoch[-1] < max(per_epoch)
-    assert heads._fit_reference.__doc__ and "TEST" in heads._fit_reference.__doc__
+    assert reference.fit_reference.__doc__ and "TEST" in reference.fit_reference.__doc__
     assert fit.input_scale.shape == (1, 2, 31)
 
 

@@ -1,0 +1,255 @@
+"""The default protocol: every head of a ratio grid trained together, every choice made on val.
+
+One ``(R, K, L*C)`` weight tensor holds the heads of ``R`` ratios times ``L`` learning rates (as
+DINOv2's ``setup_linear_classifiers`` trains a grid of linear heads in one pass), plus each ratio's
+per-concept ``(γ, β)``. Adam with an L2 penalty on the weights and a cosine decay to zero; every
+head keeps its final state, and val is looked at once, at the end, to choose the learning rate.
+Test is never looked at here.
+
+The constants below are measured, not guessed: benchmarks/README.md ("Head trainer") holds the
+measurements behind each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from iis.analyze.activations import keep_counts
+from iis.analyze.heads_batching import EVAL_CHUNK, column_moments, epoch_batches, materialize
+from iis.analyze.heads_model import HeadFit, empty_fit, evaluate, top_mask
+
+# Four epochs of Adam with a cosine decay bring every head but the sparsest near its val plateau.
+EPOCHS = 4
+BATCH = 256
+# Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
+# inputs like signal on a few hundred images).
+MIN_BATCHES_PER_EPOCH = 8
+# Small train sets get more epochs, up to this many optimiser steps in all.
+MIN_STEPS = 300
+# Large train sets get fewer: at most this many steps per head (binds above 256k train rows).
+MAX_STEPS = 4000
+# Learning-rate grids, chosen on val per ratio. Concept activations are standardised per image, so
+# one rate serves every library; raw features vary more between backbones.
+CONCEPT_LRS = (1e-2,)
+STANDARD_LRS = (1e-3, 3e-3, 1e-2)
+# L2 penalty on the weights (not the bias, not γ/β) as scikit-learn's inverse strength C: the loss
+# is mean cross-entropy + ||W||^2 / (2 C N_train).
+INVERSE_L2 = 0.03
+# Heads that keep at most this fraction of the concepts train this many times the steps, on their
+# own cosine schedule: each concept's weights learn only from the images that keep it.
+SPARSE_KEEP_FRACTION = 0.1
+SPARSE_EPOCH_FACTOR = 2
+# Raw features whose overall scale is below this are left unscaled.
+STD_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long and in what batches the default protocol trains (resolved from the train size)."""
+
+    epochs: int
+    batch_size: int
+
+    @classmethod
+    def resolve(cls, num_train: int, *, epochs: int | None, batch_size: int | None) -> Schedule:
+        batch = batch_size or min(BATCH, max(1, num_train // MIN_BATCHES_PER_EPOCH))
+        if epochs is None:
+            epochs = max(EPOCHS, math.ceil(MIN_STEPS / math.ceil(num_train / batch)))
+        return cls(epochs=epochs, batch_size=batch)
+
+
+class Adam:
+    """Adam (Kingma & Ba) over stacked heads, with a learning rate that broadcasts over each parameter.
+
+    ``torch.optim.Adam`` takes one rate per parameter group; here every head of the grid lives in
+    one tensor, its first axis, and a subset of heads can be updated while the others rest.
+    """
+
+    def __init__(self, params: list[torch.Tensor], rates: list[torch.Tensor], l2: list[float],
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.rates, self.l2, self.betas, self.eps = params, rates, l2, betas, eps
+        self.first = [torch.zeros_like(p) for p in params]
+        self.second = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor], scale: torch.Tensor, heads: slice | torch.Tensor) -> None:
+        """One update of the heads ``heads`` (first axis) of every parameter.
+
+        ``grads`` are shaped like ``param[heads]``; ``scale`` (broadcasting over ``param[heads]``)
+        multiplies the rates: the schedule. A slice updates views in place; an index tensor
+        gathers, updates and scatters back.
+        """
+        self.steps += 1
+        beta1, beta2 = self.betas
+        correction1, correction2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        view = isinstance(heads, slice)
+        for param, g, first, second, rate, l2 in zip(self.params, grads, self.first, self.second, self.rates, self.l2):
+            p, m, v = param[heads], first[heads], second[heads]
+            if l2:
+                g = g.add(p, alpha=l2)  # the penalty's gradient, inside Adam (L2, not decoupled decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v / correction2).sqrt_().add_(self.eps)
+            p.addcdiv_(m * (rate * (-scale / correction1)), denom)
+            if not view:
+                param[heads], first[heads], second[heads] = p, m, v
+
+
+def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g_s(ã)`` of a batch for a stack of heads.
+
+    Args:
+        x: ``(B, K)`` float32 standardised activations.
+        scale: ``(H, 2, K)`` each head's ``(γ, β)``, or None (``ã = x`` for every head).
+        keep: ``(H,)`` int64 keep counts.
+
+    Returns:
+        ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` bool (the kept entries).
+    """
+    tilde = x.unsqueeze(0) if scale is None else torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
+    mask = top_mask(tilde, keep)
+    return tilde * mask, mask
+
+
+def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the heads' summed mean softmax cross-entropies.
+
+    The closed form of multinomial logistic regression, ``X^T (softmax - onehot) / B``, skips
+    autograd's bookkeeping. Summing the heads' losses keeps each head's gradient its own.
+
+    Args:
+        inputs: ``(H, B, K)`` float32, each head's ``g_s(ã)`` of the batch.
+        labels: ``(B,)`` int64.
+        weight: ``(H, K, L*C)``; bias: ``(H, 1, L*C)``.
+
+    Returns:
+        ``d weight`` ``(H, K, L*C)``, ``d bias`` ``(H, 1, L*C)`` and ``d inputs`` ``(H, B, K)``
+        (summed over the ``L`` rates; only used with ``L = 1``).
+    """
+    heads, batch = weight.shape[0], labels.shape[0]
+    residual = torch.baddbmm(bias, inputs, weight).view(heads, batch, -1, num_classes).softmax(dim=-1)
+    residual[:, torch.arange(batch), :, labels] -= 1.0
+    residual = residual.view(heads, batch, -1).div_(batch)
+    d_inputs = torch.bmm(residual, weight.transpose(1, 2))
+    return torch.bmm(inputs.transpose(1, 2), residual), residual.sum(dim=1, keepdim=True), d_inputs
+
+
+def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
+                ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True) -> HeadFit:
+    """Fit the standard head (``ratios`` None) or every ratio's interpretable head in one pass.
+
+    Args:
+        splits: ``train``/``val``/``test`` as ``(X, y)``; train may be :class:`ChunkedRows` for
+            the standard head (raw features beyond the memory budget).
+        ratios: the grid, or None for the standard head.
+        learn_scale: fit each head's per-concept ``(γ, β)`` (METHOD.md's model); False keeps the
+            fixed standardisation ``γ = 1, β = 0``.
+    """
+    (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
+    num_train, num_inputs = x_train.shape
+    standard = ratios is None
+    if not standard:
+        x_train = materialize(x_train).float()  # concept activations are N x K: held
+    keep = torch.tensor([num_inputs]) if standard else keep_counts(ratios, num_inputs)
+    num_heads = len(keep)
+    rates = torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS)
+    num_rates = len(rates)
+    with_scale = learn_scale and not standard
+
+    # Raw features are centred and divided by their overall scale (RMS of the column stds), so one
+    # rate grid fits any backbone; one scale for all columns, because dividing a nearly constant
+    # column by its own tiny std blows it up. Folded into weight and bias at the end. Train is
+    # standardised batch by batch (a standardised copy of N x D was an analysis' largest allocation).
+    prep = torch.Tensor.float
+    if standard:
+        mean, scale = column_moments(x_train)
+        inv_scale = 1.0 / scale if scale > STD_FLOOR else 1.0
+
+        def prep(xb: torch.Tensor) -> torch.Tensor:
+            return (xb.float() - mean) * inv_scale
+
+        x_val = prep(x_val)
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.zeros(num_heads, num_inputs, num_rates * num_classes)
+    bias = torch.zeros(num_heads, 1, num_rates * num_classes)
+    per_column = rates.repeat_interleave(num_classes)
+    params, lrs, l2 = [weight, bias], [per_column, per_column], [1.0 / (INVERSE_L2 * num_train), 0.0]
+    affine = None
+    if with_scale:
+        if num_rates != 1:
+            raise ValueError("a learnt (γ, β) shares its head's one learning rate")
+        affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
+        params, lrs, l2 = [*params, affine], [*lrs, rates[0]], [*l2, 0.0]
+    optimizer = Adam(params, lrs, l2)
+
+    # Each head's schedule, in optimiser steps: the epochs, capped at MAX_STEPS on a large train
+    # set; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
+    steps_per_epoch = math.ceil(num_train / schedule.batch_size)
+    head_steps = torch.full((num_heads,), min(schedule.epochs * steps_per_epoch, MAX_STEPS), dtype=torch.int64)
+    if not standard:
+        head_steps[keep <= SPARSE_KEEP_FRACTION * num_inputs] *= SPARSE_EPOCH_FACTOR
+    cosine_length = head_steps.double().view(-1, 1, 1)
+    active = torch.arange(num_heads)
+    step = 0
+    while len(active):
+        for xb, yb in epoch_batches(x_train, y_train, batch_size=schedule.batch_size, generator=generator):
+            heads = _as_slice(active)
+            xb = prep(xb)
+            if standard:
+                inputs, mask = xb.unsqueeze(0), None
+            else:
+                inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], keep[active])
+            d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
+            grads = [d_weight, d_bias]
+            if affine is not None:
+                d_tilde = d_inputs.mul_(mask)
+                grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
+            progress = (step / cosine_length[heads]).clamp(max=1.0)
+            optimizer.step(grads, (0.5 * (1.0 + torch.cos(math.pi * progress))).float(), heads)
+            step += 1
+            active = active[head_steps[active] > step]  # heads whose schedule ended leave
+            if len(active) == 0:
+                break
+
+    # Val is evaluated once, on the final states, to choose each ratio's learning rate (ties: the
+    # first in the grid). With the L2 penalty and the cosine decay to zero the final state is near
+    # the regularised optimum; picking the best of many val checks on a small val set picks its noise.
+    chosen = _val_top1(weight, bias, affine, keep, prep_val=x_val, y_val=y_val, num_classes=num_classes,
+                       standard=standard).argmax(dim=1)
+    rows = torch.arange(num_heads)
+    final_weight = weight.view(num_heads, num_inputs, num_rates, num_classes)[rows, :, chosen]
+    final_bias = bias.view(num_heads, num_rates, num_classes)[rows, chosen]
+    if standard:
+        final_weight = final_weight * inv_scale
+        final_bias = final_bias - mean @ final_weight[0]
+    fit = empty_fit(ratios, final_weight, final_bias, affine,
+                    ((head_steps - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
+    evaluate(fit, splits["val"], splits["test"])
+    return fit
+
+
+@torch.no_grad()
+def _val_top1(weight: torch.Tensor, bias: torch.Tensor, affine: torch.Tensor | None, keep: torch.Tensor, *,
+              prep_val: torch.Tensor, y_val: torch.Tensor, num_classes: int, standard: bool) -> torch.Tensor:
+    """Val top-1 of every (head, learning rate): ``(R, L)`` float64."""
+    num_heads = weight.shape[0]
+    correct = torch.zeros(num_heads, weight.shape[2] // num_classes, dtype=torch.float64)
+    for start in range(0, prep_val.shape[0], EVAL_CHUNK):
+        xb = prep_val[start : start + EVAL_CHUNK]
+        inputs = xb.unsqueeze(0) if standard else head_grid_inputs(xb, affine, keep)[0]
+        logits = torch.baddbmm(bias, inputs, weight).view(num_heads, xb.shape[0], -1, num_classes)
+        correct += (logits.argmax(dim=-1) == y_val[start : start + EVAL_CHUNK].view(1, -1, 1)).sum(dim=1)
+    return correct / prep_val.shape[0]
+
+
+def _as_slice(heads: torch.Tensor) -> slice | torch.Tensor:
+    """``heads`` (sorted indices) as a slice when they are a contiguous range, so that selecting
+    them gives views: the usual case, as the sparsest heads, which train longest, come last."""
+    first, last = int(heads[0]), int(heads[-1])
+    return slice(first, last + 1) if last - first + 1 == len(heads) else heads
