@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import iis.analyze.heads_default as default
-import iis.analyze.heads_model as model
 import iis.analyze.heads_reference as reference
 import numpy as np
 import pytest
