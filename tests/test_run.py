@@ -71,6 +71,9 @@ def test_explanations_add_up_to_the_logit(smoke):
     test = store.read_split("test")
     logits, details = explain_features(test.x[:20], library_file=library_file, ratio=0.5, top=None)
     lib, heads = load_library(library_file)
+    # The head's learnt per-concept scale and shift are saved and folded into the contributions.
+    assert heads.input_scale is not None and heads.input_scale.shape == (3, 2, 16)
+    assert not torch.allclose(heads.input_scale[:, 0], torch.ones(3, 16))
     for i, d in enumerate(details):
         assert d["pred"] == int(logits[i].argmax())
         # Every kept concept's w·a plus the bias is exactly the predicted class's logit.
