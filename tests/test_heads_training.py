@@ -54,7 +54,7 @@ def test_adam_step_matches_torch_adam_with_l2():
     ours = Adam([param.clone()], [torch.tensor(0.05)], [0.1])
     theirs = param.clone().requires_grad_()
     torch_adam = torch.optim.Adam([theirs], lr=0.05, weight_decay=0.1)
-    for step in range(5):
+    for _ in range(5):
         grad = torch.randn(2, 4, 3, generator=g)
         ours.step([grad], torch.tensor(1.0), slice(0, 2))
         theirs.grad = grad.clone()
@@ -96,6 +96,20 @@ def _objective(x, y, keep, weight, bias, scale, num_train):
     return ce + penalty / (2 * INVERSE_L2 * num_train)
 
 
+def _lbfgs_minimum(x, y, keep, params, learn_scale) -> float:
+    """Full-batch L-BFGS on the penalised objective from ``params`` (updated in place); its value."""
+    lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = _objective(x, y, keep, *params[:2], params[2] if learn_scale else None, len(y))
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    return float(closure().detach())
+
+
 @pytest.mark.parametrize("learn_scale", [True, False], ids=["learnt-scale", "fixed"])
 def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
     """From each head's final state, full-batch L-BFGS on the same penalised objective (the train
@@ -112,16 +126,7 @@ def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
         if scale is not None:
             params.append(scale.requires_grad_())
         start = float(_objective(x, y, keep, *params[:2], scale, len(y)).detach())
-        lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            lbfgs.zero_grad()
-            loss = _objective(x, y, keep, *params[:2], params[2] if scale is not None else None, len(y))
-            loss.backward()
-            return loss
-
-        lbfgs.step(closure)
-        optimum = float(_objective(x, y, keep, *params[:2], params[2] if scale is not None else None, len(y)).detach())
+        optimum = _lbfgs_minimum(x, y, keep, params, learn_scale)
         assert start - optimum < 0.01, (ratio, start, optimum)  # nats of penalised train loss
         with torch.no_grad():
             ours_val = F.cross_entropy(fit.logits(x_val, r), y_val)
