@@ -1,0 +1,74 @@
+"""One stage-2 task (iis.analyze.tasks.run_task) on a small synthetic store, in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from iis.analyze import tasks
+from iis.analyze.store import FeatureStore
+from iis.analyze.tasks import TaskSpec, run_task
+from iis.extract import store as st
+
+DIM, CLASSES = 24, 4
+SIZES = {"train": 1200, "val": 300, "test": 400}
+
+
+def _store(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(CLASSES, DIM)) * 0.8
+    group = st.create_store(path, split_sizes=SIZES, feature_dim=DIM, block_rows=256,
+                            elements=st.ElementProvenance(
+                                source_id=np.array(["train/0"] * 8), source_index=np.zeros(8, dtype=np.int64),
+                                label=np.arange(8) % CLASSES, box=np.tile([0, 0, 4, 4], (8, 1)),
+                                kind=np.array(["grid"] * 8), segment=np.full(8, -1)),
+                            attrs={"model": "m", "dataset": "synthetic", "backbone": "planted", "weights": "random",
+                                   "classes": [f"c{i}" for i in range(CLASSES)]})
+    for split, n in SIZES.items():
+        labels = rng.integers(0, CLASSES, n)
+        columns = {"features": (means[labels] + rng.normal(size=(n, DIM))).astype(np.float16), "labels": labels,
+                   "ids": np.array([f"{split}/{i}" for i in range(n)]), "valid": np.ones(n, dtype=bool)}
+        for b in range(st.num_blocks(n, 256)):
+            span = st.block_slice(b, rows=n, block_rows=256)
+            st.write_block(group, split, b, **{k: v[span] for k, v in columns.items()})
+    features = (means[np.arange(8) % CLASSES] + 0.3 * rng.normal(size=(8, DIM))).astype(np.float16)
+    st.write_block(group, st.ELEMENTS, 0, features=features)
+    assert st.finalize_store(group, path)
+    return path
+
+
+def test_standard_head_holds_train_within_the_budget_and_streams_beyond(tmp_path, monkeypatch):
+    path = _store(tmp_path / "m.zarr")
+    reads: list[str] = []
+    original = FeatureStore.read_split
+
+    def spy(self, split, **kwargs):
+        reads.append(split)
+        return original(self, split, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "read_split", spy)
+    spec = dict(store=str(path), library="standard", seed=0, num_concepts=0, ratios=(0.0,), bootstrap=0)
+    held = run_task(TaskSpec(**spec, memory_budget=4 * SIZES["train"] * DIM))  # exactly fits
+    assert "train" in reads
+    reads.clear()
+    streamed = run_task(TaskSpec(**spec, memory_budget=4 * SIZES["train"] * DIM - 1))  # one byte short
+    assert "train" not in reads
+    held_top1, streamed_top1 = held.accuracy_rows[0]["test_top1"], streamed.accuracy_rows[0]["test_top1"]
+    assert held_top1 > 0.6  # chance is 0.25
+    # Streaming shuffles within chunks, holding shuffles all rows: the same model, another batch order.
+    assert abs(held_top1 - streamed_top1) < 0.03
+    assert held.accuracy_rows[0]["n_train"] == streamed.accuracy_rows[0]["n_train"] == SIZES["train"]
+    # The default budget is a share of this machine's RAM: far above this store.
+    assert tasks.memory_budget(None) > 4 * SIZES["train"] * DIM
+
+
+@pytest.mark.parametrize("learn_scale", [True, False])
+def test_learn_scale_reaches_the_heads(tmp_path, learn_scale):
+    path = _store(tmp_path / "m.zarr")
+    result = run_task(TaskSpec(store=str(path), library="prototype", seed=0, num_concepts=8, ratios=(0.0, 0.5),
+                               bootstrap=0, learn_scale=learn_scale, library_dir=str(tmp_path / "libs")))
+    from iis.analyze.artifacts import load_library
+
+    _, heads = load_library(Path(result.concept_rows[0]["library_file"]))
+    assert (heads.input_scale is not None) == learn_scale
