@@ -36,8 +36,11 @@ MAX_STEPS = 4000
 # one rate serves every library; raw features vary more between backbones.
 CONCEPT_LRS = (1e-2,)
 STANDARD_LRS = (1e-3, 3e-3, 1e-2)
-# L2 penalty as scikit-learn's inverse strength C: the loss is mean cross-entropy
-# + (||W||^2 + ||γ - 1||^2 + ||β||^2) / (2 C N_train); the bias is not penalised.
+# L2 penalty on the weights as scikit-learn's inverse strength C: the loss is mean cross-entropy
+# + ||W||^2 / (2 C N_train). Neither the bias nor (γ, β) is penalised, as in the authors' LayerNorm:
+# penalising γ towards 1 cost 4-13 points at s >= 0.95 on a planted workload (benchmarks/README.md).
+# (With γ free, scaling γ up and W down would shrink the penalty at no cost to the fit; a few epochs
+# of Adam do not walk that far, and the linear part is converged given the learnt selection.)
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.
@@ -185,11 +188,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     if with_scale:
         if num_rates != 1:
             raise ValueError("a learnt (γ, β) shares its head's one learning rate")
-        identity = torch.stack([torch.ones(num_inputs), torch.zeros(num_inputs)]).unsqueeze(0)  # (1, 2, K)
-        affine = identity.repeat(num_heads, 1, 1)
-        # (γ, β) are penalised towards the identity with the weights' strength (added to their
-        # gradient below): otherwise scaling γ up and W down lowers the L2 term at no cost to
-        # the fit, and the penalised objective would have no minimum.
+        affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
         params, lrs, l2 = [*params, affine], [*lrs, rates[0]], [*l2, 0.0]
     optimizer = Adam(params, lrs, l2)
 
@@ -214,8 +213,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             grads = [d_weight, d_bias]
             if affine is not None:
                 d_tilde = d_inputs.mul_(mask)
-                d_affine = torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1)
-                grads.append(d_affine.add_(affine[heads] - identity, alpha=l2[0]))
+                grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
             progress = (step / cosine_length[heads]).clamp(max=1.0)
             optimizer.step(grads, (0.5 * (1.0 + torch.cos(math.pi * progress))).float(), heads)
             step += 1
