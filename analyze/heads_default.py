@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from iis.analyze.activations import keep_counts
+from iis.analyze.activations import keep_counts, keep_mask
 from iis.analyze.heads_batching import EVAL_CHUNK, column_moments, epoch_batches, materialize
-from iis.analyze.heads_model import HeadFit, empty_fit, evaluate, top_mask
+from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 
 # Four epochs of Adam with a cosine decay bring every head but the sparsest near its val plateau.
 EPOCHS = 4
@@ -115,7 +115,7 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Te
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` bool (the kept entries).
     """
     tilde = x.unsqueeze(0) if scale is None else torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
-    mask = top_mask(tilde, keep)
+    mask = keep_mask(tilde, keep)
     return tilde * mask, mask
 
 

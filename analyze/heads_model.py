@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from iis.analyze.activations import keep_counts, magnitude_ranks
+from iis.analyze.activations import keep_counts, keep_mask
 from iis.analyze.heads_batching import EVAL_CHUNK
 
 LAYER_NORM_EPS = 1e-5  # the reference protocol's LayerNorm (torch's default)
@@ -35,36 +35,11 @@ def affine_inputs(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return x if scale is None else torch.addcmul(scale[1], scale[0], x)
 
 
-def top_mask(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Which entries ``g_s`` keeps, for a stack of heads, in training.
-
-    Args:
-        values: ``(H, B, K)`` float, the heads' ``ã`` (or ``(1, B, K)`` shared by every head).
-        keep: ``(H,)`` int64, each head's ``k(s)``.
-
-    Returns:
-        ``(H, B, K)`` bool: ``True`` where ``|ã|`` is at least its row's ``k``-th largest
-        magnitude, i.e. the ``keep[h]`` largest entries. Exactly tied magnitudes (which continuous
-        activations do not produce) could keep one more; :meth:`HeadFit.head_inputs`, which
-        evaluation uses, breaks ties by lower index as METHOD.md requires.
-    """
-    width = values.shape[-1]
-    magnitude = values.abs()
-    # numpy's sort, not torch's: 30x faster on CPU for rows this short (measured in
-    # benchmarks/README.md, "Head trainer"); one sort serves every head's threshold.
-    ascending = np.sort(magnitude.detach().numpy(), axis=-1)
-    rows = max(values.shape[0], keep.shape[0])
-    position = (width - keep.clamp(max=width)).numpy().reshape(-1, 1, 1)
-    position = np.broadcast_to(position, (rows, values.shape[1], 1))
-    threshold = np.take_along_axis(np.broadcast_to(ascending, (rows, *ascending.shape[1:])), position, axis=-1)
-    return magnitude >= torch.from_numpy(threshold)
-
-
 def reference_input(x: torch.Tensor, layer_norm: torch.Tensor, keep: int) -> torch.Tensor:
     """The authors' LayerNorm over the ``K`` inputs, then ``g_s``: ``(N, K) -> (N, K)``.
 
     ``torch.topk`` picks the kept entries (as fast a ``g_s`` as the authors' code could have); on
-    ties its choice is unspecified, unlike :func:`top_mask`, which matters only for exactly tied
+    ties its choice is unspecified, unlike :func:`iis.analyze.activations.keep_mask`, which matters only for exactly tied
     magnitudes.
     """
     h = F.layer_norm(x, (x.shape[1],), layer_norm[0], layer_norm[1], LAYER_NORM_EPS)
@@ -146,7 +121,7 @@ class HeadFit:
         tilde = affine_inputs(x, scale)
         if keep >= x.shape[1]:
             return tilde
-        return tilde * (magnitude_ranks(tilde) < keep)
+        return tilde * keep_mask(tilde, keep)
 
     def logits(self, x: torch.Tensor, r: int = 0) -> torch.Tensor:
         """Logits of head ``r``: ``(N, K)`` activations, not yet sparsified -> ``(N, C)`` float32."""

@@ -217,7 +217,7 @@ class _Steps:
 
 
 def run_child(args: argparse.Namespace) -> None:
-    import iis.analyze.heads
+    import iis.analyze.heads_default
     import iis.analyze.tasks
     from iis.analyze.store import FeatureStore
     from iis.analyze.tasks import TaskSpec, run_task
@@ -227,8 +227,8 @@ def run_child(args: argparse.Namespace) -> None:
     steps = _Steps(args.interval / 2)
     steps.wrap(FeatureStore, "read_split", "read_split")
     steps.wrap(iis.analyze.tasks, "fit_heads", "fit_heads")
-    steps.wrap(iis.analyze.heads, "magnitude_ranks", "  magnitude_ranks")
-    steps.wrap(iis.analyze.heads, "_evaluate", "  evaluate")
+    steps.wrap(iis.analyze.heads_default, "keep_mask", "  keep_mask")
+    steps.wrap(iis.analyze.heads_default, "evaluate", "  evaluate")
     steps.wrap(iis.analyze.tasks, "_ci", "bootstrap CI")
     store, library = args.task
     spec = TaskSpec(store=store, library=library, seed=0, num_concepts=args.num_concepts,

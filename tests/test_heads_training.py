@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from iis.analyze.activations import concept_activations, keep_count
+from iis.analyze.activations import concept_activations, keep_count, keep_mask, magnitude_ranks
 from iis.analyze.heads import fit_heads
 from iis.analyze.heads_default import INVERSE_L2, Adam, cross_entropy_grads, head_grid_inputs
-from iis.analyze.heads_model import top_mask
 from iis.analyze.planted import PlantedSpec, planted_concepts
 
 
@@ -42,10 +41,19 @@ def test_closed_form_gradients_match_autograd():
                        .scatter_(1, tilde[2].detach().abs().topk(2, dim=1).indices, True))
 
 
-def test_top_mask_shared_values_broadcast_over_heads():
+def test_keep_mask_shared_values_broadcast_over_heads():
     values = torch.tensor([[[0.1, -3.0, 2.0, 0.5]]])  # (1, 1, 4)
-    mask = top_mask(values, torch.tensor([4, 2, 1]))
+    mask = keep_mask(values, torch.tensor([4, 2, 1]))
     assert mask.tolist() == [[[True] * 4], [[False, True, True, False]], [[False, True, False, False]]]
+
+
+def test_keep_mask_equals_ranks_and_breaks_ties_by_lower_index():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(-3, 4, (500, 12), generator=g).float()  # many exact ties, zeros included
+    for keep in range(1, 13):
+        mask = keep_mask(values, keep)
+        assert torch.equal(mask, magnitude_ranks(values) < keep), keep
+        assert (mask.sum(1) == keep).all()
 
 
 def test_adam_step_matches_torch_adam_with_l2():

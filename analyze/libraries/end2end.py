@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from iis.analyze.activations import concept_activations, keep_count, magnitude_ranks, normalize_concepts
+from iis.analyze.activations import concept_activations, keep_count, keep_mask, normalize_concepts
 from iis.analyze.libraries import register_library
 from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
 from sklearn.cluster import kmeans_plusplus
@@ -124,7 +124,7 @@ def _head(
 ) -> torch.Tensor:
     """``g(g_s(a(z)))``: ``(B, D) -> (B, C)``. The kept-entry mask carries no gradient, as in ``g_s``."""
     activations = concept_activations(features, concepts)
-    kept = magnitude_ranks(activations.detach()) < keep
+    kept = keep_mask(activations, keep)
     return (activations * kept) @ weight.T + bias
 
 
