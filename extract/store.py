@@ -294,6 +294,9 @@ def open_store(path: Path, *, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: not a feature store (no zarr.json)")
     group = zarr.open_group(str(path), mode=mode, zarr_format=3)
     fmt = group.attrs.get("format")
+    if fmt is None and interrupted_creation(path):
+        raise StoreError(f"{path}: its creation was interrupted before it was complete; rerun `iis extract` "
+                         "(shard 0) to make it anew")
     if fmt != FORMAT:
         raise StoreError(f"{path}: not an iis feature store (format={fmt!r}, expected {FORMAT!r})")
     version = group.attrs.get("schema_version")

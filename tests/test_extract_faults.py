@@ -290,6 +290,8 @@ def test_interrupted_creation_is_recreated_not_refused(tmp_path, backbone, caplo
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.create_group("train").create_array("features", shape=(10, 512), chunks=(4, 512), dtype="float16")
     assert st.interrupted_creation(path)
+    with pytest.raises(st.StoreError, match="creation was interrupted.*rerun `iis extract`"):
+        st.open_store(path)  # what export-h5 or a waiting shard sees: the cause, not "foreign"
     with caplog.at_level(logging.WARNING):
         assert _extract(path, _tiny_dataset(), backbone)
     assert "creation was interrupted" in caplog.text
