@@ -18,6 +18,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from iis.store_format import check_labels
+
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -73,16 +75,44 @@ class ImageDataset:
         return _read_image(self.root / sample_id, sample_id)
 
 
+# Single-channel modes deeper than 8 bits: PIL's convert("L") clips them (an I;16 image becomes
+# constant 255, an F image in [0, 1] constant 0), so they are rescaled by their own range instead.
+_DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
 def _read_image(path: Path, sample_id: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             # Image.open only parses the header; load() forces the full decode so that a truncated
             # or corrupt file fails here rather than later inside a transform.
             img.load()
-            mode = "L" if img.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            if img.mode in _DEEP_MODES:
+                return to_8bit(np.asarray(img), sample_id)
+            mode = "L" if img.mode in ("1", "L", "LA") else "RGB"
             return img.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot read image {sample_id!r} at {path}: {exc}") from exc
+
+
+def to_8bit(pixels: np.ndarray, sample_id: str = "image") -> Image.Image:
+    """A 16-bit, 32-bit or float single-channel image as mode ``"L"``, stretched over its own range.
+
+    The smallest value becomes 0 and the largest 255 (linear, rounded), so a gradient keeps its
+    shape whatever the bit depth; a constant image has no range and becomes constant 0. NaN or
+    inf pixels make the image unreadable (ImageLoadError), never silently clipped.
+    """
+    values = np.asarray(pixels, dtype=np.float64)
+    if values.ndim != 2:
+        raise ImageLoadError(f"{sample_id!r}: expected a single-channel image, got shape {values.shape}")
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ImageLoadError(f"{sample_id!r}: {int((~finite).sum())} of {values.size} pixels are NaN or inf")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if hi > lo:
+        out = np.rint((values - lo) * (255.0 / (hi - lo)))
+    else:
+        out = np.zeros_like(values)
+    return Image.fromarray(out.astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +193,10 @@ def _build(
     if len(ids) == 0:
         raise ValueError(f"dataset {name!r} has no samples")
     positions = _make_splits(labels, given, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    splits = {s: Split(ids=ids[positions[s]], labels=labels[positions[s]].astype(np.int64)) for s in SPLITS}
+    splits = {s: Split(ids=ids[positions[s]], labels=check_labels(labels[positions[s]], len(classes),
+                                                                    where=f"dataset {name!r}, split {s}"))
+              for s in SPLITS}
+    _warn_repeated_ids(name, splits)
     sizes = {s: len(splits[s]) for s in SPLITS}
     logger.info("dataset %s: %d classes, splits %s", name, len(classes), sizes)
     return ImageDataset(
@@ -174,6 +207,26 @@ def _build(
         images=images,
         positions=positions if images is not None else {},
     )
+
+
+def _warn_repeated_ids(name: str, splits: dict[str, Split], shown: int = 5) -> None:
+    """Warn, naming the first ids, when an id appears in two splits or twice in one split.
+
+    An image in both train and test is scored on data the head was fitted on; the measurement
+    still runs, so this is a warning, not an error.
+    """
+    seen = {s: set(splits[s].ids.tolist()) for s in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            common = sorted(seen[a] & seen[b])
+            if common:
+                logger.warning("dataset %s: %d id(s) in both %s and %s, e.g. %s", name, len(common), a, b,
+                               ", ".join(map(repr, common[:shown])))
+        if len(seen[a]) != len(splits[a].ids):
+            unique, counts = np.unique(splits[a].ids, return_counts=True)
+            twice = unique[counts > 1].tolist()
+            logger.warning("dataset %s: %d id(s) listed more than once in %s, e.g. %s", name, len(twice), a,
+                           ", ".join(map(repr, twice[:shown])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,20 +319,17 @@ def _load_filelist(file: Path | None, name: str | None, **split_kw) -> ImageData
         missing = [c for c in ("path", "label") if c not in columns]
         if missing:
             raise ValueError(f"{file} lacks column(s) {missing}; need path,label[,split], found {columns}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        rows, lines = [], []
+        for row in reader:
+            rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k is not None})
+            lines.append(reader.line_num)
     if not rows:
         raise ValueError(f"{file} lists no images")
-    raw = [r["label"] for r in rows]
-    if all(_is_int(v) for v in raw):
-        values = np.array([int(v) for v in raw], dtype=np.int64)
-        if values.min() < 0:
-            raise ValueError(f"{file}: negative integer label {int(values.min())}")
-        classes = [str(c) for c in range(int(values.max()) + 1)]
-    else:
-        # Names sort into indices, so the same set of names always maps to the same indices.
-        classes = sorted(set(raw))
-        index = {c: i for i, c in enumerate(classes)}
-        values = np.array([index[v] for v in raw], dtype=np.int64)
+    for key in ("path", "label"):
+        empty = [line for r, line in zip(rows, lines) if not r.get(key)]
+        if empty:
+            raise ValueError(f"{file}: line {empty[0]} has an empty {key} ({len(empty)} such lines)")
+    classes, values = _parse_labels([r["label"] for r in rows], lines, file)
     ids = np.array([r["path"] for r in rows])
     given: dict[str, np.ndarray] = {}
     if "split" in columns:
@@ -295,12 +345,40 @@ def _load_filelist(file: Path | None, name: str | None, **split_kw) -> ImageData
     return _build(name or file.stem, classes, ids, values, given, root=file.parent, **split_kw)
 
 
-def _is_int(value: str) -> bool:
+def _as_number(value: str) -> float | None:
     try:
-        int(value)
+        return float(value)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _parse_labels(raw: list[str], lines: list[int], file: Path) -> tuple[list[str], np.ndarray]:
+    """Classes and ``(N,)`` int64 class indices of a file list's label column.
+
+    A column of numbers holds class indices: ``1``, ``1.0`` and ``01`` are class 1, the classes are
+    ``0..max``, and a number that is not a whole index >= 0 (``1.5``, ``-1``, ``nan``) is an error
+    naming its line. A column of names maps the sorted names to indices. A column that mixes
+    numbers with names is an error: one of them is a typo, and guessing which would relabel data.
+    """
+    numbers = [_as_number(v) for v in raw]
+    numeric = [n is not None for n in numbers]
+    if all(numeric):
+        values = np.array(numbers, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{file}, line {lines[i]}: label {raw[i]!r} is not a class index (a whole number "
+                             f">= 0) or a class name; {bad.size} such label(s)")
+        indices = values.astype(np.int64)
+        return [str(c) for c in range(int(indices.max()) + 1)], indices
+    if any(numeric):
+        i, j = numeric.index(True), numeric.index(False)
+        raise ValueError(f"{file}: the label column mixes class indices and class names (line {lines[i]}: "
+                         f"{raw[i]!r}, line {lines[j]}: {raw[j]!r}); use one or the other throughout")
+    # Names sort into indices, so the same set of names always maps to the same indices.
+    classes = sorted(set(raw))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, np.array([index[v] for v in raw], dtype=np.int64)
 
 
 def load_dataset(

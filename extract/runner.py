@@ -8,10 +8,11 @@ together equal one unsharded run.
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import logging
 import math
 import platform
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,24 @@ class ExtractOptions:
     amp: str = "bfloat16"
     shard: tuple[int, int] = (0, 1)
     wait_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        # Refused here, by name, so that a bad value never reaches a DataLoader or a store.
+        for name in ("batch_size", "block_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"extract {name} must be a positive integer, got {value!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"extract num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.dtype not in st.FEATURE_DTYPES:
+            raise ValueError(f"extract dtype must be one of {st.FEATURE_DTYPES}, got {self.dtype!r}")
+        if self.amp not in ("bfloat16", "float16"):
+            raise ValueError(f"extract amp must be bfloat16 or float16, got {self.amp!r}")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+        if self.wait_seconds < 0:
+            raise ValueError(f"wait_seconds must be >= 0, got {self.wait_seconds!r}")
 
 
 class _ImageRows(Dataset):
@@ -114,9 +133,15 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; an explicit CUDA device without CUDA is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto ({err})") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return resolved
 
 
@@ -150,28 +175,49 @@ def store_attrs(*, dataset: ImageDataset, backbone: Backbone, model_name: str, p
     }
 
 
+def rows_digest(dataset: ImageDataset, plans: Sequence[ElementPlan]) -> dict[str, str]:
+    """sha256 of each split's ids and labels and of the element plan: what the rows are.
+
+    Compared on resume, so a store is never filled with the rows of another split or seed even
+    when the sizes agree.
+    """
+    out = {}
+    for split in st.SPLITS:
+        meta = dataset.splits[split]
+        h = hashlib.sha256()
+        for sample_id, label in zip(meta.ids.tolist(), meta.labels.tolist()):
+            h.update(f"{sample_id}\t{int(label)}\n".encode())
+        out[split] = h.hexdigest()
+    h = hashlib.sha256()
+    for plan in plans:
+        h.update(f"{plan.source_index}\t{plan.source_id}\t{plan.label}\t{plan.kind}\t{list(plan.box)}\t"
+                 f"{plan.segment}\t{plan.slic_segments}\n".encode())
+    out[st.ELEMENTS] = h.hexdigest()
+    return out
+
+
 def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, backbone: Backbone,
                     plans: Sequence[ElementPlan], opts: ExtractOptions):
     index, _count = opts.shard
+    sizes = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
     if index != 0:
         group = st.wait_for_store(path, timeout=opts.wait_seconds)
-    elif (path / "zarr.json").exists():
+    elif (path / "zarr.json").exists() and not st.interrupted_creation(path):
         group = st.open_store(path, mode="r+")
     else:
-        sizes = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
+        if st.interrupted_creation(path):  # only that: any other folder at `path` is refused by create_store
+            log.warning("%s: its creation was interrupted (no format marker, no block done); creating it anew",
+                        path)
+            shutil.rmtree(path)
         return st.create_store(
             path, split_sizes=sizes, feature_dim=backbone.feature_dim, attrs=attrs,
             elements=_provenance(plans) if plans else None, block_rows=opts.block_rows, dtype=opts.dtype,
         )
-    stored = st.creation_attrs(group)
-    expected = json.loads(json.dumps(attrs))
-    expected["versions"] = stored.get("versions")  # a resumed run may use a newer patch release
-    expected["split_sizes"] = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
-    expected["num_elements"] = len(plans)
-    differing = sorted(k for k in expected if stored.get(k) != expected[k])
-    if differing:
-        detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {expected[k]!r}" for k in differing)
-        raise st.StoreError(f"{path}: exists with other settings ({detail}); remove it or pick another store")
+    expected = {k: v for k, v in attrs.items() if k != "versions"}  # a resume may use a newer patch release
+    expected.update(feature_dtype=opts.dtype, block_rows=opts.block_rows, feature_dim=backbone.feature_dim,
+                    split_sizes=sizes, num_elements=len(plans))
+    # Stores made before iis recorded `rows_sha256` are compared without it.
+    st.check_settings(group, path, expected, optional=("rows_sha256",))
     return group
 
 
@@ -194,7 +240,7 @@ def autocast(device: torch.device, amp: str = "bfloat16"):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: torch.nn.Module,
+def _fill_part(group, path: Path, part: str, rows_dataset: Dataset, *, split_meta, model: torch.nn.Module,
                data_config: dict, device: torch.device, opts: ExtractOptions) -> int:
     """Compute and write this shard's pending blocks of one part. Returns rows written."""
     rows = group[part]["features"].shape[0]
@@ -213,7 +259,8 @@ def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: to
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    dtype = np.dtype(group.attrs["feature_dtype"])
+    dtype = str(group.attrs["feature_dtype"])
+    invalid = dict.fromkeys(("unreadable", "nonfinite", "overflow"), 0)
     written = 0
     block_iter = iter(pending)
     block = next(block_iter)
@@ -232,7 +279,7 @@ def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: to
             out = out.float().cpu().numpy()
             valid = valid.numpy().astype(bool)
             out[~valid] = np.nan  # an unreadable image has no features, loudly
-            feats.append(out.astype(dtype))
+            feats.append(out)  # float32: the writer casts to the store dtype and checks every row
             valids.append(valid)
             bar.update(len(valid))
             if sum(len(v) for v in valids) == span.stop - span.start:
@@ -241,12 +288,22 @@ def _fill_part(group, part: str, rows_dataset: Dataset, *, split_meta, model: to
                     columns["labels"] = split_meta.labels[span].astype(np.int64)
                     columns["ids"] = np.asarray(split_meta.ids[span], dtype=str)
                     columns["valid"] = np.concatenate(valids)
-                st.write_block(group, part, block, **columns)
+                counts = st.write_block(group, part, block, **columns)
+                if (counts["nonfinite"] or counts["overflow"]) and not (invalid["nonfinite"] or invalid["overflow"]):
+                    # Said at once, so an overflowing backbone can be stopped before it fills the store.
+                    log.warning("%s: %s block %d: %s", path, part, block,
+                                st.describe_invalid({k: counts[k] for k in ("nonfinite", "overflow")}, dtype=dtype))
+                for k in invalid:
+                    invalid[k] += counts[k]
                 written += span.stop - span.start
                 feats, valids = [], []
                 block = next(block_iter, None)
                 if block is not None:
                     span = st.block_slice(block, rows=rows, block_rows=block_rows)
+    text = st.describe_invalid(invalid, dtype=dtype)
+    if text:
+        log.warning("%s: %s: %d of %d rows written marked invalid: %s", path, part, sum(invalid.values()),
+                    written, text)
     return written
 
 
@@ -281,21 +338,22 @@ def extract_store(
     path = Path(path)
     attrs = store_attrs(dataset=dataset, backbone=backbone, model_name=model_name, pipeline=pipeline,
                         elements=elements_config, project_version=project_version)
+    attrs["rows_sha256"] = rows_digest(dataset, element_plans)
+    device = resolve_device(options.device)  # before the store exists: a bad device leaves nothing behind
     group = _open_or_create(path, attrs=attrs, dataset=dataset, backbone=backbone, plans=element_plans,
                             opts=options)
-    device = resolve_device(options.device)
     model = backbone.model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     size = tuple(backbone.data_config["input_size"])
     for split in st.SPLITS:
         rows = _ImageRows(dataset, split, image_transform(backbone.data_config, uint8=True), size)
-        _fill_part(group, split, rows, split_meta=dataset.splits[split], model=model,
+        _fill_part(group, path, split, rows, split_meta=dataset.splits[split], model=model,
                    data_config=backbone.data_config, device=device, opts=options)
     if element_plans:
         fill = tuple(int(round(255 * m)) for m in backbone.data_config["mean"])
         rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config, uint8=True), fill)
-        _fill_part(group, st.ELEMENTS, rows, split_meta=None, model=model,
+        _fill_part(group, path, st.ELEMENTS, rows, split_meta=None, model=model,
                    data_config=backbone.data_config, device=device, opts=options)
     complete = st.finalize_store(group, path)
     if not complete:

@@ -8,9 +8,10 @@ One Zarr v3 group per (dataset, model)::
         labels    (N,)   int64,           chunks (block_rows,)     dims (sample,)
         ids       (N,)   str                                       dims (sample,)
         valid     (N,)   bool                                      dims (sample,)
+        reason    (N,)   int8, why a row is invalid (ROW_REASONS)  dims (sample,)
         done      (B,)   bool, chunks (1,)                         dims (block,)
     <store>/elements/
-        features, done                     as above, E rows
+        features, reason, done             as above, E rows
         source_id (E,) str, source_index (E,) int64, label (E,) int64,
         box (E, 4) int32 (y0, x0, y1, x1), kind (E,) str, segment (E,) int32
 
@@ -19,15 +20,24 @@ block's rows are written, so a block is either complete or redone on resume. ``d
 chunk per block, so parallel writers with disjoint block ranges never touch the same file.
 Metadata (the group attributes and the element provenance) is written once, at creation, by
 the coordinator; :func:`finalize_store` adds an idempotent summary when the last block lands.
+
+Finite or invalid: :func:`write_block` casts each block to the store's dtype and marks every row
+whose stored features are not all finite ``valid=false``, with its ``reason`` (NaN/inf from the
+backbone, or a float16 overflow of finite values). A store is created in a hidden folder beside
+its path and renamed into place, so a store path holds a whole store or nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +49,16 @@ from iis.store_format import (  # noqa: F401  (re-exported: stage 1's callers us
     FEATURE_DTYPES,
     FORMAT,
     PARTS,
+    ROW_NONFINITE,
+    ROW_OK,
+    ROW_OVERFLOW,
+    ROW_REASONS,
+    ROW_UNREADABLE,
     SCHEMA_VERSION,
     SPLITS,
     SUMMARY_KEY,
     StoreError,
+    check_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -101,10 +117,69 @@ def _create_part(
         dimension_names=["sample", "feature"], fill_value=np.nan,
     )
     part.create_array(
+        "reason", shape=(rows,), chunks=(chunk,), dtype="int8",
+        dimension_names=["sample"], fill_value=ROW_OK,
+    )
+    part.create_array(
         "done", shape=(num_blocks(rows, block_rows),), chunks=(1,), dtype="bool",
         dimension_names=["block"], fill_value=False,
     )
     return part
+
+
+_CREATING = ".creating-"
+
+
+@contextlib.contextmanager
+def building(path: Path) -> Iterator[Path]:
+    """Yield a hidden, empty folder beside ``path`` to build a store in; on success it becomes ``path``.
+
+    A failure (an exception, Ctrl-C) removes the folder, so ``path`` holds a whole store or
+    nothing; a folder left by a SIGKILL is removed by the next build of the same path.
+    Raises :class:`FileExistsError` when ``path`` exists and is not an empty folder.
+    """
+    path = Path(path)
+    _refuse_existing(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}{_CREATING}*"):
+        log.info("removing %s, left by an interrupted store creation", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_CREATING}", dir=path.parent))
+    try:
+        yield tmp
+        _refuse_existing(path)
+        if path.is_dir():
+            path.rmdir()  # an empty folder (made by hand) makes way
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path}: already exists; delete it or pick another store path")
+
+
+def interrupted_creation(path: Path) -> bool:
+    """True when ``path`` holds what a killed :func:`create_store` of an older iis left behind.
+
+    That is a Zarr group whose ``zarr.json`` carries no attributes (the format marker is written
+    last) and whose entries are only the store's own parts, with no block done. Anything else
+    without the format marker is foreign and is never deleted.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("node_type") != "group" or meta.get("attributes"):
+        return False
+    entries = {p.name for p in path.iterdir()}
+    if not entries <= {"zarr.json", *PARTS}:
+        return False
+    # No block was ever done: done arrays keep no chunk files until a block is marked.
+    return not any((path / part / "done" / "c").exists() for part in PARTS)
 
 
 def create_store(
@@ -116,8 +191,12 @@ def create_store(
     elements: ElementProvenance | None,
     block_rows: int = 1024,
     dtype: str = "float16",
+    atomic: bool = True,
 ) -> zarr.Group:
     """Create an empty store: arrays, element provenance and attributes. Fails if it exists.
+
+    The store is built in a hidden folder beside ``path`` and renamed into place (see
+    :func:`building`), so an interrupted creation leaves no half-made store at ``path``.
 
     Args:
         path: the store directory (conventionally ``<root>/<model>.zarr``).
@@ -127,11 +206,37 @@ def create_store(
         elements: provenance of the visual elements, or None for a store without elements.
         block_rows: rows per block (= chunk along N).
         dtype: ``float16`` or ``float32`` for features.
+        atomic: False creates the store in ``path`` itself, for a caller that builds a whole
+            store inside :func:`building` (``import-h5``).
     """
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
     if set(split_sizes) != set(SPLITS):
         raise ValueError(f"split_sizes must name exactly {SPLITS}, got {sorted(split_sizes)}")
+    check_block_rows(block_rows)
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int | np.integer) or feature_dim < 1:
+        raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+    if atomic:
+        with building(path) as tmp:
+            _init_store(tmp, split_sizes=split_sizes, feature_dim=int(feature_dim), attrs=attrs,
+                        elements=elements, block_rows=block_rows, dtype=dtype)
+        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    else:
+        group = _init_store(path, split_sizes=split_sizes, feature_dim=int(feature_dim), attrs=attrs,
+                            elements=elements, block_rows=block_rows, dtype=dtype)
+    log.info("created store %s (%s)", path, ", ".join(f"{s}={split_sizes[s]}" for s in SPLITS))
+    return group
+
+
+def check_block_rows(block_rows: object) -> int:
+    """``block_rows`` if it is a positive integer, else :class:`ValueError`."""
+    if isinstance(block_rows, bool) or not isinstance(block_rows, int | np.integer) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive integer, got {block_rows!r}")
+    return int(block_rows)
+
+
+def _init_store(path: Path, *, split_sizes: Mapping[str, int], feature_dim: int, attrs: Mapping[str, object],
+                elements: ElementProvenance | None, block_rows: int, dtype: str) -> zarr.Group:
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     for split in SPLITS:
         rows = int(split_sizes[split])
@@ -161,7 +266,6 @@ def create_store(
             "num_elements": n_elements,
         }
     )
-    log.info("created store %s (%s)", path, ", ".join(f"{s}={split_sizes[s]}" for s in SPLITS))
     return group
 
 
@@ -190,6 +294,9 @@ def open_store(path: Path, *, mode: str = "r") -> zarr.Group:
         raise StoreError(f"{path}: not a feature store (no zarr.json)")
     group = zarr.open_group(str(path), mode=mode, zarr_format=3)
     fmt = group.attrs.get("format")
+    if fmt is None and interrupted_creation(path):
+        raise StoreError(f"{path}: its creation was interrupted before it was complete; rerun `iis extract` "
+                         "(shard 0) to make it anew")
     if fmt != FORMAT:
         raise StoreError(f"{path}: not an iis feature store (format={fmt!r}, expected {FORMAT!r})")
     version = group.attrs.get("schema_version")
@@ -240,32 +347,104 @@ def check_complete(group: zarr.Group, path: Path) -> None:
         raise StoreError(f"{path}: incomplete store, missing {detail}. Rerun `iis extract` to finish it.")
 
 
-def write_block(group: zarr.Group, part: str, block: int, **columns: np.ndarray) -> None:
-    """Write one whole block of rows, then mark it done.
+def write_block(group: zarr.Group, part: str, block: int, **columns: np.ndarray) -> dict[str, int]:
+    """Write one whole block of rows, then mark it done. Returns the block's invalid-row counts.
+
+    ``features`` may come in any float dtype; they are cast to the store's dtype here, and a row
+    whose stored features are not all finite is written ``valid=false`` with its ``reason``:
+    ``nonfinite`` when the features were NaN/inf before the cast, ``overflow`` when finite values
+    overflowed the store's dtype (float16 above 65504). Rows the caller marks invalid (an
+    unreadable image) get ``unreadable``. Labels must be class indices of the store's ``classes``.
 
     Args:
         group: the open store (mode ``r+``).
         part: ``train``, ``val``, ``test`` or ``elements``.
         block: block index.
         columns: arrays named after the part's arrays (``features`` ``(b, D)``, ``labels``,
-            ``ids``, ``valid``; only ``features`` for elements), each with the block's rows.
+            ``ids``, ``valid`` and optionally ``reason``; only ``features`` for elements), each
+            with the block's rows.
+
+    Returns:
+        ``{"unreadable": n, "nonfinite": n, "overflow": n}`` for this block's rows.
     """
     target = group[part]
     rows = target["features"].shape[0]
     rows_slice = block_slice(block, rows=rows, block_rows=int(group.attrs["block_rows"]))
     expected = rows_slice.stop - rows_slice.start
     for name, values in columns.items():
-        if values.shape[0] != expected:
-            raise ValueError(f"{part}/{name} block {block}: {values.shape[0]} rows, expected {expected}")
+        if np.shape(values)[:1] != (expected,):
+            raise ValueError(f"{part}/{name} block {block}: {np.shape(values)[:1]} rows, expected {expected}")
+    counts = dict.fromkeys(("unreadable", "nonfinite", "overflow"), 0)
+    if "features" in columns:
+        columns = dict(columns)
+        columns["features"], valid, reason = _check_features(group, part, columns)
+        if part != ELEMENTS:
+            columns["valid"] = valid
+        if "reason" in target:
+            columns["reason"] = reason
+        else:
+            columns.pop("reason", None)  # a store made before `reason` existed
+        for code, name in ROW_REASONS.items():
+            if code != ROW_OK:
+                counts[name] = int((reason == code).sum())
+    if "labels" in columns:
+        classes = group.attrs.get("classes")
+        columns["labels"] = check_labels(
+            columns["labels"], len(classes) if isinstance(classes, list) and classes else None,
+            where=f"{part} split", first_row=rows_slice.start)
+    for name, values in columns.items():
         target[name][rows_slice] = values
     # Marked only after every row of the block is on disk: the resume contract.
     target["done"][block] = True
+    return counts
+
+
+def _check_features(group: zarr.Group, part: str, columns: Mapping[str, np.ndarray]):
+    """Cast a block's features to the store dtype; return them, ``valid`` and ``reason``."""
+    raw = np.asarray(columns["features"])
+    dim = group[part]["features"].shape[1]
+    if raw.ndim != 2 or raw.shape[1] != dim:
+        raise ValueError(f"{part}/features: block has shape {raw.shape}, expected (rows, {dim})")
+    if raw.dtype.kind not in "fiub":
+        raise ValueError(f"{part}/features: dtype {raw.dtype} is not numeric")
+    dtype = np.dtype(group.attrs["feature_dtype"])
+    with np.errstate(over="ignore", invalid="ignore"):
+        stored = raw.astype(dtype)
+    n = raw.shape[0]
+    valid = np.asarray(columns["valid"], dtype=bool) if "valid" in columns else np.ones(n, dtype=bool)
+    if "reason" in columns:
+        reason = np.asarray(columns["reason"], dtype=np.int8).copy()
+        reason[~valid & (reason == ROW_OK)] = ROW_UNREADABLE
+    else:
+        reason = np.where(valid, ROW_OK, ROW_UNREADABLE).astype(np.int8)
+    bad = (reason == ROW_OK) & ~np.isfinite(stored).all(axis=1)
+    if bad.any():
+        finite_before = np.isfinite(raw[bad]).all(axis=1)
+        reason[np.flatnonzero(bad)] = np.where(finite_before, ROW_OVERFLOW, ROW_NONFINITE)
+    return stored, reason == ROW_OK, reason
+
+
+def describe_invalid(counts: Mapping[str, int], *, dtype: str) -> str:
+    """One phrase for invalid-row counts, with the fix for an overflow; '' when there are none."""
+    parts = []
+    if counts.get("unreadable"):
+        parts.append(f"{counts['unreadable']} unreadable")
+    if counts.get("nonfinite"):
+        parts.append(f"{counts['nonfinite']} with NaN/inf features")
+    if counts.get("overflow"):
+        limit = f" (|x| > {float(np.finfo(dtype).max):g})" if np.dtype(dtype).kind == "f" else ""
+        parts.append(f"{counts['overflow']} whose finite features overflow {dtype}{limit}; "
+                     "set `extract.dtype: float32` and extract again into a new store")
+    return ", ".join(parts)
 
 
 def finalize_store(group: zarr.Group, path: Path) -> bool:
-    """Record the per-split invalid counts once every block is done. Idempotent.
+    """Record the per-part invalid-row counts once every block is done. Idempotent.
 
-    Any process that finishes last may call it; all compute the same value from ``valid``.
+    Any process that finishes last may call it; all compute the same value from ``valid`` and
+    ``reason``. The summary holds ``invalid`` (per split) and, split by cause, ``unreadable``
+    (per split), ``nonfinite`` and ``overflow`` (per part, elements included); for a split,
+    ``invalid = unreadable + nonfinite + overflow``.
 
     Returns:
         True when the store is complete (and the summary written).
@@ -273,11 +452,26 @@ def finalize_store(group: zarr.Group, path: Path) -> bool:
     if missing_blocks(group):
         return False
     invalid = {s: int((~np.asarray(group[s]["valid"][:], dtype=bool)).sum()) for s in SPLITS}
-    summary = {"complete": True, "invalid": invalid}
+    summary: dict = {"complete": True, "invalid": invalid}
+    if all("reason" in group[p] for p in PARTS):
+        reasons = {p: np.asarray(group[p]["reason"][:]) for p in PARTS}
+        summary["unreadable"] = {s: int((reasons[s] == ROW_UNREADABLE).sum()) for s in SPLITS}
+        summary["nonfinite"] = {p: int((reasons[p] == ROW_NONFINITE).sum()) for p in PARTS}
+        summary["overflow"] = {p: int((reasons[p] == ROW_OVERFLOW).sum()) for p in PARTS}
     if group.attrs.get(SUMMARY_KEY) != summary:
         group.attrs[SUMMARY_KEY] = summary
-    if any(invalid.values()):
-        log.warning("%s: %s unreadable samples marked invalid", path, invalid)
+    dtype = str(group.attrs.get("feature_dtype"))
+    for p in PARTS:
+        counts = {k: summary[k][p] for k in ("unreadable", "nonfinite", "overflow") if p in summary.get(k, {})}
+        if p in invalid and "unreadable" not in summary:
+            counts = {"unreadable": invalid[p]}
+        text = describe_invalid(counts, dtype=dtype)
+        if text:
+            total = group[p]["features"].shape[0]
+            log.warning("%s: %s rows marked invalid: %s (of %d)", path, p, text, total)
+    empty = [s for s in SPLITS if invalid[s] and invalid[s] == group[s]["features"].shape[0]]
+    if empty:
+        log.warning("%s: no valid row left in %s; the store cannot be analysed", path, ", ".join(empty))
     return True
 
 
@@ -286,3 +480,48 @@ def creation_attrs(group: zarr.Group) -> dict:
     attrs = dict(group.attrs)
     attrs.pop(SUMMARY_KEY, None)
     return json.loads(json.dumps(attrs))
+
+
+# Attributes compared when a store is reopened to resume, and the setting a user changes to get
+# each back. Every one of them changes the stored bytes; `versions` does not and is left out.
+SETTINGS = {
+    "feature_dtype": "dtype (extract.dtype)",
+    "block_rows": "block_rows (extract.block_rows)",
+    "feature_dim": "feature dimension (the backbone)",
+    "data_config": "data config (the model's img_size, mean, std, crop)",
+    "backbone": "backbone",
+    "weights": "weights",
+    "weights_sha256": "weights (their sha256)",
+    "elements": "elements settings",
+    "num_elements": "number of visual elements",
+    "split_sizes": "split sizes (the dataset and its splits)",
+    "rows_sha256": "rows (the ids and labels of each split, the element plan)",
+    "classes": "classes",
+    "dataset": "dataset",
+}
+
+
+def _show(value: object, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_settings(group: zarr.Group, path: Path, expected: Mapping[str, object], *,
+                   optional: tuple[str, ...] = ()) -> None:
+    """Refuse, by name, a store whose creation settings differ from ``expected``.
+
+    Every key of ``expected`` is compared with the stored attribute; keys in ``optional`` are
+    compared only when the store records them (an older store may not). The error names each
+    changed setting with its stored and requested value, and the fix.
+    """
+    stored = creation_attrs(group)
+    expected = json.loads(json.dumps(dict(expected)))
+    differing = [k for k in expected if stored.get(k) != expected[k] and not (k in optional and k not in stored)]
+    if not differing:
+        return
+    order = list(SETTINGS)
+    differing.sort(key=lambda k: (order.index(k) if k in order else len(order), k))
+    detail = "; ".join(f"{SETTINGS.get(k, k)}: the store was made with {_show(stored.get(k))}, "
+                       f"this run asks {_show(expected[k])}" for k in differing)
+    raise StoreError(f"{path}: exists with other settings ({detail}). Delete the store to make it anew, "
+                     "or restore the setting")

@@ -70,3 +70,46 @@ def check_name(value: str, *, what: str = "name") -> str:
         raise ValueError(f"{what} {value!r} is not a safe name: use letters, digits, '.', '_', '-' and '@', "
                          "starting with a letter or digit")
     return value
+
+
+# Why a row is invalid, stored per row in `<part>/reason` (int8) beside `valid`. Stage 1 writes it;
+# a reader needs only `valid`, but the codes let a store say how many rows are unreadable images
+# and how many hold non-finite features (the store's `summary` counts each).
+ROW_OK = 0
+ROW_UNREADABLE = 1  # the image could not be read or decoded (or an imported file marked the row invalid)
+ROW_NONFINITE = 2  # the backbone (or an imported file) gave NaN or inf features
+ROW_OVERFLOW = 3  # finite features that overflow the store's dtype (float16: |x| > 65504)
+ROW_REASONS = {ROW_OK: "ok", ROW_UNREADABLE: "unreadable", ROW_NONFINITE: "nonfinite", ROW_OVERFLOW: "overflow"}
+
+
+def check_labels(labels, num_classes: int | None, *, where: str, first_row: int = 0):
+    """Return ``labels`` as ``(N,)`` int64 if each is an integral class index in ``[0, num_classes)``.
+
+    Float labels must be whole numbers (``0.7`` is refused, never truncated); negative labels and,
+    when ``num_classes`` is given, labels ``>= num_classes`` are refused. The :class:`ValueError`
+    names ``where`` (a file, a split), the offending value and its row (counted from ``first_row``).
+    """
+    import numpy as np  # this module stays importable without numpy for `iis --help`
+
+    values = np.asarray(labels)
+    if values.ndim != 1:
+        raise ValueError(f"{where}: labels must be one-dimensional, got shape {values.shape}")
+    if values.dtype.kind == "b":
+        values = values.astype(np.int64)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: labels must be integers, got dtype {values.dtype}")
+    if values.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
+        if bad.size:
+            row = int(bad[0])
+            raise ValueError(f"{where}: label {float(values[row])!r} at row {first_row + row} is not a whole number "
+                             f"({bad.size} such labels); labels are class indices")
+    if values.size and values.min() < 0:
+        row = int(np.argmin(values))
+        raise ValueError(f"{where}: label {values[row]:g} at row {first_row + row} is negative; "
+                         "labels are class indices 0..C-1")
+    if num_classes is not None and values.size and values.max() >= num_classes:
+        row = int(np.argmax(values))
+        raise ValueError(f"{where}: label {values[row]:g} at row {first_row + row} is out of range for {num_classes} classes "
+                         f"(0..{num_classes - 1})")
+    return values.astype(np.int64)

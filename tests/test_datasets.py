@@ -197,3 +197,104 @@ def test_corrupt_image_raises(tmp_path, damage):
     split, k = next((s, k) for s in SPLITS for k, i in enumerate(ds.splits[s].ids) if i == "a/3.png")
     with pytest.raises(ImageLoadError, match="a/3.png"):
         ds.load(split, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images decoded faithfully (issue 13): deep and float images are stretched, never clipped.
+
+
+def _filelist_of(tmp_path, files: dict[str, object]) -> ImageDataset:
+    rows = ["path,label,split"]
+    for i, (name, array) in enumerate(files.items()):
+        Image.fromarray(array).save(tmp_path / name)
+        rows.append(f"{name},{i % 2},train")
+    for i in range(6):  # enough ordinary images to carve val and test from
+        _write_png(tmp_path / f"pad{i}.png", 30 * i, mode="L")
+        rows.append(f"pad{i}.png,{i % 2},train")
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    return load_dataset(source="filelist", file=tmp_path / "l.csv", val_fraction=0.3, test_fraction=0.3)
+
+
+def _load_by_id(ds: ImageDataset, sample_id: str) -> np.ndarray:
+    split, k = next((s, k) for s in SPLITS for k, i in enumerate(ds.splits[s].ids) if i == sample_id)
+    return np.asarray(ds.load(split, k))
+
+
+def test_16bit_and_float_images_keep_their_gradient(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 32 * 32).reshape(32, 32)
+    ds = _filelist_of(tmp_path, {
+        "deep.png": np.rint(ramp * 60000).astype(np.uint16),  # I;16: convert("L") made it constant 255
+        "float.tif": (ramp * 0.9 + 0.05).astype(np.float32),  # F in [0, 1]: convert("L") made it 0/1
+        "int32.tif": np.rint(ramp * 1e6).astype(np.int32) - 500_000,  # I, negative values too
+        "flat.png": np.full((32, 32), 40000, dtype=np.uint16),
+    })
+    for name in ("deep.png", "float.tif", "int32.tif"):
+        pixels = _load_by_id(ds, name)
+        assert pixels.dtype == np.uint8 and pixels.shape == (32, 32)
+        assert pixels.min() == 0 and pixels.max() == 255, name
+        assert len(np.unique(pixels)) > 200, name  # a gradient, not a constant
+        assert (np.diff(pixels.ravel().astype(int)) >= 0).all(), name  # monotone like the ramp
+        expected = np.rint(ramp * 255)
+        assert np.abs(pixels.astype(float) - expected).max() <= 1, name
+    flat = _load_by_id(ds, "flat.png")
+    assert len(np.unique(flat)) == 1  # a constant image stays constant
+
+
+def test_a_float_image_with_nan_pixels_is_unreadable(tmp_path):
+    bad = np.ones((8, 8), dtype=np.float32)
+    bad[2, 3] = np.nan
+    ds = _filelist_of(tmp_path, {"nan.tif": bad})
+    split, k = next((s, k) for s in SPLITS for k, i in enumerate(ds.splits[s].ids) if i == "nan.tif")
+    with pytest.raises(ImageLoadError, match="nan.tif.*NaN or inf"):
+        ds.load(split, k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels checked everywhere (issue 13)
+
+
+def _list(tmp_path, labels: list[str], splits: list[str] | None = None, paths: list[str] | None = None):
+    rows = ["path,label" + (",split" if splits else "")]
+    for i, label in enumerate(labels):
+        path = paths[i] if paths else f"{i}.png"
+        _write_png(tmp_path / path, i)
+        rows.append(f"{path},{label}" + (f",{splits[i]}" if splits else ""))
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "l.csv"
+
+
+def test_filelist_numbers_are_one_class_however_written(tmp_path):
+    labels = ["1", "1.0", "01", "0", "0.0", " 2", "2.0", "1", "0", "2"] * 2
+    ds = load_dataset(source="filelist", file=_list(tmp_path, labels), val_fraction=0.15, test_fraction=0.15)
+    assert ds.classes == ["0", "1", "2"]
+    all_labels = np.concatenate([ds.splits[s].labels for s in SPLITS])
+    assert np.bincount(all_labels).tolist() == [6, 8, 6]
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ("1.5", r"line 4: label '1\.5' is not a class index"),
+    ("-1", r"line 4: label '-1' is not a class index"),
+    ("nan", r"line 4: label 'nan' is not a class index"),
+    ("cat", r"mixes class indices and class names \(line 2: '0', line 4: 'cat'\)"),
+])
+def test_filelist_bad_labels_are_refused_by_line(tmp_path, bad, match):
+    labels = ["0", "1", bad] + ["0", "1"] * 5
+    with pytest.raises(ValueError, match=match) as info:
+        load_dataset(source="filelist", file=_list(tmp_path, labels))
+    assert "l.csv" in str(info.value)
+
+
+def test_filelist_empty_label_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="line 3 has an empty label"):
+        load_dataset(source="filelist", file=_list(tmp_path, ["a", "", "b"] + ["a", "b"] * 5))
+
+
+def test_an_image_in_train_and_test_is_a_warning_naming_it(tmp_path, caplog):
+    labels = ["0", "1"] * 8
+    splits = ["train"] * 10 + ["val"] * 2 + ["test"] * 4
+    paths = [f"{i}.png" for i in range(14)] + ["3.png", "4.png"]  # two test rows repeat train images
+    with caplog.at_level("WARNING"):
+        ds = load_dataset(source="filelist", file=_list(tmp_path, labels, splits, paths))
+    assert len(ds.splits["test"]) == 4
+    line = next(r.getMessage() for r in caplog.records if "in both" in r.getMessage())
+    assert "2 id(s) in both train and test" in line and "'3.png'" in line and "'4.png'" in line

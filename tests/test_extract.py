@@ -138,8 +138,17 @@ def test_corrupt_image_is_marked_invalid_not_replaced(tmp_path):
     assert "dog/05.png" not in store.read_split(hits[0]).ids
 
 
-def test_resume_refuses_changed_settings(tmp_path):
+def test_resume_refuses_changed_settings(tmp_path, caplog):
     path = _yaml(tmp_path, dataset=DIGITS, models=R10, extract="{batch_size: 50, block_rows: 128}")
     assert main(["extract", "t", "--config", str(path)]) == 0
-    path.write_text(path.read_text().replace("img_size: 32", "img_size: 40"))
+    before = _tree(tmp_path / "cache" / "r10.zarr")
+    text = path.read_text()
+    path.write_text(text.replace("img_size: 32", "img_size: 40"))
     assert main(["extract", "t", "--config", str(path)]) == 2  # a clear error, not a mixed store
+    # A changed dtype used to be ignored silently on an existing store.
+    path.write_text(text.replace("block_rows: 128}", "block_rows: 128, dtype: float32}"))
+    caplog.clear()
+    assert main(["extract", "t", "--config", str(path)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "made with float16, this run asks float32" in errors[0]
+    assert _tree(tmp_path / "cache" / "r10.zarr") == before

@@ -66,7 +66,10 @@ def test_round_trip_through_the_reader(tmp_path):
     group = zarr.open_group(str(path), mode="r")
     assert group["train/features"].metadata.dimension_names == ("sample", "feature")
     assert group["train/features"].chunks == (4, DIM)
-    assert group.attrs["summary"] == {"complete": True, "invalid": {"train": 1, "val": 1, "test": 1}}
+    zero = {"train": 0, "val": 0, "test": 0, "elements": 0}
+    assert group.attrs["summary"] == {"complete": True, "invalid": {"train": 1, "val": 1, "test": 1},
+                                      "unreadable": {"train": 1, "val": 1, "test": 1},
+                                      "nonfinite": zero, "overflow": zero}
 
 
 def test_partial_store_is_refused_by_name(tmp_path):
