@@ -108,10 +108,15 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
     position = (width - counts.clamp(1, width)).numpy().reshape(-1, 1, 1)
     threshold = torch.from_numpy(np.take_along_axis(
         np.broadcast_to(ascending, (heads, rows, width)), np.broadcast_to(position, (heads, rows, 1)), axis=-1))
-    above = magnitude > threshold
-    tied = magnitude == threshold
-    missing = counts.view(-1, 1, 1) - above.sum(dim=-1, keepdim=True)
-    mask = above | (tied & (tied.cumsum(dim=-1) <= missing))
+    mask = magnitude >= threshold
+    wanted = counts.view(-1, 1)
+    if not bool((mask.sum(dim=-1) == wanted).all()):
+        # Some row has several entries tied at its threshold: keep those above it, then the tied
+        # ones in index order until the row holds exactly k(s).
+        above = magnitude > threshold
+        tied = magnitude == threshold
+        missing = wanted.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
+        mask = above | (tied & (tied.cumsum(dim=-1) <= missing))
     return mask[0] if flat and heads == 1 else mask
 
 

@@ -30,8 +30,11 @@ MIN_BATCHES_PER_EPOCH = 8
 # Small train sets get more epochs, up to this many optimiser steps in all: at 300, the val loss of
 # a 3,000-image planted workload stayed 0.07 nats above its L-BFGS optimum (tests/test_heads_training.py).
 MIN_STEPS = 1000
-# Large train sets get fewer: at most this many steps per head (binds above 256k train rows).
-MAX_STEPS = 4000
+# Large train sets get fewer: at most this many steps per head, so above 64k train rows a head
+# sees fewer than four epochs. On the 100k-row planted workload, 600, 1,000 and 4,000 steps gave
+# the same test top-1 to within test-set noise, at 7.6 s, 14.9 s and 21.1 s for the grid
+# (benchmarks/README.md, "Head trainer").
+MAX_STEPS = 1000
 # Learning-rate grids, chosen on val per ratio. Concept activations are standardised per image, so
 # one rate serves every library; raw features vary more between backbones.
 CONCEPT_LRS = (1e-2,)
