@@ -21,20 +21,16 @@ from iis.analyze.activations import keep_counts, keep_mask
 from iis.analyze.heads_batching import EVAL_CHUNK, column_moments, epoch_batches, materialize
 from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 
-# Four epochs of Adam with a cosine decay bring every head but the sparsest near its val plateau.
-EPOCHS = 4
+# Optimiser steps per head, whatever the train size (the sparsest heads: SPARSE_EPOCH_FACTOR times
+# as many). Fewer left small planted workloads short of their L-BFGS optimum (at 300 steps the val
+# loss of a 3,000-image one stayed 0.07 nats above it; tests/test_heads_training.py); more bought
+# nothing beyond test-set noise on the 100k-row one (600, 1,000 and 4,000 steps: the same top-1, at
+# 7.6, 14.9 and 21.1 s for the grid; benchmarks/README.md, "Head trainer").
+STEPS = 1000
 BATCH = 256
 # Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
 # inputs like signal on a few hundred images).
 MIN_BATCHES_PER_EPOCH = 8
-# Small train sets get more epochs, up to this many optimiser steps in all: at 300, the val loss of
-# a 3,000-image planted workload stayed 0.07 nats above its L-BFGS optimum (tests/test_heads_training.py).
-MIN_STEPS = 1000
-# Large train sets get fewer: at most this many steps per head, so above 64k train rows a head
-# sees fewer than four epochs. On the 100k-row planted workload, 600, 1,000 and 4,000 steps gave
-# the same test top-1 to within test-set noise, at 7.6 s, 14.9 s and 21.1 s for the grid
-# (benchmarks/README.md, "Head trainer").
-MAX_STEPS = 1000
 # Learning-rate grids, chosen on val per ratio. Concept activations are standardised per image, so
 # one rate serves every library; raw features vary more between backbones.
 CONCEPT_LRS = (1e-2,)
@@ -57,15 +53,16 @@ STD_FLOOR = 1e-6
 class Schedule:
     """How long and in what batches the default protocol trains (resolved from the train size)."""
 
-    epochs: int
+    steps: int  # optimiser steps of a head (the sparsest train SPARSE_EPOCH_FACTOR times as many)
     batch_size: int
 
     @classmethod
     def resolve(cls, num_train: int, *, epochs: int | None, batch_size: int | None) -> Schedule:
+        """``STEPS`` steps, or ``epochs`` whole epochs when given; batches of ``BATCH`` rows, fewer
+        on a small train set."""
         batch = batch_size or min(BATCH, max(1, num_train // MIN_BATCHES_PER_EPOCH))
-        if epochs is None:
-            epochs = max(EPOCHS, math.ceil(MIN_STEPS / math.ceil(num_train / batch)))
-        return cls(epochs=epochs, batch_size=batch)
+        steps = STEPS if epochs is None else epochs * math.ceil(num_train / batch)
+        return cls(steps=steps, batch_size=batch)
 
 
 class Adam:
@@ -195,10 +192,9 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         params, lrs, l2 = [*params, affine], [*lrs, rates[0]], [*l2, 0.0]
     optimizer = Adam(params, lrs, l2)
 
-    # Each head's schedule, in optimiser steps: the epochs, capped at MAX_STEPS on a large train
-    # set; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
+    # Each head's schedule, in optimiser steps; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
     steps_per_epoch = math.ceil(num_train / schedule.batch_size)
-    head_steps = torch.full((num_heads,), min(schedule.epochs * steps_per_epoch, MAX_STEPS), dtype=torch.int64)
+    head_steps = torch.full((num_heads,), schedule.steps, dtype=torch.int64)
     if not standard:
         head_steps[keep <= SPARSE_KEEP_FRACTION * num_inputs] *= SPARSE_EPOCH_FACTOR
     cosine_length = head_steps.double().view(-1, 1, 1)

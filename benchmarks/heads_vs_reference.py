@@ -62,23 +62,20 @@ def run_protocol(features, activations, *, classes: int, seed: int, protocol: st
 
 def fit_ceiling(features, activations, *, classes: int, seed: int) -> list[float]:
     """Test top-1 per head of the same model on a 4x longer schedule, C chosen on val per head."""
-    n_train = features["train"][0].shape[0]
-    epochs = CEILING_EPOCH_FACTOR * default.Schedule.resolve(n_train, epochs=None, batch_size=None).epochs
-    steps = default.MAX_STEPS
+    steps, inverse_l2 = default.STEPS, default.INVERSE_L2
     best_val = np.full(len(HEAD_NAMES), -1.0)
     best_test = np.zeros(len(HEAD_NAMES))
     try:
-        default.MAX_STEPS = CEILING_EPOCH_FACTOR * steps
+        default.STEPS = CEILING_EPOCH_FACTOR * steps
         for c in CEILING_C:
             default.INVERSE_L2 = c
-            fit = run_protocol(features, activations, classes=classes, seed=seed, protocol="default",
-                               max_epochs=epochs)
+            fit = run_protocol(features, activations, classes=classes, seed=seed, protocol="default")
             val = np.concatenate([fit.standard.val_top1, fit.grid.val_top1])
             test = np.concatenate([fit.standard.test_top1, fit.grid.test_top1])
             better = val > best_val
             best_val[better], best_test[better] = val[better], test[better]
     finally:
-        default.MAX_STEPS, default.INVERSE_L2 = steps, 0.03
+        default.STEPS, default.INVERSE_L2 = steps, inverse_l2
     return best_test.tolist()
 
 
