@@ -30,7 +30,7 @@ class Gaussian:
 
 WORKLOADS: dict[str, PlantedSpec | Gaussian] = {
     # The workload: N_train 100k, D 512, C 100, K 200.
-    "planted-100k": PlantedSpec(),
+    "planted-100k": PlantedSpec(noise=1.0),
     # Other shapes and noise: fewer, wider classes; more concepts per class, louder distractors.
     "planted-30k": PlantedSpec(n_train=30_000, dim=384, classes=64, concepts=256, per_class=6, strength=1.3,
                                distractors=0.35, distractor_std=2.5, noise=1.0),
