@@ -142,6 +142,8 @@ def read_table(results: Path, name: str) -> pd.DataFrame:
 
 def _conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
     """``df`` as it reads back from Parquet: schema columns, schema dtypes, nulls as NaN/None."""
+    if df.empty:  # no rows: its columns may be untyped (a frame of no records)
+        return schema.empty_table().to_pandas()
     return pa.Table.from_pandas(df.reindex(columns=schema.names), schema=schema,
                                 preserve_index=False).to_pandas()
 
@@ -150,7 +152,11 @@ def _key_frame(df: pd.DataFrame, keys: list[str]) -> pd.Series:
     # Both sides went through _conform, so a null key reads the same on each.
     if df.empty:
         return pd.Series([], dtype=object)
-    return df[keys].astype(object).map(repr).agg("\x1f".join, axis=1)
+    # Column by column: a row-wise join took 30 s on a 200k-row table, this well under a second.
+    joined = df[keys[0]].astype(object).map(repr)
+    for key in keys[1:]:
+        joined = joined + "\x1f" + df[key].astype(object).map(repr)
+    return joined
 
 
 def merge(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
