@@ -54,27 +54,9 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
-def _import_distributed_quietly() -> dict[str, str]:
-    """Import ``dask.distributed`` without losing the level the caller gave its logger.
-
-    Importing ``distributed`` resets the ``distributed`` logger to its config's level (INFO), so
-    the CLI's silencing came undone on the first LocalCluster. The level set before the import
-    is set again after it, and returned as the environment that gives worker processes (which
-    configure their own logging at import) the same level.
-    """
-    chosen = logging.getLogger("distributed").level
-    import distributed  # noqa: F401
-
-    if not chosen:
-        return {}
-    logging.getLogger("distributed").setLevel(chosen)
-    return {"DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": logging.getLevelName(chosen).lower()}
-
-
 @contextlib.contextmanager
 def dask_client(options: ClusterOptions) -> Iterator[object]:
     """A ``dask.distributed`` client: to ``options.scheduler``, or to a new LocalCluster."""
-    quiet = _import_distributed_quietly()
     from dask.distributed import Client, LocalCluster
 
     if options.scheduler:
@@ -82,7 +64,7 @@ def dask_client(options: ClusterOptions) -> Iterator[object]:
         cluster = None
     else:
         cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0", env={**_thread_env(options.threads), **quiet})
+                               dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
         client = Client(cluster)
     log.info("Dask dashboard: %s", client.dashboard_link)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -266,6 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Dask's own INFO lines (nanny start/stop, comms) drown the pipeline's; keep its warnings.
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # Importing `distributed` sets its logger from dask's config (INFO), undoing the line above
+    # whenever the import comes later, and worker processes configure themselves the same way:
+    # so the config says it too (the environment reaches workers; dask reads it on import).
+    dask_level = "debug" if args.verbose else "warning"
+    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", dask_level)
+    if "dask" in sys.modules:  # imported already: the environment is read
+        import dask
+
+        dask.config.set({"distributed.logging.distributed": dask_level})
     # Imported here, not at the top, to keep `iis --help` fast.
     from iis.extract.backbones import WeightsError
     from iis.store_format import StoreError
