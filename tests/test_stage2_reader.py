@@ -186,3 +186,13 @@ def test_zero_workers_is_refused_not_a_hang():
         ClusterOptions(workers=0)
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         ClusterOptions(threads=0)
+
+
+def test_library_paths_refuse_unsafe_names(tmp_path):
+    from iis.analyze.artifacts import library_path
+
+    kwargs = dict(library="prototype", num_concepts=8, seed=0, protocol="default", ratio=None)
+    assert library_path(tmp_path, model="r10+ft1", **kwargs).parent == tmp_path / "r10+ft1"
+    for bad in ("../../x", "a/b", "", "..hidden"):
+        with pytest.raises(ValueError, match="not a safe name"):
+            library_path(tmp_path, model=bad, **kwargs)
