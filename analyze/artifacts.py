@@ -18,7 +18,7 @@ import torch
 from iis.analyze.heads import HeadFit
 from iis.analyze.libraries import ConceptLibrary
 
-from iis.store_format import atomic_file
+from iis.store_format import atomic_file, check_name
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,12 @@ class SavedHeads:
 
 def library_path(library_dir: Path, *, model: str, library: str, num_concepts: int, seed: int,
                  protocol: str, ratio: float | None) -> Path:
-    """Where a build is saved; ``ratio`` only for per-ratio libraries (end2end)."""
+    """Where a build is saved; ``ratio`` only for per-ratio libraries (end2end).
+
+    ``model`` and ``library`` become path components, so they must pass :func:`check_name`.
+    """
+    check_name(model, what="model")
+    check_name(library, what="library")
     suffix = f"-s{ratio:g}" if ratio is not None else ""
     return Path(library_dir) / model / f"{library}-K{num_concepts}-seed{seed}-{protocol}{suffix}.npz"
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
-from iis.analyze.store import open_feature_store
+from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation")  # what one analysis commits together
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,13 @@ class ClusterOptions:
     workers: int = 2
     threads: int = 1
     synchronous: bool = False
+
+    def __post_init__(self) -> None:
+        # A LocalCluster of 0 workers waits for a worker forever; 0 threads is no torch setting.
+        for name in ("workers", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -64,15 +75,35 @@ def dask_client(options: ClusterOptions) -> Iterator[object]:
             cluster.close()
 
 
+def _naming_store(err: Exception, spec: TaskSpec) -> Exception:
+    """An expected task failure whose message names the store and task it came from."""
+    if not isinstance(err, (StoreError, ValueError)) or spec.store in str(err):
+        return err
+    try:
+        return type(err)(f"{spec.store} ({spec.library}, seed {spec.seed}): {err}")
+    except Exception:  # an exception type with another constructor keeps its own message
+        return err
+
+
 def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskResult]:
-    """Run every task; results come back in the order of ``specs``."""
+    """Run every task; results come back in the order of ``specs``.
+
+    A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised again with the
+    store and task named in its message.
+    """
     bar = tqdm(total=len(specs), desc="analyze", unit="task", disable=None)
     if options.synchronous:
         results = []
-        for spec in specs:
-            results.append(run_task(spec))
-            bar.update()
-        bar.close()
+        with bar:
+            for spec in specs:
+                try:
+                    results.append(run_task(spec))
+                except Exception as err:
+                    named = _naming_store(err, spec)
+                    if named is err:
+                        raise
+                    raise named from err
+                bar.update()
         return results
     from dask.distributed import as_completed
 
@@ -81,14 +112,22 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[TaskResult | None] = [None] * len(specs)
         for future in as_completed(futures):
-            results[index[future.key]] = future.result()
+            i = index[future.key]
+            try:
+                results[i] = future.result()
+            except Exception as err:
+                named = _naming_store(err, specs[i])
+                if named is err:
+                    raise
+                raise named from err
             bar.update()
     return results  # type: ignore[return-value]
 
 
-def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = None) -> dict:
+def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = None,
+               store: FeatureStore | None = None) -> dict:
     """The key columns every table row of one store carries."""
-    store = open_feature_store(store_path)
+    store = store if store is not None else open_feature_store(store_path)
     attrs = store.attrs
     return {
         "pipeline": pipeline if pipeline is not None else (attrs.get("pipeline") or ""),
@@ -99,19 +138,73 @@ def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = No
     }
 
 
-def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], results: Path, *,
-                libraries: Sequence[str], num_concepts: int) -> list[TaskSpec]:
-    """The specs of every (store, seed) with a library row missing from ``iis.parquet``.
+def _norm(value) -> object:
+    """A key cell as comparable: null (None, NaN, NA) -> None, numbers -> float, else str."""
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)) or value is pd.NA:
+        return None
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    return str(value)
 
-    A (store, seed) is redone whole: its IIS rows need the standard head's per-image results.
+
+def _present(df: pd.DataFrame, columns: list[str]) -> set[tuple]:
+    if df.empty:
+        return set()
+    return {tuple(_norm(v) for v in row) for row in df[columns].itertuples(index=False, name=None)}
+
+
+def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str, pd.DataFrame], *,
+                num_concepts: int, grid: str, bootstrap: int) -> list[TaskSpec]:
+    """The specs of every (store, seed) that some table lacks a row of, for this grid and bootstrap.
+
+    Judged from ``accuracy`` (every ratio of every library, and the standard head), ``iis`` (every
+    library) and ``concepts`` (every library build). A (store, seed) is redone whole: its IIS
+    rows need the standard head's per-image results.
     """
-    have = tables.read_table(results, "iis")
-    present = set(zip(have["model"], have["library"], have["num_concepts"], have["seed"], have["protocol"]))
-    todo = {
-        (s.store, s.seed) for s in specs if s.library != STANDARD
-        and (keys[s.store]["model"], s.library, num_concepts, s.seed, s.protocol) not in present
-    }
+    acc_cols = [*tables.KEYS["accuracy"], "bootstrap"]
+    iis_cols = [*tables.KEYS["iis"], "bootstrap"]
+    concept_cols = ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed"]
+    have = {"accuracy": _present(current["accuracy"], acc_cols), "iis": _present(current["iis"], iis_cols),
+            "concepts": _present(current["concepts"], concept_cols)}
+    boot = float(bootstrap)
+    todo = set()
+    for s in specs:
+        mk = keys[s.store]
+        base = tuple(_norm(mk[k]) for k in tables.MODEL_KEYS)
+        seed, k = float(s.seed), float(num_concepts)
+        if s.library == STANDARD:
+            need = [("accuracy", (*base, STANDARD, None, None, seed, s.protocol, grid, boot))]
+        else:
+            builds = [float(r) for r in s.ratios] if get_library(s.library).per_ratio else [None]
+            need = [("accuracy", (*base, s.library, k, float(r), seed, s.protocol, grid, boot)) for r in s.ratios]
+            need.append(("iis", (*base, s.library, k, seed, s.protocol, grid, boot)))
+            need += [("concepts", (base[0], base[1], base[2], s.library, k, b, seed)) for b in builds]
+        if any(row not in have[table] for table, row in need):
+            todo.add((s.store, s.seed))
     return [s for s in specs if (s.store, s.seed) in todo]
+
+
+def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
+    """Whether ``correlation`` has one row per group of ``iis``, over the models ``iis`` has."""
+    keys = tables.KEYS["correlation"]
+    if iis.empty:
+        return True
+    want = {tuple(_norm(v) for v in key): sorted(set(g["model"])) for key, g in iis.groupby(keys, dropna=False)}
+    have = {tuple(_norm(v) for v in row[:-1]): sorted(row[-1])
+            for row in correlation[[*keys, "models"]].itertuples(index=False, name=None)}
+    return all(have.get(key) == models for key, models in want.items())
+
+
+def _check_elements(stores: dict[str, FeatureStore], libraries: Sequence[str], num_concepts: int) -> None:
+    """Refuse ``K`` above a store's element count now, not after the first libraries are fitted."""
+    if not any(not get_library(name).needs_text for name in libraries):
+        return
+    for path, store in stores.items():
+        count = store.num_elements
+        if num_concepts > count:
+            raise ValueError(f"{path}: K = {num_concepts} concepts but the store has only {count} visual "
+                             f"elements; lower analysis.num_concepts (--num-concepts) to at most {count}, "
+                             "or extract more elements (elements.images_per_class)")
 
 
 def analyze_stores(
@@ -132,38 +225,49 @@ def analyze_stores(
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
 
+    Everything that can be checked before fitting is: each store (complete, ours, a safe model
+    name), ``K`` against its elements, the CLIP store's text group, and that ``results`` is
+    writable. The four tables are then merged and committed together under the results
+    folder's lock (:mod:`iis.analyze.tables`), so concurrent runs on one folder lose no rows.
+
     Args:
         stores: one complete feature store per model.
         results: the results directory; tables are upserted there.
         libraries: registered library names.
         num_concepts: ``K``.
-        ratios: the sparsity grid (at least two ratios).
+        ratios: the sparsity grid (at least two ratios); its rows are keyed by ``grid``.
         seeds: one task per (model, library, seed).
         protocol: ``default`` or ``reference``.
         bootstrap: resamples for confidence intervals (0: none).
         pipeline: the pipeline's name for the tables (default: the store's attribute).
         cluster: where the tasks run.
-        skip_complete: leave out (model, seed) pairs whose rows are all in the tables already.
+        skip_complete: leave out (model, seed) pairs whose rows (this grid, this bootstrap) are
+            in every table already; with nothing left to do, nothing is written.
         clip_store: the CLIP store (image and concept-word features), needed by the text library.
         options: per-library builder settings, ``{library: {name: value}}``.
 
     Returns:
         The four tables as written.
     """
+    results = Path(results)
     ratios = sorted(float(r) for r in ratios)
     if len(ratios) < 2:
         raise ValueError("IIS needs at least two sparsity ratios")
+    grid = tables.grid_key(ratios)
     for name in libraries:
         if get_library(name).needs_text and clip_store is None:
             raise ValueError(f"library {name!r} needs a CLIP store (a `text:` section, or --clip-store)")
     if clip_store is not None and any(get_library(n).needs_text for n in libraries):
-        open_feature_store(Path(clip_store))  # a partial CLIP store fails now, by name
+        open_feature_store(Path(clip_store)).text_group()  # a partial CLIP store fails now, by name
     # Open every store once here: a partial or foreign store fails now, by name.
-    keys = {str(Path(p)): model_keys(Path(p), pipeline=pipeline) for p in stores}
+    opened = {str(Path(p)): open_feature_store(Path(p)) for p in stores}
+    keys = {path: model_keys(Path(path), pipeline=pipeline, store=store) for path, store in opened.items()}
     models = [k["model"] for k in keys.values()]
     if len(set(models)) != len(models):
         raise ValueError(f"two stores carry the same model id: {models}")
-    library_dir = str(Path(results) / "libraries")
+    _check_elements(opened, libraries, num_concepts)
+    tables.check_writable(results)
+    library_dir = str(results / "libraries")
     text_libraries = {name for name in libraries if get_library(name).needs_text}
     specs = [
         TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
@@ -173,21 +277,30 @@ def analyze_stores(
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
     if skip_complete:
-        specs = _incomplete(specs, keys, results, libraries=libraries, num_concepts=num_concepts)
-        if not specs:
-            log.info("analyze: every table row is already there; nothing to do")
-            return {name: tables.read_table(results, name) for name in tables.SCHEMAS}
+        with tables.results_lock(results):
+            current = {name: tables.read_table(results, name) for name in ANALYSIS_TABLES}
+        specs = _incomplete(specs, keys, current, num_concepts=num_concepts, grid=grid, bootstrap=bootstrap)
+        if not specs and _correlation_current(current["iis"], current["correlation"]):
+            log.info("analyze: every table row is already there (grid %s); nothing to do", grid)
+            return current
     log.info("analyze: %d stores x %d libraries (+standard) x %d seeds -> %d tasks",
              len(keys), len(libraries), len(seeds), len(specs))
-    done = run_tasks(specs, cluster)
+    done = run_tasks(specs, cluster) if specs else []
 
-    accuracy = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.accuracy_rows])
+    extra = {"grid": grid, "bootstrap": bootstrap}
+    accuracy = pd.DataFrame([{**keys[r.spec.store], **row, **extra} for r in done for row in r.accuracy_rows])
     concepts = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.concept_rows])
-    out = {
-        "accuracy": tables.upsert(results, "accuracy", accuracy),
-        "concepts": tables.upsert(results, "concepts", concepts),
-    }
-    out["iis"] = tables.upsert(results, "iis", pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap)))
-    out["correlation"] = tables.upsert(results, "correlation", pd.DataFrame(correlation_rows(out["iis"])))
+    new_iis = pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap))
+    run = {"command": "analyze", "pipeline": pipeline, "models": sorted(models), "grid": grid,
+           "libraries": list(libraries), "num_concepts": num_concepts, "seeds": list(seeds),
+           "protocol": protocol, "bootstrap": bootstrap, "tasks": len(specs)}
+    with tables.results_lock(results):
+        out = {
+            "accuracy": tables.merge(results, "accuracy", accuracy),
+            "concepts": tables.merge(results, "concepts", concepts),
+            "iis": tables.merge(results, "iis", new_iis),
+        }
+        out["correlation"] = tables.merge(results, "correlation", pd.DataFrame(correlation_rows(out["iis"])))
+        tables.commit(results, out, run=run)
     log.info("tables written to %s", results)
     return out

@@ -13,6 +13,7 @@ from iis.analyze.metrics import (
     normalized_score,
     score_ci,
 )
+from iis.analyze.tables import grid_key
 from iis.analyze.tasks import STANDARD, TaskResult
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,19 @@ def iis_rows(
             "standard_top1": standard_top1, "iis": interpretability_score(ratios, arr),
             "iis_normalized": normalized_score(ratios, arr), "iis_ci_low": low, "iis_ci_high": high,
             "ratios": [float(s) for s in ratios], "arr": [float(a) for a in arr], "protocol": spec.protocol,
-            "caveat": res.accuracy_rows[0].get("caveat"),
+            "caveat": res.accuracy_rows[0].get("caveat"), "grid": grid_key(spec.ratios), "bootstrap": bootstrap,
         })
     return rows
 
 
 def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: int = 0) -> list[dict]:
-    """One ``correlation.parquet`` row per (dataset, library, num_concepts, protocol).
+    """One ``correlation.parquet`` row per (dataset, library, num_concepts, protocol, grid).
 
-    Each model counts once: its standard top-1 and IIS are averaged over seeds first.
+    Each model counts once: its standard top-1 and IIS are averaged over seeds first. IIS of two
+    ratio grids are areas over different spans, so models are only compared within one grid.
     """
     rows = []
-    keys = ["dataset", "library", "num_concepts", "protocol"]
+    keys = ["dataset", "library", "num_concepts", "protocol", "grid"]
     for key, group in iis_table.groupby(keys, sort=True, dropna=False):
         per_model = group.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
         stats = correlation(per_model["standard_top1"].to_numpy(), per_model["iis"].to_numpy(),
@@ -74,6 +76,6 @@ def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: 
         caveats = sorted({c for c in group["caveat"].dropna()}) if "caveat" in group else []
         rows.append({**dict(zip(keys, key)), **stats, "models": per_model.index.tolist(),
                      "caveat": "; ".join(caveats) or None})
-        log.info("%s/%s K=%s: %d models, pearson r=%.3f spearman rho=%.3f", key[0], key[1], key[2],
-                 stats["n_models"], stats["pearson_r"], stats["spearman_rho"])
+        log.info("%s/%s K=%s grid %s: %d models, pearson r=%.3f spearman rho=%.3f", key[0], key[1], key[2],
+                 key[4], stats["n_models"], stats["pearson_r"], stats["spearman_rho"])
     return rows

@@ -166,15 +166,13 @@ def _text_inputs(spec: TaskSpec, train: SplitData, val: SplitData) -> TextInputs
     if spec.clip_store is None:
         raise ValueError(f"library {spec.library!r} needs a CLIP store")
     clip = open_feature_store(Path(spec.clip_store))
-    if "text" not in clip.group:
-        raise StoreError(f"{spec.clip_store}: no text/ group (concept features); rerun `iis extract`")
+    text = clip.text_group()  # refuses an absent or unfinished group, by name
     splits = {}
     for name, own in (("train", train), ("val", val)):
         data = clip.read_split(name)
         if not np.array_equal(data.ids, own.ids):
             raise StoreError(f"{spec.clip_store}: {name} rows differ from {spec.store}'s (ids or validity)")
         splits[name] = data.x
-    text = clip.group["text"]
     return TextInputs(words=as_str(text["words"][:]).tolist(),
                       text_features=np.asarray(text["features"][:], dtype=np.float32),
                       clip_train=splits["train"], clip_val=splits["val"])

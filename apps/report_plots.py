@@ -23,17 +23,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DPI = 110
-PANEL_KEYS = ["dataset", "library", "num_concepts", "protocol"]
+PANEL_KEYS = ["dataset", "library", "num_concepts", "protocol", "grid"]
 _PANEL_SIZE = (4.6, 3.5)  # inches per panel; two panels a row fit the page at about 1:1
 _MAX_NAME = 34  # characters of a model name in a legend or next to a point
 _MAX_NAMED_POINTS = 12  # above this many models, points carry numbers keyed in the legend
 
 
+def mathtext_safe(text: object) -> str:
+    """``text`` as matplotlib draws it literally: a ``$`` would start mathtext (and an unpaired
+    one raises), so every ``$`` is escaped."""
+    return str(text).replace("$", r"\$")
+
+
 def varying_keys(*frames: pd.DataFrame) -> list[str]:
-    """The panel keys other than ``library`` that take more than one value across ``frames``."""
+    """The panel keys other than ``library`` that take more than one value across ``frames``
+    (a ratio grid missing from a table written before grids were keyed does not count)."""
     vary = []
-    for key in ("num_concepts", "protocol", "dataset"):
-        values = {int_or_dash(v) if key == "num_concepts" else str(v) for f in frames for v in f[key]}
+    for key in ("num_concepts", "protocol", "dataset", "grid"):
+        values = {int_or_dash(v) if key == "num_concepts" else str(v) for f in frames if key in f for v in f[key]
+                  if key != "grid" or (v is not None and not pd.isna(v))}
         if len(values) > 1:
             vary.append(key)
     return vary
@@ -45,7 +53,12 @@ def panel_labels(df: pd.DataFrame, vary: list[str] | None = None) -> pd.Series:
     vary = varying_keys(df) if vary is None else vary
     label = df["library"].astype(str)
     for key in vary:
-        part = "K=" + df[key].map(int_or_dash) if key == "num_concepts" else df[key].astype(str)
+        if key == "num_concepts":
+            part = "K=" + df[key].map(int_or_dash)
+        elif key == "grid":
+            part = "grid " + df[key].map(lambda g: "–" if g is None or pd.isna(g) else str(g))
+        else:
+            part = df[key].astype(str)
         label = label + " · " + part
     return label
 
@@ -131,7 +144,7 @@ def _legend(fig: Figure, colours: dict[str, tuple], marker: str) -> None:
 
     numbered = len(colours) > _MAX_NAMED_POINTS
     handles = [Line2D([], [], color=c, marker=marker, lw=1.8 if marker == "" else 0,
-                      label=f"{i}  {short_name(m)}" if numbered else short_name(m))
+                      label=mathtext_safe(f"{i}  {short_name(m)}" if numbered else short_name(m)))
                for i, (m, c) in enumerate(colours.items(), start=1)]
     ncol = max(1, math.ceil(len(handles) / 30))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False, ncol=ncol,
@@ -154,7 +167,8 @@ def arr_figure(curves: pd.DataFrame, colours: dict[str, tuple]) -> bytes:
         for row in curves[curves["panel"] == panel].itertuples():
             ax.plot(row.ratios, row.arr, marker="o", ms=3, lw=1.6, color=colours[row.model], alpha=0.9)
         ax.axhline(1.0, color="0.35", ls="--", lw=1)
-        ax.set(title=panel, xlabel="sparsity ratio s", ylabel="ARR(s)", xlim=(-0.02, 1.0), ylim=(0, top))
+        ax.set(title=mathtext_safe(panel), xlabel="sparsity ratio s", ylabel="ARR(s)", xlim=(-0.02, 1.0),
+               ylim=(0, top))
         ax.grid(alpha=0.25)
     _legend(fig, colours, marker="")
     return png_bytes(fig)
@@ -178,7 +192,7 @@ def iis_figure(points: pd.DataFrame, colours: dict[str, tuple], captions: dict[s
             name = number[row.model] if len(colours) > _MAX_NAMED_POINTS else short_name(row.model, 22)
             # Labels point inward, so the rightmost names do not run off the panel.
             right = row.standard_top1 > mid
-            ax.annotate(name, (row.standard_top1, row.iis_normalized), xytext=(-5 if right else 5, 4),
+            ax.annotate(mathtext_safe(name), (row.standard_top1, row.iis_normalized), xytext=(-5 if right else 5, 4),
                         textcoords="offset points", ha="right" if right else "left", fontsize=7.5, color="0.15")
         ok = np.isfinite(x) & np.isfinite(y)
         if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
@@ -192,7 +206,8 @@ def iis_figure(points: pd.DataFrame, colours: dict[str, tuple], captions: dict[s
             pad_y = max(0.02, 0.08 * (hi.max() - lo.min()))
             ax.set_xlim(x[ok].min() - pad_x, x[ok].max() + pad_x)
             ax.set_ylim(lo.min() - pad_y, hi.max() + pad_y)
-        ax.set_title(f"{panel}\n{captions[panel]}" if captions.get(panel) else panel, fontsize=10)
+        title = f"{panel}\n{captions[panel]}" if captions.get(panel) else panel
+        ax.set_title(mathtext_safe(title), fontsize=10)
         ax.set(xlabel="standard head test top-1", ylabel="IIS (normalised)")
         ax.grid(alpha=0.25)
     _legend(fig, colours, marker="o")
@@ -223,7 +238,7 @@ def finetune_figure(ft: pd.DataFrame) -> bytes:
         ax.set_title(title, fontsize=10)
         ax.set_ylim(-0.7, len(ft) - 0.3)
         ax.grid(axis="x", alpha=0.25)
-    axes[0].set_yticks(ys, labels, fontsize=8)
+    axes[0].set_yticks(ys, [mathtext_safe(label) for label in labels], fontsize=8)
     fig.legend(*axes[1].get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False)
     return png_bytes(fig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,47 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (``--workers 0`` would wait forever)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, refused at once if absent here."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line (the failing flag and the fix), exit status 2, like every expected failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _csv(kind):
     def parse(text: str) -> list:
         try:
@@ -40,7 +82,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iis", description=__doc__)
+    parser = _Parser(prog="iis", description=__doc__)
     parser.add_argument("--version", action="version", version=f"iis {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--model", action="append", help="only this model (repeatable)")
     p.add_argument("--shard", type=_shard, default=(0, 1), help="fill block range i of n (i/n); 0 creates the store")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers (overrides the pipeline)")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    p.add_argument("--num-workers", type=_count(0), help="DataLoader workers (overrides the pipeline)")
 
     p = sub.add_parser("analyze", help="stage 2: libraries, heads, IIS and correlation tables")
     p.add_argument("pipeline", nargs="?", help="a pipeline name; or use --store/--results")
@@ -60,14 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, help="explicit mode: where tables go")
     p.add_argument("--clip-store", type=Path, help="explicit mode: the CLIP store, for the text library")
     p.add_argument("--libraries", type=_csv(str))
-    p.add_argument("--num-concepts", type=int)
+    p.add_argument("--num-concepts", type=_count(1))
     p.add_argument("--ratios", type=_csv(float))
     p.add_argument("--seeds", type=_csv(int))
     p.add_argument("--protocol", choices=["default", "reference"])
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--bootstrap", type=_count(0), help="bootstrap resamples for confidence intervals")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster)")
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch/BLAS threads per task")
+    p.add_argument("--workers", type=_count(1), default=2, help="LocalCluster worker processes")
+    p.add_argument("--threads", type=_count(1), default=1, help="torch/BLAS threads per task")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
     p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
@@ -82,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, required=True, help="sparsity ratio s of the head")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--top", type=int, default=5, help="concepts listed per image")
+    p.add_argument("--limit", type=_count(1), default=16)
+    p.add_argument("--top", type=_count(1), default=5, help="concepts listed per image")
     p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
 
     p = sub.add_parser("finetune", help="application 1: fine-tune with interpretability maximisation vs lambda=0")
@@ -91,16 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--model", help="a model of the pipeline (default: the pipeline's finetune.model)")
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the interpretable-head loss")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=_count(1))
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
 
     p = sub.add_parser("run", help="the main job: extract, analyze, explain, fine-tune, report")
     p.add_argument("pipeline")
     _add_config(p)
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    p.add_argument("--workers", type=_count(1), default=2, help="LocalCluster worker processes")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
+    p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
 
     p = sub.add_parser("export-h5", help="write a store to one HDF5 file")
     p.add_argument("store", type=Path)
@@ -109,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-h5", help="create a store from an HDF5 file")
     p.add_argument("file", type=Path)
     p.add_argument("store", type=Path)
-    p.add_argument("--block-rows", type=int, default=1024)
+    p.add_argument("--block-rows", type=_count(1), default=1024, help="rows per chunk of the new store")
     return parser
 
 
@@ -208,7 +250,16 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status.
+
+    0 on success; 2 for an expected failure (bad flag, config, store, permissions, disk), logged
+    as one line naming the thing (``-v`` adds the traceback); 130 after Ctrl-C, with one line
+    saying that a rerun resumes.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad flag (already reported in one line)
+        return int(exit_.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -216,16 +267,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Dask's own INFO lines (nanny start/stop, comms) drown the pipeline's; keep its warnings.
     for noisy in ("distributed", "bokeh", "tornado"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # Importing `distributed` sets its logger from dask's config (INFO), undoing the line above
+    # whenever the import comes later, and worker processes configure themselves the same way:
+    # so the config says it too (the environment reaches workers; dask reads it on import).
+    dask_level = "debug" if args.verbose else "warning"
+    os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", dask_level)
+    if "dask" in sys.modules:  # imported already: the environment is read
+        import dask
+
+        dask.config.set({"distributed.logging.distributed": dask_level})
     # Imported here, not at the top, to keep `iis --help` fast.
     from iis.extract.backbones import WeightsError
     from iis.store_format import StoreError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StoreError, WeightsError, FileExistsError, FileNotFoundError, ValueError) as err:
-        # Expected failures get one clear line, not a traceback (-v shows it).
+    except (ConfigError, StoreError, WeightsError, ValueError, OSError) as err:
+        # Expected failures get one clear line, not a traceback (-v shows it). OSError covers
+        # missing files, permissions and a full disk; its message names the path.
         log.error("%s", err, exc_info=args.verbose)
         return 2
+    except KeyboardInterrupt:
+        # Every stage writes atomically and resumes, so stopping is safe at any point.
+        log.error("interrupted; rerun to resume", exc_info=args.verbose)
+        return 130
 
 
 if __name__ == "__main__":

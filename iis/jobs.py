@@ -305,7 +305,8 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                    options=cfg.analysis.options)
     iis = tables.read_table(cfg.results, "iis")
     iis = iis[(iis.library == ft.library) & (iis.num_concepts == k) & (iis.seed == ft.seed)
-              & (iis.protocol == "default") & (iis.pipeline == cfg.name)].set_index("model")
+              & (iis.protocol == "default") & (iis.pipeline == cfg.name)
+              & (iis.grid == tables.grid_key(cfg.analysis.ratios))].set_index("model")
     rows = [{
         "pipeline": cfg.name, "dataset": cfg.dataset.label, "model": base.name, "lambda": arm.lam,
         "seed": ft.seed, "epochs": ft.epochs, "ratio": ft.ratio, "library": ft.library, "num_concepts": k,

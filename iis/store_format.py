@@ -56,18 +56,19 @@ def atomic_file(path: Path) -> Iterator[Path]:
 
 # Model, pipeline and library names become file names (`<store>/<model>.zarr`, library files under
 # the results folder), so a name from any source (pipelines.yaml, a store attribute, an HDF5 file)
-# passes this rule before it touches a path. '@' joins generated names (`r10@e2`, a checkpoint).
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+# passes this rule before it touches a path. '@' and '+' join generated names (`r10@e2`, a
+# checkpoint; `r10+ft1`, a fine-tuned copy).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$")
 
 
 def check_name(value: str, *, what: str = "name") -> str:
     """Return ``value`` if it is safe as one path component, else raise :class:`ValueError`.
 
-    Safe: letters, digits, '.', '_', '-' and '@', starting with a letter or digit, no '..'.
+    Safe: letters, digits, '.', '_', '-', '@' and '+', starting with a letter or digit, no '..'.
     So ``"../../x"``, ``"a/b"`` and ``""`` are refused.
     """
     if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} is not a safe name: use letters, digits, '.', '_', '-' and '@', "
+        raise ValueError(f"{what} {value!r} is not a safe name: use letters, digits, '.', '_', '-', '@' and '+', "
                          "starting with a letter or digit")
     return value
 

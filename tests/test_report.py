@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from iis.analyze.tables import SCHEMAS, write_atomic
 from iis.apps.report import write_report
-from iis.apps.report_plots import mean_arr_curves, model_points
+from iis.apps.report_plots import mathtext_safe, mean_arr_curves, model_points
 from iis.extract.datasets import load_dataset
 from PIL import Image
 
@@ -225,6 +225,34 @@ def test_curves_average_seeds_and_intervals_are_normalised():
     np.testing.assert_allclose(p["iis_normalized"], rows["iis_normalized"].mean())
     np.testing.assert_allclose(p["ci_low"], (rows["iis"].mean() - 0.09) / 0.9)
     np.testing.assert_allclose(p["ci_high"], (rows["iis"].mean() + 0.045) / 0.9)
+
+
+def test_dollar_signs_in_names_are_drawn_literally(results, digits):
+    """A ``$`` starts matplotlib mathtext; an unpaired one used to crash the report."""
+    for name in ("iis", "accuracy", "correlation"):
+        path = results / f"{name}.parquet"
+        df = pd.read_parquet(path)
+        if "model" in df:
+            df["model"] = df["model"].replace({"r10": "r10$price", "convnext_atto": "x$^$y"})
+        if "models" in df:
+            df["models"] = df["models"].map(lambda ms: [{"r10": "r10$price"}.get(m, m) for m in ms])
+        df["library"] = df["library"].replace({"cluster": "clu$ter"})
+        write_atomic(df, path, SCHEMAS[name])
+    ft = pd.read_parquet(results / "finetune.parquet").assign(model="r10$price")
+    ft = pd.concat([ft, ft.assign(model="x$")], ignore_index=True)
+    ft.to_parquet(results / "finetune.parquet")
+    page = write_report(results=results, dataset=digits, max_cards=2).read_text(encoding="utf-8")
+    assert "r10$price" in page and "clu$ter" in page and "x$^$y" in page
+    assert mathtext_safe("a$b$c") == r"a\$b\$c"
+
+
+def test_panels_split_by_grid_when_grids_differ():
+    iis = _iis_frame()
+    other = iis.assign(ratios=[[0.0, 0.3, 0.9]] * len(iis), grid="0,0.3,0.9")
+    both = pd.concat([iis.assign(grid="0,0.5,0.9"), other], ignore_index=True)
+    points = model_points(both)
+    assert set(points["panel"]) == {f"{lib} · grid {g}" for lib in LIBRARIES for g in ("0,0.5,0.9", "0,0.3,0.9")}
+    assert (points["n_seeds"] == 2).all()  # each point averages its own grid's seeds only
 
 
 _FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

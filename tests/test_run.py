@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,40 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, caplog):
     assert "no pipeline 'nope'; known:" in caplog.text
     assert main(["analyze", "--store", str(tmp_path / "absent.zarr"), "--results", str(tmp_path)]) == 2
     assert "absent.zarr: no feature store here" in caplog.text
+
+
+@pytest.mark.slow
+def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_path):
+    """Issue 11/13: editing `analysis.ratios` and rerunning `iis run` computes the new grid's rows
+    beside the old ones; correlation is per grid; a rerun with nothing changed commits nothing.
+
+    Runs in the shared smoke folder (stores record absolute checkpoint paths, so it cannot be
+    copied) and puts its config and results back afterwards, for the other tests.
+    """
+    config, results = smoke / "pipelines.yaml", smoke / "results" / "smoke"
+    text = config.read_text()
+    assert text.count("ratios: [0, 0.5, 0.9]") == 2
+    shutil.copytree(results, tmp_path / "results-before")
+    try:
+        config.write_text(text.replace("ratios: [0, 0.5, 0.9]", "ratios: [0, 0.5, 0.7, 0.9]"))
+        assert main(["run", "smoke", "--config", str(config)]) == 0
+        iis = pd.read_parquet(results / "iis.parquet")
+        assert iis.groupby("grid").size().to_dict() == {"0,0.5,0.7,0.9": 8, "0,0.5,0.9": 8}
+        corr = pd.read_parquet(results / "correlation.parquet")
+        assert sorted(corr.grid) == ["0,0.5,0.7,0.9"] * 2 + ["0,0.5,0.9"] * 2 and (corr.n_models == 4).all()
+        acc = pd.read_parquet(results / "accuracy.parquet")
+        assert set(acc[acc.grid == "0,0.5,0.7,0.9"].sparsity.dropna()) == {0.0, 0.5, 0.7, 0.9}
+        # Fine-tuning is measured on the new grid's rows.
+        ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
+        tuned = iis[(iis.model == "r10-random+ft1") & (iis.library == "prototype") & (iis.grid == "0,0.5,0.7,0.9")]
+        assert ft.loc[1.0, "iis_after"] == tuned.iis.item()
+        analysed = ("accuracy", "concepts", "iis", "correlation")
+        stamps = {n: (results / f"{n}.parquet").stat().st_mtime_ns for n in analysed}
+        assert main(["run", "smoke", "--config", str(config)]) == 0
+        # Nothing changed: the analysis commits nothing (explain, finetune and the report still write).
+        assert {n: (results / f"{n}.parquet").stat().st_mtime_ns for n in analysed} == stamps
+        assert json.loads((results / "manifest.json").read_text())["state"] == "committed"
+    finally:
+        config.write_text(text)
+        shutil.rmtree(results)
+        shutil.copytree(tmp_path / "results-before", results)
