@@ -96,19 +96,21 @@ def test_writer_marks_nonfinite_and_overflow_rows_invalid(tmp_path):
     assert group["train/valid"][:3].tolist() == [False, False, True]
     assert group["train/reason"][:3].tolist() == [ROW_NONFINITE, ROW_OVERFLOW, ROW_OK]
     unreadable = np.full((3, DIM), np.nan, dtype=np.float32)
-    st.write_block(group, "train", 1, features=unreadable, labels=np.zeros(3, dtype=int),
+    unreadable[2] = 1.0  # one good row, so that the usable train rows cover two classes
+    st.write_block(group, "train", 1, features=unreadable, labels=np.array([0, 0, 1]),
                    ids=np.array(["u", "v", "w"]), valid=np.array([False, True, True]))
-    assert group["train/reason"][3:6].tolist() == [ROW_UNREADABLE, ROW_NONFINITE, ROW_NONFINITE]
+    assert group["train/reason"][3:6].tolist() == [ROW_UNREADABLE, ROW_NONFINITE, ROW_OK]
     for split in ("val", "test"):
-        st.write_block(group, split, 0, features=np.zeros((2, DIM)), labels=np.zeros(2, dtype=int),
+        st.write_block(group, split, 0, features=np.zeros((2, DIM)), labels=np.array([0, 1]),
                        ids=np.array(["p", "q"]), valid=np.ones(2, dtype=bool))
     assert st.finalize_store(group, tmp_path / "s.zarr")
     summary = group.attrs["summary"]
-    assert summary["invalid"]["train"] == 5
-    assert summary["unreadable"]["train"] == 1 and summary["nonfinite"]["train"] == 3
+    assert summary["invalid"]["train"] == 4
+    assert summary["unreadable"]["train"] == 1 and summary["nonfinite"]["train"] == 2
     assert summary["overflow"]["train"] == 1
     # The reader never hands the bad rows to a head.
-    assert np.isfinite(open_feature_store(tmp_path / "s.zarr").read_split("train").x.numpy()).all()
+    train = open_feature_store(tmp_path / "s.zarr").read_split("train")
+    assert np.isfinite(train.x.numpy()).all() and train.ids.tolist() == ["z", "w"]
 
 
 def test_writer_refuses_labels_outside_the_classes(tmp_path):
