@@ -22,7 +22,7 @@ import numpy as np
 from iis.extract import store as st
 from iis.extract.backbones import file_sha256
 
-from iis.store_format import atomic_file
+from iis.store_format import BLOCK_ROWS, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _imported_attrs(f: h5py.File, h5_path: Path, classes: list[str]) -> dict:
     }
 
 
-def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = 1024, dtype: str | None = None) -> None:
+def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = BLOCK_ROWS, dtype: str | None = None) -> None:
     """Create a complete store from an HDF5 file in the layout above.
 
     Args:
