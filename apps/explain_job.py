@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def explain_model(*, store: Path, results: Path, model: str, library: str, num_concepts: int, seed: int,
-                  ratio: float, split: str = "test", images: Sequence[str] | None = None, limit: int = 16,
-                  top: int = 5, pipeline: str | None = None) -> dict:
+                  ratio: float, split: str = "test", images: Sequence[str] | None = None,
+                  limit: int | None = None, top: int | None = None, pipeline: str | None = None) -> dict:
     """Explain ``model``'s predictions with ``g ∘ g_s ∘ a`` at ``ratio`` and upsert ``explanations.parquet``.
 
     Args:
@@ -31,11 +31,12 @@ def explain_model(*, store: Path, results: Path, model: str, library: str, num_c
         ratio: the sparsity ratio of the head.
         split: ``train``, ``val`` or ``test``.
         images: ids of the images to explain; None takes the first ``limit``.
-        top: concepts listed per image.
+        limit, top: images explained and concepts listed per image; None keeps
+            :func:`~iis.apps.explain.explain_split`'s defaults.
         pipeline: the ``pipeline`` key of the rows (and named in the "run analyze first" hint).
 
     Returns:
-        ``{"interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``;
+        ``{"split", "interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``;
         ``standard_top1`` is NaN off the test split.
     """
     results = Path(results)
@@ -45,14 +46,14 @@ def explain_model(*, store: Path, results: Path, model: str, library: str, num_c
         run = f"`iis analyze {pipeline}`" if pipeline else "`iis analyze`"
         raise FileNotFoundError(f"{lib_file}: no saved library; run {run} first "
                                 f"(with {library} in analysis.libraries and seed {seed})")
-    result = explain_split(store=store, library_file=lib_file, ratio=ratio, split=split, image_ids=images,
-                           limit=limit, top=top)
+    given = {k: v for k, v in (("limit", limit), ("top", top)) if v is not None}
+    result = explain_split(store=store, library_file=lib_file, ratio=ratio, split=split, image_ids=images, **given)
     acc = tables.read_table(results, "accuracy")
     std = acc[(acc.model == model) & (acc.library == "standard") & (acc.seed == seed) & (acc.protocol == "default")]
     standard_top1 = float(std.test_top1.iloc[0]) if len(std) and split == "test" else float("nan")
     rows = result.rows.assign(pipeline=pipeline or "", seed=seed)
     tables.upsert(results, "explanations", rows)
-    summary = {"interpretable_top1": result.interpretable_top1, "standard_top1": standard_top1,
+    summary = {"split": split, "interpretable_top1": result.interpretable_top1, "standard_top1": standard_top1,
                "accuracy_lost": standard_top1 - result.interpretable_top1, "n_images": result.n_images,
                "rows": len(rows)}
     log.info("%s %s s=%g on %s: interpretable top-1 %.4f vs standard %.4f (%.2f points lost, %d images)",

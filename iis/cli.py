@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline")
     _add_config(p)
     p.add_argument("--model", action="append", help="only this model (repeatable)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), help="fill block range i of n (i/n); 0 creates the store")
+    p.add_argument("--shard", type=_shard, help="fill block range i of n (i/n); 0 creates the store (default: unsharded)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
     p.add_argument("--num-workers", type=int, help="DataLoader workers (overrides the pipeline)")
 
@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--library", required=True)
     p.add_argument("--ratio", type=float, required=True, help="sparsity ratio s of the head")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"], help="default test")
     p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--top", type=int, default=5, help="concepts listed per image")
+    p.add_argument("--limit", type=int, help="images explained when --images is not given (default 16)")
+    p.add_argument("--top", type=int, help="concepts listed per image (default 5)")
     p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
 
     p = sub.add_parser("finetune", help="application 1: fine-tune with interpretability maximisation vs lambda=0")
@@ -182,7 +182,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                                limit=args.limit, top=args.top)
     # The one figure a user asked for goes to stdout; the rest is in explanations.parquet.
     sys.stdout.write(
-        f"{args.model} {args.library} s={args.ratio:g} ({args.split}, {summary['n_images']} images): "
+        f"{args.model} {args.library} s={args.ratio:g} ({summary['split']}, {summary['n_images']} images): "
         f"interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 {summary['standard_top1']:.4f}, "
         f"accuracy lost {100 * summary['accuracy_lost']:.2f} points\n")
     return 0

@@ -32,11 +32,11 @@ def extract_pipeline(
     cfg: PipelineConfig,
     *,
     models: list[str] | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     device: str | None = None,
     num_workers: int | None = None,
 ) -> dict[str, bool]:
-    """Run stage 1 for every (selected) model of a pipeline.
+    """Run stage 1 for every (selected) model of a pipeline (``shard``: ``(i, n)``; None: unsharded).
 
     Returns:
         ``{model name: store complete}``.
@@ -204,13 +204,13 @@ def report_pipeline(cfg: PipelineConfig) -> Path:
     return path
 
 
-def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str = "test",
+def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str | None = None,
                      images: list[str] | None = None, seed: int | None = None, limit: int | None = None,
                      top: int | None = None) -> dict:
     """Application 2: explain predictions of ``g ∘ g_s ∘ a``; upserts ``explanations.parquet``.
 
     Returns:
-        ``{"interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
+        ``{"split", "interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
     """
     from iis.apps.explain_job import explain_model
 
@@ -220,8 +220,8 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
     require_results(cfg)
     return explain_model(store=cfg.store_path(model), results=cfg.results, model=model, library=library,
                          num_concepts=cfg.analysis.num_concepts,
-                         seed=cfg.analysis.seeds[0] if seed is None else seed, ratio=ratio, split=split,
-                         images=images, pipeline=cfg.name, **_given(limit=limit, top=top))
+                         seed=cfg.analysis.seeds[0] if seed is None else seed, ratio=ratio, images=images,
+                         pipeline=cfg.name, **_given(split=split, limit=limit, top=top))
 
 
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
@@ -297,14 +297,14 @@ def _plan_elements(cfg: PipelineConfig, dataset):
 
 
 def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_workers: int | None = None,
-                     shard: tuple[int, int] = (0, 1)):
+                     shard: tuple[int, int] | None = None):
     """The pipeline's `extract:` section, with command-line overrides."""
     from iis.extract.runner import ExtractOptions
 
     ex = cfg.extract
     return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
                           num_workers=ex.num_workers if num_workers is None else num_workers,
-                          device=device or ex.device, amp=ex.amp, shard=shard)
+                          device=device or ex.device, amp=ex.amp, **_given(shard=shard))
 
 
 def _load_dataset(cfg: PipelineConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from iis.analyze.pipeline import ClusterOptions
+from iis.apps.explain import explain_split
 from iis.extract import store as st
 
 from iis.cli import build_parser, main
@@ -121,6 +123,10 @@ def test_help_states_the_defaults_their_owners_hold():
     assert f"(default {ClusterOptions().threads})" in helps["threads"]
     assert {a.dest: a.default for a in sub["analyze"]._actions}["workers"] is None
     assert f"(default {BLOCK_ROWS})" in {a.dest: a.help for a in sub["import-h5"]._actions}["block_rows"]
+    explain = {a.dest: a for a in sub["explain"]._actions}
+    owner = inspect.signature(explain_split).parameters
+    for name in ("limit", "top"):
+        assert explain[name].default is None and f"(default {owner[name].default})" in explain[name].help
 
 
 @pytest.mark.parametrize(("verbosity", "own", "dask_info_shown"),
