@@ -17,7 +17,8 @@ from iis.analyze.libraries import get_library
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
-from tqdm.auto import tqdm
+
+from iis.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,18 @@ def _thread_env(threads: int) -> dict[str, str]:
 @contextlib.contextmanager
 def dask_client(options: ClusterOptions) -> Iterator[object]:
     """A ``dask.distributed`` client: to ``options.scheduler``, or to a new LocalCluster."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     if options.scheduler:
         client = Client(options.scheduler, timeout="30s")
         cluster = None
     else:
-        cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
+        # forkserver, not spawn: a spawned worker exits through a full interpreter teardown (torch,
+        # zarr), which outlasts the nanny's 4 s close and gets it killed (a warning, a traceback).
+        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+            cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
         client = Client(cluster)
     log.info("Dask dashboard: %s", client.dashboard_link)
     try:
@@ -91,7 +96,7 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
     A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised again with the
     store and task named in its message.
     """
-    bar = tqdm(total=len(specs), desc="analyze", unit="task", disable=None)
+    bar = progress(total=len(specs), desc="analyze", unit="task", logger=log)
     if options.synchronous:
         results = []
         with bar:

@@ -34,14 +34,14 @@ import zarr
 from iis.extract import store as st
 from iis.extract.backbones import Backbone, file_sha256, state_dict_sha256
 
+from iis.store_format import TEXT_FORMAT, TEXT_GROUP
+
 log = logging.getLogger(__name__)
 
 RANDOM_FOR_TESTS = "random-for-tests"
 # Configs this project ships (data/clip/*.json); registered with open_clip on first use.
 CONFIG_DIR = Path(str(resources.files("iis.data") / "clip"))
 SHIPPED_MODELS = ("iis-tiny-test",)
-TEXT_GROUP = "text"
-TEXT_FORMAT = "iis-clip-text"
 # open_clip's eval resize modes, as the timm eval transform's crop modes (with crop_pct = 1.0).
 _CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
 _REQUIRED_ATTRS = ("clip_model", "weights", "weights_sha256", "random_weights", "concepts_path")

@@ -27,7 +27,7 @@ import numpy as np
 from iis.extract import store as st
 from iis.extract.backbones import file_sha256
 
-from iis.store_format import FEATURE_DTYPES, atomic_file, check_labels, check_name
+from iis.store_format import BLOCK_ROWS, FEATURE_DTYPES, atomic_file, check_labels, check_name
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _read_elements(f: h5py.File, h5_path: Path, dim: int):
     return provenance, columns
 
 
-def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = 1024, dtype: str | None = None) -> None:
+def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = BLOCK_ROWS, dtype: str | None = None) -> None:
     """Create a complete store from an HDF5 file in the layout above.
 
     Args:

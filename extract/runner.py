@@ -25,7 +25,9 @@ from iis.extract.backbones import Backbone, element_transform, image_transform, 
 from iis.extract.datasets import ImageDataset, ImageLoadError
 from iis.extract.elements import ElementPlan, render_element
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
+
+from iis.progress import progress
+from iis.store_format import BLOCK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class ExtractOptions:
     """
 
     batch_size: int = 64
-    block_rows: int = 1024
+    block_rows: int = BLOCK_ROWS
     dtype: str = "float16"
     num_workers: int = 0
     device: str = "auto"
@@ -267,8 +269,8 @@ def _fill_part(group, path: Path, part: str, rows_dataset: Dataset, *, split_met
     span = st.block_slice(block, rows=rows, block_rows=block_rows)
     feats: list[np.ndarray] = []
     valids: list[np.ndarray] = []
-    bar = tqdm(total=sum(_block_size(b, rows=rows, block_rows=block_rows) for b in pending),
-               desc=part, unit="img", disable=None, smoothing=0.1)
+    bar = progress(total=sum(_block_size(b, rows=rows, block_rows=block_rows) for b in pending),
+                   desc=part, unit="img", logger=log, smoothing=0.1)
     with torch.inference_mode(), bar:
         for images, valid in loader:
             images = normalize_batch(images.to(device, non_blocking=True), data_config)

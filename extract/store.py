@@ -45,6 +45,7 @@ import numpy as np
 import zarr
 
 from iis.store_format import (  # noqa: F401  (re-exported: stage 1's callers use st.SPLITS, st.StoreError, …)
+    BLOCK_ROWS,
     ELEMENTS,
     FEATURE_DTYPES,
     FORMAT,
@@ -189,7 +190,7 @@ def create_store(
     feature_dim: int,
     attrs: Mapping[str, object],
     elements: ElementProvenance | None,
-    block_rows: int = 1024,
+    block_rows: int = BLOCK_ROWS,
     dtype: str = "float16",
     atomic: bool = True,
 ) -> zarr.Group:

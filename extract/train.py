@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
-from tqdm.auto import tqdm
 
+from iis.progress import progress
 from iis.store_format import atomic_file
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.op
     head = model.get_classifier()
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
     seen = skipped = 0
-    for images, labels, unreadable in tqdm(loader, desc=desc, unit="batch", disable=None, leave=False):
+    for images, labels, unreadable in progress(loader, desc=desc, unit="batch", logger=log, final=False, leave=False):
         skipped += unreadable
         if len(labels) < 2:  # batch norm cannot train on a single sample
             continue

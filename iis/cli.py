@@ -1,4 +1,4 @@
-"""The `iis` command line: `iis extract|analyze|run|report|explain|finetune|export-h5|import-h5`."""
+"""The `iis` command line: `iis extract|analyze|run|report|explain|finetune|export-h5|import-h5|info|pipelines|init`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from iis import __version__
-from iis.config import ConfigError, load_pipeline
+from iis.config import ConfigError, find_pipeline
+from iis.logs import configure_logging
 
 log = logging.getLogger("iis")
 
@@ -77,21 +78,34 @@ def _csv(kind):
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path("pipelines.yaml"),
-                   help="pipelines file (default: ./pipelines.yaml)")
+    p.add_argument("--config", type=Path,
+                   help="your pipelines file (default: ./pipelines.yaml when it exists); "
+                        "the pipelines shipped with iis are always available after it")
+
+
+# Stage 1 reads the dataset and the weights; stage 2 only the stores and the results folder, so a
+# CPU node without /data and /models runs analyze, report and explain.
+_NEEDS_INPUTS = {"extract": True, "run": True, "finetune": True, "analyze": False, "report": False, "explain": False}
+
+
+def _pipeline(args: argparse.Namespace):
+    """The named pipeline, checked for what this command uses."""
+    return find_pipeline(args.pipeline, args.config, check_inputs=_NEEDS_INPUTS[args.command])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iis", description=__doc__)
     parser.add_argument("--version", action="version", version=f"iis {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Dask's own INFO logs")
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="stage 1: run backbones over a pipeline's data into Zarr stores")
     p.add_argument("pipeline")
     _add_config(p)
     p.add_argument("--model", action="append", help="only this model (repeatable)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), help="fill block range i of n (i/n); 0 creates the store")
+    p.add_argument("--shard", type=_shard, help="fill block range i of n (i/n); 0 creates the store (default: unsharded)")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
     p.add_argument("--num-workers", type=_count(0), help="DataLoader workers (overrides the pipeline)")
 
@@ -108,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["default", "reference"])
     p.add_argument("--bootstrap", type=_count(0), help="bootstrap resamples for confidence intervals")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster)")
-    p.add_argument("--workers", type=_count(1), default=2, help="LocalCluster worker processes")
-    p.add_argument("--threads", type=_count(1), default=1, help="torch/BLAS threads per task")
+    p.add_argument("--workers", type=_count(1), help="LocalCluster worker processes (default 2)")
+    p.add_argument("--threads", type=_count(1), help="torch/BLAS threads per task (default 1)")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
     p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
@@ -122,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--library", required=True)
     p.add_argument("--ratio", type=float, required=True, help="sparsity ratio s of the head")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"], help="default test")
     p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
-    p.add_argument("--limit", type=_count(1), default=16)
-    p.add_argument("--top", type=_count(1), default=5, help="concepts listed per image")
+    p.add_argument("--limit", type=_count(1), help="images explained when --images is not given (default 16)")
+    p.add_argument("--top", type=_count(1), help="concepts listed per image (default 5)")
     p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
 
     p = sub.add_parser("finetune", help="application 1: fine-tune with interpretability maximisation vs lambda=0")
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the main job: extract, analyze, explain, fine-tune, report")
     p.add_argument("pipeline")
     _add_config(p)
-    p.add_argument("--workers", type=_count(1), default=2, help="LocalCluster worker processes")
+    p.add_argument("--workers", type=_count(1), help="LocalCluster worker processes (default 2)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
 
@@ -151,14 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-h5", help="create a store from an HDF5 file")
     p.add_argument("file", type=Path)
     p.add_argument("store", type=Path)
-    p.add_argument("--block-rows", type=_count(1), default=1024, help="rows per chunk of the new store")
+    p.add_argument("--block-rows", type=_count(1), help="rows per block of the new store (default 1024)")
+
+    p = sub.add_parser("info", help="summarise a store, a folder of stores, or a results folder")
+    p.add_argument("path", type=Path)
+
+    p = sub.add_parser("pipelines", help="list the pipelines available here and the file each comes from")
+    _add_config(p)
+    p.add_argument("--libraries", action="store_true", help="also list the concept libraries and their options")
+
+    p = sub.add_parser("init", help="write a commented starter pipelines.yaml (a GPU pipeline to edit)")
+    p.add_argument("path", nargs="?", type=Path, default=Path("pipelines.yaml"),
+                   help="the file, or a folder to put pipelines.yaml in (default: ./pipelines.yaml)")
     return parser
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from iis.jobs import extract_pipeline
 
-    cfg = load_pipeline(args.config, args.pipeline)
+    cfg = _pipeline(args)
     status = extract_pipeline(cfg, models=args.model, shard=args.shard, device=args.device,
                               num_workers=args.num_workers)
     for name, complete in status.items():
@@ -178,7 +203,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
             raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")
         analyze_explicit(stores=args.store, results=args.results, clip_store=args.clip_store, **options)
     elif args.pipeline:
-        analyze_pipeline(load_pipeline(args.config, args.pipeline), **options)
+        analyze_pipeline(_pipeline(args), **options)
     else:
         raise ConfigError("name a pipeline, or give --store … --results …")
     return 0
@@ -187,19 +212,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from iis.jobs import report_pipeline
 
-    report_pipeline(load_pipeline(args.config, args.pipeline))
+    report_pipeline(_pipeline(args))
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from iis.jobs import explain_pipeline
 
-    summary = explain_pipeline(load_pipeline(args.config, args.pipeline), model=args.model, library=args.library,
+    summary = explain_pipeline(_pipeline(args), model=args.model, library=args.library,
                                ratio=args.ratio, split=args.split, images=args.images, seed=args.seed,
                                limit=args.limit, top=args.top)
     # The one figure a user asked for goes to stdout; the rest is in explanations.parquet.
     sys.stdout.write(
-        f"{args.model} {args.library} s={args.ratio:g} ({args.split}, {summary['n_images']} images): "
+        f"{args.model} {args.library} s={args.ratio:g} ({summary['split']}, {summary['n_images']} images): "
         f"interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 {summary['standard_top1']:.4f}, "
         f"accuracy lost {100 * summary['accuracy_lost']:.2f} points\n")
     return 0
@@ -208,7 +233,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from iis.jobs import finetune_pipeline
 
-    cfg = load_pipeline(args.config, args.pipeline)
+    cfg = _pipeline(args)
     if cfg.finetune is None and (args.model is None or args.lam is None):
         raise ConfigError(f"pipeline {cfg.name!r} has no finetune: section; pass --model and --lambda")
     finetune_pipeline(cfg, model=args.model, lam=args.lam, epochs=args.epochs, seed=args.seed, device=args.device)
@@ -218,7 +243,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from iis.jobs import run_pipeline
 
-    run_pipeline(load_pipeline(args.config, args.pipeline), workers=args.workers, scheduler=args.scheduler,
+    run_pipeline(_pipeline(args), workers=args.workers, scheduler=args.scheduler,
                  device=args.device)
     return 0
 
@@ -233,7 +258,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     from iis.extract.h5io import import_h5
 
-    import_h5(args.file, args.store, block_rows=args.block_rows)
+    import_h5(args.file, args.store, **({} if args.block_rows is None else {"block_rows": args.block_rows}))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from iis.info import describe
+
+    sys.stdout.write(describe(args.path))
+    return 0
+
+
+def _cmd_pipelines(args: argparse.Namespace) -> int:
+    from iis.catalog import describe_libraries, describe_pipelines
+
+    sys.stdout.write(describe_pipelines(args.config))
+    if args.libraries:
+        sys.stdout.write(describe_libraries())
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from iis.catalog import write_starter
+
+    path = write_starter(args.path)
+    log.info("wrote %s: edit the paths of its pipeline, then `iis run imagenet-subset` "
+             "(`iis pipelines` lists it beside the shipped ones)", path)
     return 0
 
 
@@ -246,6 +296,9 @@ _COMMANDS = {
     "run": _cmd_run,
     "export-h5": _cmd_export,
     "import-h5": _cmd_import,
+    "info": _cmd_info,
+    "pipelines": _cmd_pipelines,
+    "init": _cmd_init,
 }
 
 
@@ -260,17 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version, or a bad flag (already reported in one line)
         return int(exit_.code or 0)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
-    # Dask's own INFO lines (nanny start/stop, comms) drown the pipeline's; keep its warnings.
-    for noisy in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    # Importing `distributed` sets its logger from dask's config (INFO), undoing the line above
-    # whenever the import comes later, and worker processes configure themselves the same way:
-    # so the config says it too (the environment reaches workers; dask reads it on import).
-    dask_level = "debug" if args.verbose else "warning"
+    configure_logging(1 if args.verbose else -1 if args.quiet else 0)
+    # Importing `distributed` sets its logger from dask's config (INFO), and worker processes
+    # configure themselves the same way: so the config says it too (the environment reaches
+    # workers; dask reads it on import). The handler's filter (iis.logs) covers this process.
+    dask_level = "info" if args.verbose else "warning"
     os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", dask_level)
     if "dask" in sys.modules:  # imported already: the environment is read
         import dask

@@ -2,14 +2,28 @@
 
 Errors name the key path and the reason, e.g.
 ``pipelines.demo.models[1].weights: file not found: /models/r50.pth``.
-Relative paths resolve against the folder of the yaml file.
+
+Where pipelines come from (:func:`find_pipeline`): the user's file (``--config``, or
+``./pipelines.yaml`` when it exists), then the pipelines shipped as package data
+(``iis/data/pipelines.yaml``: smoke, smoke-text, demo). A user's pipeline of the same name wins.
+Relative paths in a user's file resolve against its folder. In the shipped file, input paths
+(concept lists) resolve inside the package, next to the file, and ``store:``/``results:``
+under the current directory, so ``iis run demo`` works from any folder.
+
+What is checked depends on the command (``check_inputs``): extraction needs the dataset, the
+weights files, the timm backbone names, the concept list and the CLIP weights; stage 2 needs
+only the stores, which it checks itself when it opens them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -18,9 +32,13 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    create_model,
     field_validator,
     model_validator,
 )
+
+from iis.store_format import BLOCK_ROWS
 
 BUILTIN_DATASETS = ("mnist5k", "digits")
 CLIP_STORE = "clip"  # the CLIP store's model name (its store is <store>/clip.zarr)
@@ -36,10 +54,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _resolve(value: str | Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base", Path.cwd())
+def _resolve(value: str | Path, info: ValidationInfo, *, output: bool = False) -> Path:
+    """An absolute path: relative ones against the context's ``base`` (inputs) or ``out_base``
+    (``store``/``results``; they differ for the shipped pipelines)."""
+    context = info.context or {}
+    base = context.get("out_base" if output else "base") or context.get("base") or Path.cwd()
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path)
+    return path if path.is_absolute() else (Path(base) / path)
+
+
+def _checking_inputs(info: ValidationInfo) -> bool:
+    """Whether this parse checks what extraction reads (dataset, weights, backbones, concepts)."""
+    return (info.context or {}).get("check_inputs", True)
 
 
 class SplitFractions(_Frozen):
@@ -67,7 +93,7 @@ class DatasetConfig(_Frozen):
         if value is None:
             return None
         path = _resolve(value, info)
-        if not path.is_dir():
+        if _checking_inputs(info) and not path.is_dir():
             raise ValueError(f"directory not found: {path}")
         return path
 
@@ -77,7 +103,7 @@ class DatasetConfig(_Frozen):
         if value is None:
             return None
         path = _resolve(value, info)
-        if not path.is_file():
+        if _checking_inputs(info) and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return path
 
@@ -103,7 +129,7 @@ class TrainConfig(_Frozen):
     """A small seeded trainer for backbones trained by the pipeline (AdamW, cosine schedule)."""
 
     epochs: int = Field(ge=1)
-    checkpoints: list[Annotated[int, Field(ge=0)]]  # epochs after which a checkpoint becomes a model
+    checkpoints: tuple[Annotated[int, Field(ge=0)], ...]  # epochs after which a checkpoint becomes a model
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(128, ge=1)
@@ -116,7 +142,7 @@ class TrainConfig(_Frozen):
             raise ValueError(f"checkpoints {bad} lie beyond epochs={self.epochs}")
         if len(set(self.checkpoints)) != len(self.checkpoints) or not self.checkpoints:
             raise ValueError("checkpoints must be a non-empty list of distinct epochs")
-        return self
+        return self.model_copy(update={"checkpoints": tuple(sorted(self.checkpoints))})
 
 
 class ModelConfig(_Frozen):
@@ -136,8 +162,10 @@ class ModelConfig(_Frozen):
 
     @field_validator("backbone")
     @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        import timm  # deferred: importing timm costs a second, only needed here
+    def _known_backbone(cls, value: str, info: ValidationInfo) -> str:
+        if not _checking_inputs(info):
+            return value  # stage 2 never builds the backbone: it reads the store
+        import timm  # deferred: importing timm takes seconds, and only extraction needs it
 
         if not timm.is_model(value.split(".")[0]):
             raise ValueError(f"unknown timm model {value!r} (see timm.list_models())")
@@ -149,7 +177,7 @@ class ModelConfig(_Frozen):
         if value in ("random", "pretrained"):
             return value
         path = _resolve(value, info)
-        if not path.is_file():
+        if _checking_inputs(info) and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return str(path)
 
@@ -163,26 +191,50 @@ class ElementsConfig(_Frozen):
 
 class ExtractConfig(_Frozen):
     batch_size: int = Field(64, ge=1)
-    block_rows: int = Field(1024, ge=1)  # rows per block and per Zarr chunk
+    block_rows: int = Field(BLOCK_ROWS, ge=1)  # rows per block and per Zarr chunk
     dtype: Literal["float16", "float32"] = "float16"
     num_workers: int = Field(0, ge=0)  # DataLoader workers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA
 
 
+@lru_cache(maxsize=1)
+def _options_model() -> type[BaseModel]:
+    """One optional field per registered library, typed by that library's options class.
+
+    Built from the registry on first use, so a new library's options are checked with no edit
+    here, and a bad option is reported with its key path
+    (``analysis.options.text.top5_cutoff: Input should be a valid number``).
+    """
+    from iis.analyze.libraries import get_library, list_libraries  # the registry is the source of truth
+
+    fields: dict[str, Any] = {name: (get_library(name).options | None, None) for name in list_libraries()}
+    return create_model("LibraryOptionsByName", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
 class AnalysisConfig(_Frozen):
-    libraries: list[str] = ["prototype", "cluster", "end2end"]
+    libraries: tuple[str, ...] = ("prototype", "cluster", "end2end")
     num_concepts: int = Field(64, ge=2)
-    ratios: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = list(DEFAULT_RATIOS)
-    seeds: list[int] = [0]
+    ratios: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], ...] = DEFAULT_RATIOS
+    seeds: tuple[int, ...] = (0,)
     protocol: Literal["default", "reference"] = "default"
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
-    # Per-library settings passed to its builder, e.g. {text: {top5_cutoff: 0.05, val_cutoff: 0.1}}.
-    options: dict[str, dict[str, float | int]] = {}
+    # Per-library settings, e.g. {text: {top5_cutoff: 0.05}, end2end: {epochs: 20}}: each library's
+    # options class (declared in its module, carried by the registry) checks them here.
+    options: Any = Field(default=None, validate_default=True)
+
+    @field_validator("options", mode="wrap")
+    @classmethod
+    def _typed_options(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> BaseModel:
+        model = _options_model()
+        if isinstance(value, model):
+            return value
+        # A ValidationError raised here keeps its locations, under analysis.options.
+        return model.model_validate({} if value is None else value)
 
     @field_validator("libraries")
     @classmethod
-    def _known_libraries(cls, value: list[str]) -> list[str]:
+    def _known_libraries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         from iis.analyze.libraries import list_libraries  # the registry is the source of truth
 
         known = list_libraries()
@@ -195,23 +247,45 @@ class AnalysisConfig(_Frozen):
 
     @model_validator(mode="after")
     def _options_for_listed_libraries(self) -> AnalysisConfig:
-        stray = sorted(set(self.options) - set(self.libraries))
+        stray = sorted(set(self.given_options()) - set(self.libraries))
         if stray:
             raise ValueError(f"options given for libraries not in `libraries`: {', '.join(stray)}")
         return self
 
+    def given_options(self) -> dict[str, BaseModel]:
+        """The options written in the file, by library (libraries left at their defaults are absent)."""
+        return {name: value for name, value in self.options if value is not None}
+
+    def library_options(self, name: str) -> BaseModel:
+        """The options of library ``name``: as given, or its options class's defaults."""
+        from iis.analyze.libraries import get_library
+
+        given = self.given_options().get(name)
+        return given if given is not None else get_library(name).options()
+
+    def options_by_library(self) -> dict[str, dict]:
+        """``{library: {option: value}}`` for every listed library: plain data that tasks carry."""
+        return {name: self.library_options(name).model_dump() for name in self.libraries}
+
+    @property
+    def needs_text(self) -> tuple[str, ...]:
+        """The listed libraries that read CLIP features (the registry says which)."""
+        from iis.analyze.libraries import get_library
+
+        return tuple(name for name in self.libraries if get_library(name).needs_text)
+
     @field_validator("ratios")
     @classmethod
-    def _grid(cls, value: list[float]) -> list[float]:
+    def _grid(cls, value: tuple[float, ...]) -> tuple[float, ...]:
         if len(value) < 2:
             raise ValueError("IIS needs at least two sparsity ratios")
         if len(set(value)) != len(value):
             raise ValueError("ratios must not repeat")
-        return sorted(value)
+        return tuple(sorted(value))
 
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, value: list[int]) -> list[int]:
+    def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value or len(set(value)) != len(value):
             raise ValueError("seeds must be a non-empty list without repeats")
         return value
@@ -232,7 +306,7 @@ class ClipConfig(_Frozen):
         if value in ("random", "pretrained"):
             raise ValueError("CLIP weights come from a local file; random weights need the explicit value random-for-tests")
         path = _resolve(value, info)
-        if not path.is_file():
+        if _checking_inputs(info) and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return str(path)
 
@@ -247,7 +321,7 @@ class TextConfig(_Frozen):
     @classmethod
     def _concepts_exist(cls, value: Path, info: ValidationInfo) -> Path:
         path = _resolve(value, info)
-        if not path.is_file():
+        if _checking_inputs(info) and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return path
 
@@ -277,7 +351,7 @@ class FinetuneConfig(_Frozen):
 class PipelineConfig(_Frozen):
     name: str
     dataset: DatasetConfig
-    models: list[ModelConfig] = Field(min_length=1)
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
     elements: ElementsConfig = ElementsConfig()
     extract: ExtractConfig = ExtractConfig()
     store: Path  # Zarr stores go under here, one per model
@@ -290,7 +364,7 @@ class PipelineConfig(_Frozen):
     @field_validator("store", "results")
     @classmethod
     def _paths(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return _resolve(value, info, output=True)
 
     @model_validator(mode="after")
     def _unique_models(self) -> PipelineConfig:
@@ -298,8 +372,9 @@ class PipelineConfig(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
-        if "text" in self.analysis.libraries and self.text is None:
-            raise ValueError("analysis.libraries has text, which needs a `text:` section (concepts and clip)")
+        if self.analysis.needs_text and self.text is None:
+            raise ValueError(f"analysis.libraries has {', '.join(self.analysis.needs_text)}, which needs a "
+                             "`text:` section (concepts and clip)")
         if CLIP_STORE in names:
             raise ValueError(f"the model name {CLIP_STORE!r} is reserved for the CLIP store")
         measured = {m.name for m in self.measured_models()}
@@ -387,8 +462,19 @@ def _locate(err: dict) -> str:
     return _loc(parts)
 
 
-def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml") -> dict[str, PipelineConfig]:
-    """Validate already-loaded yaml data; raise :class:`ConfigError` listing every problem."""
+def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml", out_base: Path | None = None,
+                    check_inputs: bool = True) -> dict[str, PipelineConfig]:
+    """Validate already-loaded yaml data; raise :class:`ConfigError` listing every problem.
+
+    Args:
+        data: the loaded yaml.
+        base: relative input paths (dataset, weights, concepts) resolve against it.
+        source: names the file in error messages.
+        out_base: relative ``store``/``results`` resolve against it (default: ``base``).
+        check_inputs: check that what extraction reads exists (dataset root or file, weights
+            files, timm backbone names, the concept list, CLIP weights). Stage-2 commands pass
+            False: they read only the stores.
+    """
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{source}: top level must be a mapping with a `pipelines` key")
     if isinstance(data.get("pipelines"), dict):
@@ -396,8 +482,9 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml")
         data = {**data, "pipelines": {
             k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["pipelines"].items()
         }}
+    context = {"base": base, "out_base": out_base or base, "check_inputs": check_inputs}
     try:
-        parsed = PipelinesFile.model_validate(data, context={"base": base})
+        parsed = PipelinesFile.model_validate(data, context=context)
     except ValidationError as exc:
         lines = [f"{_locate(e)}: {_reason(e)}" for e in exc.errors()]
         raise ConfigError(f"{source}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
@@ -414,23 +501,128 @@ def _read_yaml(path: Path) -> object:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
-def load_pipelines(path: Path) -> dict[str, PipelineConfig]:
-    """Read and validate every pipeline of a pipelines.yaml; relative paths resolve against its folder."""
+def _raw_pipelines(path: Path) -> dict[str, Any]:
+    """The ``pipelines`` mapping of a file, unvalidated."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("pipelines"), dict):
+        raise ConfigError(f"{path}: top level must be a mapping with a `pipelines` key")
+    return data["pipelines"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Where pipelines come from
+
+
+def shipped_pipelines_file() -> Path:
+    """The pipelines that ship with iis (smoke, smoke-text, demo), as package data."""
+    return Path(str(resources.files("iis.data") / "pipelines.yaml"))
+
+
+def starter_file() -> Path:
+    """The commented starter that ``iis init`` copies (it holds a GPU pipeline)."""
+    return Path(str(resources.files("iis.data") / "starter.yaml"))
+
+
+def is_shipped(path: Path) -> bool:
+    """True for the shipped pipelines file, also when reached through a link (the checkout's
+    top-level pipelines.yaml is one)."""
+    return Path(path).resolve() == shipped_pipelines_file().resolve()
+
+
+def _bases(path: Path) -> dict[str, Path]:
+    """Where a file's relative paths resolve: its own folder; for the shipped file, inputs inside
+    the package and outputs (store, results) under the current directory."""
     path = Path(path)
-    return parse_pipelines(_read_yaml(path), base=path.resolve().parent, source=str(path))
+    if is_shipped(path):
+        return {"base": shipped_pipelines_file().resolve().parent, "out_base": Path.cwd()}
+    return {"base": path.resolve().parent, "out_base": path.resolve().parent}
 
 
-def load_pipeline(path: Path, name: str) -> PipelineConfig:
-    """Read and validate one named pipeline; an unknown name lists the known ones.
+def load_pipelines(path: Path, *, check_inputs: bool = True) -> dict[str, PipelineConfig]:
+    """Read and validate every pipeline of one pipelines.yaml."""
+    path = Path(path)
+    return parse_pipelines(_read_yaml(path), source=str(path), check_inputs=check_inputs, **_bases(path))
+
+
+def load_pipeline(path: Path, name: str, *, check_inputs: bool = True) -> PipelineConfig:
+    """Read and validate one named pipeline of one file; an unknown name lists the known ones.
 
     Only that pipeline is validated, so a pipeline whose files live on another machine (a GPU
     node's dataset, say) does not stop the others from running here.
     """
     path = Path(path)
-    data = _read_yaml(path)
-    if not isinstance(data, dict) or not isinstance(data.get("pipelines"), dict):
-        raise ConfigError(f"{path}: top level must be a mapping with a `pipelines` key")
-    if name not in data["pipelines"]:
-        raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(data['pipelines']))}")
-    only = {**data, "pipelines": {name: data["pipelines"][name]}}
-    return parse_pipelines(only, base=path.resolve().parent, source=str(path))[name]
+    raw = _raw_pipelines(path)
+    if name not in raw:
+        raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(raw))}")
+    return parse_pipelines({"pipelines": {name: raw[name]}}, source=str(path), check_inputs=check_inputs,
+                           **_bases(path))[name]
+
+
+def pipeline_files(config: Path | None = None) -> list[Path]:
+    """The files searched for a pipeline name, first match first.
+
+    ``config`` (an error if missing), or else ``./pipelines.yaml`` when it exists; then the
+    shipped pipelines, unless that file is already the first.
+    """
+    files: list[Path] = []
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"config file not found: {config}")
+        files.append(Path(config))
+    elif Path("pipelines.yaml").is_file():
+        files.append(Path("pipelines.yaml"))
+    if not any(is_shipped(f) for f in files):
+        files.append(shipped_pipelines_file())
+    return files
+
+
+def describe_file(path: Path) -> str:
+    """How `iis pipelines` and errors name a file: its path, or "shipped" for the package's."""
+    return f"shipped ({path})" if is_shipped(path) else str(path)
+
+
+def find_pipeline(name: str, config: Path | None = None, *, check_inputs: bool = True) -> PipelineConfig:
+    """The pipeline ``name`` from the user's file (``config`` or ./pipelines.yaml), else the shipped ones.
+
+    ``check_inputs``: as for :func:`parse_pipelines`; each command checks only what it uses.
+    """
+    files = pipeline_files(config)
+    known: set[str] = set()
+    for path in files:
+        raw = _raw_pipelines(path)
+        if name in raw:
+            return load_pipeline(path, name, check_inputs=check_inputs)
+        known |= set(raw)
+    raise ConfigError(f"no pipeline {name!r}; known: {', '.join(sorted(known))} "
+                      f"(from {' and '.join(describe_file(f) for f in files)})")
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """One pipeline as ``iis pipelines`` lists it (unvalidated: listing checks nothing).
+
+    Attributes:
+        name: the pipeline's name.
+        path: the file that defines it.
+        shipped: True when that file is the shipped one.
+        shadowed: True when an earlier file defines the same name (that one is used).
+        raw: the pipeline's yaml mapping.
+    """
+
+    name: str
+    path: Path
+    shipped: bool
+    shadowed: bool
+    raw: Mapping[str, Any]
+
+
+def list_pipelines(config: Path | None = None) -> list[PipelineEntry]:
+    """Every pipeline of every searched file, in search order (see :func:`pipeline_files`)."""
+    entries: list[PipelineEntry] = []
+    seen: set[str] = set()
+    for path in pipeline_files(config):
+        for name, raw in _raw_pipelines(path).items():
+            entries.append(PipelineEntry(name=name, path=path, shipped=is_shipped(path), shadowed=name in seen,
+                                         raw=raw if isinstance(raw, dict) else {}))
+        seen |= {e.name for e in entries}
+    return entries

@@ -1,28 +1,42 @@
-"""Wiring from a parsed pipeline to the stage functions, with explicit arguments.
+"""Wiring from a parsed pipeline to the stage and application functions, with explicit arguments.
 
-Stage functions never see a config object: this module unpacks it.
+Stage functions never see a config object: this module unpacks it. It holds no logic of its
+own beyond choosing what each command needs; the work lives in :mod:`iis.extract`,
+:mod:`iis.analyze` and :mod:`iis.apps`. Defaults are not restated here: a value the command
+line leaves out (None) is left to the function that owns its default.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from iis import __version__
-from iis.config import ConfigError, MeasuredModel, PipelineConfig
+from iis.config import AnalysisConfig, ConfigError, FinetuneConfig, MeasuredModel, PipelineConfig
+from iis.store_format import StoreError
 
 log = logging.getLogger(__name__)
+
+
+def _given(**values) -> dict:
+    """The keyword arguments the caller set (not None), so the callee's own defaults apply."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1
 
 
 def extract_pipeline(
     cfg: PipelineConfig,
     *,
     models: list[str] | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     device: str | None = None,
     num_workers: int | None = None,
 ) -> dict[str, bool]:
-    """Run stage 1 for every (selected) model of a pipeline.
+    """Run stage 1 for every (selected) model of a pipeline (``shard``: ``(i, n)``; None: unsharded).
 
     Returns:
         ``{model name: store complete}``.
@@ -31,7 +45,6 @@ def extract_pipeline(
     from iis.extract.runner import extract_store
 
     dataset = _load_dataset(cfg)
-    el = cfg.elements
     plans = _plan_elements(cfg, dataset)
     options = _extract_options(cfg, device=device, num_workers=num_workers, shard=shard)
     selected = select_models(cfg, models)
@@ -47,7 +60,7 @@ def extract_pipeline(
                  backbone.weights_source, backbone.feature_dim)
         status[model.name] = extract_store(
             cfg.store_path(model.name), dataset=dataset, backbone=backbone, model_name=model.name,
-            element_plans=plans, elements_config=el.model_dump(), options=options,
+            element_plans=plans, elements_config=cfg.elements.model_dump(), options=options,
             pipeline=cfg.name, project_version=__version__,
         )
     return status
@@ -96,12 +109,15 @@ def train_pipeline_model(cfg: PipelineConfig, name: str, *, dataset, device: str
 
     model = cfg.model(name)
     t = model.train
-    options = TrainOptions(epochs=t.epochs, checkpoints=tuple(sorted(t.checkpoints)), lr=t.lr,
-                           weight_decay=t.weight_decay, batch_size=t.batch_size, seed=t.seed,
-                           device=device)
+    options = TrainOptions(epochs=t.epochs, checkpoints=t.checkpoints, lr=t.lr, weight_decay=t.weight_decay,
+                           batch_size=t.batch_size, seed=t.seed, device=device)
     return train_backbone(dataset=dataset, backbone=model.backbone, weights=model.weights,
                           img_size=model.img_size, init_seed=model.seed, options=options,
                           out_dir=cfg.checkpoint_dir(name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2
 
 
 def store_paths(cfg: PipelineConfig) -> list[Path]:
@@ -109,131 +125,155 @@ def store_paths(cfg: PipelineConfig) -> list[Path]:
     return [cfg.store_path(m.name) for m in cfg.measured_models()]
 
 
-def _analysis_args(cfg_analysis, *, libraries, num_concepts, ratios, seeds, protocol, bootstrap) -> dict:
-    """Command-line overrides on top of a pipeline's analysis section (or the defaults)."""
-    from iis.config import AnalysisConfig
+def require_stores(cfg: PipelineConfig, paths: list[Path] | None = None) -> None:
+    """Raise :class:`StoreError` naming every store of ``paths`` (default: the pipeline's, and its
+    CLIP store when a library needs one) that is not there. Stage 2 checks nothing else."""
+    if paths is None:
+        paths = store_paths(cfg) + ([cfg.clip_store] if cfg.analysis.needs_text and cfg.clip_store else [])
+    missing = [str(p) for p in paths if not (Path(p) / "zarr.json").is_file()]
+    if missing:
+        raise StoreError(f"pipeline {cfg.name!r}: no store at {', '.join(missing)}; "
+                         f"run `iis extract {cfg.name}` first (where the dataset and weights are)")
 
-    base = cfg_analysis or AnalysisConfig()
-    merged = base.model_dump()
-    overrides = dict(libraries=libraries, num_concepts=num_concepts, ratios=ratios, seeds=seeds,
-                     protocol=protocol, bootstrap=bootstrap)
-    merged.update({k: v for k, v in overrides.items() if v is not None})
+
+def _analysis_args(base: AnalysisConfig | None, **overrides) -> dict:
+    """The analysis settings of a pipeline (or the defaults), with command-line overrides (None:
+    not given), checked like yaml; as ``analyze_stores`` keyword arguments."""
+    merged = (base or AnalysisConfig()).model_dump()
+    merged.update(_given(**overrides))
     # A --libraries override may leave out a library that has options; its options go too.
-    merged["options"] = {k: v for k, v in merged["options"].items() if k in merged["libraries"]}
-    checked = AnalysisConfig.model_validate(merged)  # overrides get the same checks as yaml
-    return checked.model_dump()
+    merged["options"] = {k: v for k, v in merged["options"].items() if v is not None and k in merged["libraries"]}
+    checked = AnalysisConfig.model_validate(merged)
+    return {"libraries": checked.libraries, "num_concepts": checked.num_concepts, "ratios": checked.ratios,
+            "seeds": checked.seeds, "protocol": checked.protocol, "bootstrap": checked.bootstrap,
+            "options": checked.options_by_library()}
 
 
-def _cluster(scheduler, workers, threads, synchronous):
+def _cluster(*, scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
+             synchronous: bool = False):
+    """Where tasks run; what is not given keeps :class:`~iis.analyze.pipeline.ClusterOptions`'s default."""
     from iis.analyze.pipeline import ClusterOptions
 
-    return ClusterOptions(scheduler=scheduler, workers=workers, threads=threads, synchronous=synchronous)
+    return ClusterOptions(synchronous=synchronous, **_given(scheduler=scheduler, workers=workers, threads=threads))
 
 
-def analyze_pipeline(cfg: PipelineConfig, *, scheduler=None, workers=2, threads=1, synchronous=False,
+def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, workers: int | None = None,
+                     threads: int | None = None, synchronous: bool = False, skip_complete: bool = False,
                      **overrides) -> dict:
-    """Run stage 2 over every model store of a pipeline."""
+    """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's)."""
     from iis.analyze.pipeline import analyze_stores
 
+    require_stores(cfg)
     args = _analysis_args(cfg.analysis, **overrides)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
-                          cluster=_cluster(scheduler, workers, threads, synchronous), **args)
+                          skip_complete=skip_complete,
+                          cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
+                                           synchronous=synchronous), **args)
 
 
-def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None, scheduler=None,
-                     workers=2, threads=1, synchronous=False, **overrides) -> dict:
+def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,
+                     scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
+                     synchronous: bool = False, **overrides) -> dict:
     """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
     from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(None, **overrides)
     return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
-                          cluster=_cluster(scheduler, workers, threads, synchronous), **args)
+                          cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
+                                           synchronous=synchronous), **args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report and applications
+
+
+def require_results(cfg: PipelineConfig) -> None:
+    """Raise FileNotFoundError naming the results folder when stage 2 has not written it."""
+    if not (cfg.results / "iis.parquet").is_file():
+        raise FileNotFoundError(f"{cfg.results}: no tables (iis.parquet) here; run `iis analyze {cfg.name}` first")
 
 
 def report_pipeline(cfg: PipelineConfig) -> Path:
-    """Write ``<results>/report.html`` from the pipeline's tables."""
+    """Write ``<results>/report.html`` from the pipeline's tables; pictures when the dataset is here."""
     from iis.apps.report import write_report
 
-    path = write_report(results=cfg.results, dataset=_load_dataset(cfg),
+    require_results(cfg)
+    path = write_report(results=cfg.results, dataset=_dataset_if_here(cfg),
                         title=f"iis: {cfg.name} ({cfg.dataset.label})")
     log.info("report: %s", path)
     return path
 
 
-def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str = "test",
-                     images: list[str] | None = None, seed: int | None = None, limit: int = 16,
-                     top: int = 5) -> dict:
+def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str | None = None,
+                     images: list[str] | None = None, seed: int | None = None, limit: int | None = None,
+                     top: int | None = None) -> dict:
     """Application 2: explain predictions of ``g ∘ g_s ∘ a``; upserts ``explanations.parquet``.
 
     Returns:
-        ``{"interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
+        ``{"split", "interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
     """
-    from iis.analyze import tables
-    from iis.analyze.artifacts import library_path
-    from iis.analyze.libraries import get_library
-    from iis.apps.explain import explain_split
+    from iis.apps.explain_job import explain_model
 
-    seed = cfg.analysis.seeds[0] if seed is None else seed
     if model not in {m.name for m in cfg.measured_models()}:
         raise ConfigError(f"pipeline {cfg.name!r} has no model {model!r}")
-    lib_file = library_path(cfg.results / "libraries", model=model, library=library,
-                            num_concepts=cfg.analysis.num_concepts, seed=seed, protocol="default",
-                            ratio=ratio if get_library(library).per_ratio else None)
-    if not lib_file.is_file():
-        raise FileNotFoundError(f"{lib_file}: no saved library; run `iis analyze {cfg.name}` first "
-                                f"(with {library} in analysis.libraries and seed {seed})")
-    result = explain_split(store=cfg.store_path(model), library_file=lib_file, ratio=ratio, split=split,
-                           image_ids=images, limit=limit, top=top)
-    acc = tables.read_table(cfg.results, "accuracy")
-    std = acc[(acc.model == model) & (acc.library == "standard") & (acc.seed == seed) & (acc.protocol == "default")]
-    standard_top1 = float(std.test_top1.iloc[0]) if len(std) and split == "test" else float("nan")
-    rows = result.rows.assign(pipeline=cfg.name, seed=seed)
-    tables.upsert(cfg.results, "explanations", rows)
-    summary = {"interpretable_top1": result.interpretable_top1, "standard_top1": standard_top1,
-               "accuracy_lost": standard_top1 - result.interpretable_top1, "n_images": result.n_images,
-               "rows": len(rows)}
-    log.info("%s %s s=%g on %s: interpretable top-1 %.4f vs standard %.4f (%.2f points lost, %d images)",
-             model, library, ratio, split, result.interpretable_top1, standard_top1,
-             100 * summary["accuracy_lost"], result.n_images)
-    return summary
+    require_stores(cfg, [cfg.store_path(model)])
+    require_results(cfg)
+    return explain_model(store=cfg.store_path(model), results=cfg.results, model=model, library=library,
+                         num_concepts=cfg.analysis.num_concepts,
+                         seed=cfg.analysis.seeds[0] if seed is None else seed, ratio=ratio, images=images,
+                         pipeline=cfg.name, **_given(split=split, limit=limit, top=top))
 
 
-def _explain_defaults(cfg: PipelineConfig) -> tuple[str, str]:
-    """The model and library `iis run` explains: configured, or the best model and first library."""
-    from iis.analyze import tables
+def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
+                      epochs: int | None = None, seed: int | None = None, device: str | None = None,
+                      workers: int | None = None, scheduler: str | None = None):
+    """Application 1: fine-tune a model with λ and with λ = 0, measure both, write ``finetune.parquet``.
 
-    library = cfg.explain.library or cfg.analysis.libraries[0]
-    if cfg.explain.model:
-        return cfg.explain.model, library
-    acc = tables.read_table(cfg.results, "accuracy")
-    std = acc[(acc.library == "standard") & (acc.pipeline == cfg.name)]
-    measured = [m.name for m in cfg.measured_models()]
-    std = std[std.model.isin(measured)]
-    best = std.groupby("model").test_top1.mean().idxmax() if len(std) else measured[0]
-    return str(best), library
+    Command-line values override the pipeline's ``finetune:`` section.
+    """
+    from iis.apps.finetune_job import FinetuneSettings, StartingModel, compare_finetuning
+
+    base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
+    ft = FinetuneConfig.model_validate({**base_cfg, **_given(model=model, epochs=epochs, seed=seed), **_given(**{"lambda": lam})})
+    base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
+    if base is None:
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
+    require_stores(cfg, [cfg.store_path(base.name)])
+    dataset = _load_dataset(cfg)
+    # The trainer's batch size, when the pipeline trains a model; else TrainOptions's default.
+    batch_size = next((m.train.batch_size for m in cfg.models if m.train), None)
+    settings = FinetuneSettings(lam=ft.lambda_, epochs=ft.epochs, ratio=ft.ratio, library=ft.library,
+                                refresh_every=ft.refresh_every, lr=ft.lr, seed=ft.seed, batch_size=batch_size,
+                                device=device or cfg.extract.device)
+    start = StartingModel(name=base.name, backbone=base.backbone, weights=base.weights, img_size=base.img_size,
+                          seed=base.seed)
+    a = cfg.analysis
+    return compare_finetuning(
+        dataset=dataset, plans=_plan_elements(cfg, dataset), elements_config=cfg.elements.model_dump(), start=start,
+        settings=settings, store_path=cfg.store_path, checkpoint_dir=cfg.checkpoint_dir, results=cfg.results,
+        pipeline=cfg.name, dataset_label=cfg.dataset.label, extract_options=_extract_options(cfg, device=device),
+        libraries=a.libraries, num_concepts=a.num_concepts, ratios=a.ratios, bootstrap=a.bootstrap,
+        options=a.options_by_library(), cluster=_cluster(scheduler=scheduler, workers=workers),
+        clip_store=cfg.clip_store, project_version=__version__)
 
 
-def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None = None,
+def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: str | None = None,
                  device: str | None = None) -> Path:
     """The main job: extract, analyze, explain, fine-tune (if configured), report.
 
     Work whose outputs are complete is skipped: finished stores are not recomputed, and
     (model, seed) pairs already in the tables are not refitted.
     """
-    import time
+    from iis.apps.explain_job import best_model
 
     start = time.perf_counter()
     extract_pipeline(cfg, device=device)
     log.info("run %s: extract done at %.0f s", cfg.name, time.perf_counter() - start)
-    from iis.analyze.pipeline import analyze_stores
-
-    args = _analysis_args(cfg.analysis, libraries=None, num_concepts=None, ratios=None, seeds=None,
-                          protocol=None, bootstrap=None)
-    analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, skip_complete=True,
-                   clip_store=cfg.clip_store,
-                   cluster=_cluster(scheduler, workers, 1, False), **args)
+    analyze_pipeline(cfg, scheduler=scheduler, workers=workers, skip_complete=True)
     log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
-    model, library = _explain_defaults(cfg)
+    library = cfg.explain.library or cfg.analysis.libraries[0]
+    model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
+                                            models=[m.name for m in cfg.measured_models()])
     explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
     if cfg.finetune is not None:
         finetune_pipeline(cfg, device=device, workers=workers, scheduler=scheduler)
@@ -243,84 +283,8 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int = 2, scheduler: str | None
     return path
 
 
-def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
-                      epochs: int | None = None, seed: int | None = None, device: str | None = None,
-                      workers: int = 2, scheduler: str | None = None):
-    """Application 1: fine-tune a model with λ and with λ = 0, measure both, write ``finetune.parquet``.
-
-    Command-line values override the pipeline's ``finetune:`` section. Each arm's checkpoint
-    becomes a model of the pipeline's tables (``<model>+ft<λ>``), measured with the
-    fine-tuning library.
-    """
-    import pandas as pd
-
-    from iis.analyze import tables
-    from iis.analyze.libraries import LibraryInputs, build_library
-    from iis.analyze.pipeline import analyze_stores
-    from iis.analyze.store import open_feature_store
-    from iis.apps.finetune import element_images, finetune_arms
-    from iis.config import FinetuneConfig
-    from iis.extract.backbones import create_backbone
-    from iis.extract.train import TrainOptions
-
-    given = {"model": model, "lambda": lam, "epochs": epochs, "seed": seed}
-    base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
-    ft = FinetuneConfig.model_validate({**base_cfg, **{k: v for k, v in given.items() if v is not None}})
-    base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
-    if base is None:
-        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
-    dataset = _load_dataset(cfg)
-    el = cfg.elements
-    plans = _plan_elements(cfg, dataset)
-    k = cfg.analysis.num_concepts
-    base_store = open_feature_store(cfg.store_path(base.name))
-    library = build_library(ft.library, LibraryInputs(elements=base_store.read_elements(),
-                                                      num_classes=base_store.num_classes),
-                            num_concepts=k, seed=ft.seed)
-    backbone = create_backbone(backbone=base.backbone, weights=base.weights, img_size=base.img_size, seed=base.seed)
-    images = element_images(dataset, plans, [int(m[0]) for m in library.members], backbone.data_config)
-    options = TrainOptions(epochs=ft.epochs, checkpoints=(ft.epochs,), lr=ft.lr, seed=ft.seed,
-                           batch_size=next((m.train.batch_size for m in cfg.models if m.train), 128),
-                           device=device or cfg.extract.device)
-    arms = finetune_arms(dataset=dataset, backbone=base.backbone, weights=base.weights, img_size=base.img_size,
-                         init_seed=base.seed, images=images, lam=ft.lambda_, ratio=ft.ratio, options=options,
-                         refresh_every=ft.refresh_every,
-                         out_root=cfg.checkpoint_dir(f"{base.name}+finetune-seed{ft.seed}-e{ft.epochs}"))
-    names = {arm.lam: f"{base.name}+ft{arm.lam:g}" for arm in arms}
-    from iis.extract.runner import extract_store
-
-    ex_options = _extract_options(cfg, device=device)
-    for arm in arms:
-        tuned = create_backbone(backbone=base.backbone, weights=str(arm.checkpoint), img_size=base.img_size,
-                                seed=base.seed)
-        extract_store(cfg.store_path(names[arm.lam]), dataset=dataset, backbone=tuned, model_name=names[arm.lam],
-                      element_plans=plans, elements_config=el.model_dump(), options=ex_options,
-                      pipeline=cfg.name, project_version=__version__)
-    stores = [cfg.store_path(base.name)] + [cfg.store_path(n) for n in names.values()]
-    # Measured with every library of the pipeline, so each correlation row counts the same models.
-    libraries = list(dict.fromkeys([*cfg.analysis.libraries, ft.library]))
-    analyze_stores(stores, results=cfg.results, pipeline=cfg.name, libraries=libraries, num_concepts=k,
-                   ratios=cfg.analysis.ratios, seeds=[ft.seed], bootstrap=cfg.analysis.bootstrap,
-                   skip_complete=True, cluster=_cluster(scheduler, workers, 1, False), clip_store=cfg.clip_store,
-                   options=cfg.analysis.options)
-    iis = tables.read_table(cfg.results, "iis")
-    iis = iis[(iis.library == ft.library) & (iis.num_concepts == k) & (iis.seed == ft.seed)
-              & (iis.protocol == "default") & (iis.pipeline == cfg.name)
-              & (iis.grid == tables.grid_key(cfg.analysis.ratios))].set_index("model")
-    rows = [{
-        "pipeline": cfg.name, "dataset": cfg.dataset.label, "model": base.name, "lambda": arm.lam,
-        "seed": ft.seed, "epochs": ft.epochs, "ratio": ft.ratio, "library": ft.library, "num_concepts": k,
-        "standard_top1_before": float(iis.loc[base.name, "standard_top1"]),
-        "standard_top1_after": float(iis.loc[names[arm.lam], "standard_top1"]),
-        "iis_before": float(iis.loc[base.name, "iis"]), "iis_after": float(iis.loc[names[arm.lam], "iis"]),
-        "finetuned_model": names[arm.lam], "seconds": arm.result.seconds,
-    } for arm in arms]
-    table = tables.upsert(cfg.results, "finetune", pd.DataFrame(rows))
-    for row in rows:
-        log.info("fine-tune %s lambda=%g: standard top-1 %.4f -> %.4f, IIS %.4f -> %.4f", row["model"],
-                 row["lambda"], row["standard_top1_before"], row["standard_top1_after"], row["iis_before"],
-                 row["iis_after"])
-    return table
+# --------------------------------------------------------------------------------------------------
+# Unpacking helpers
 
 
 def _plan_elements(cfg: PipelineConfig, dataset):
@@ -333,14 +297,14 @@ def _plan_elements(cfg: PipelineConfig, dataset):
 
 
 def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_workers: int | None = None,
-                     shard: tuple[int, int] = (0, 1)):
+                     shard: tuple[int, int] | None = None):
     """The pipeline's `extract:` section, with command-line overrides."""
     from iis.extract.runner import ExtractOptions
 
     ex = cfg.extract
     return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
                           num_workers=ex.num_workers if num_workers is None else num_workers,
-                          device=device or ex.device, amp=ex.amp, shard=shard)
+                          device=device or ex.device, amp=ex.amp, **_given(shard=shard))
 
 
 def _load_dataset(cfg: PipelineConfig):
@@ -349,3 +313,13 @@ def _load_dataset(cfg: PipelineConfig):
     ds = cfg.dataset
     return load_dataset(source=ds.source, name=ds.label, root=ds.root, file=ds.file,
                         val_fraction=ds.splits.val, test_fraction=ds.splits.test, seed=ds.seed)
+
+
+def _dataset_if_here(cfg: PipelineConfig):
+    """The dataset when this machine has it (the report shows its images), else None."""
+    ds = cfg.dataset
+    where = ds.root if ds.source == "imagefolder" else ds.file if ds.source == "filelist" else None
+    if where is not None and not where.exists():
+        log.info("dataset %s is not on this machine (%s): the report's cards come without pictures", ds.label, where)
+        return None
+    return _load_dataset(cfg)

@@ -23,6 +23,13 @@ SPLITS = ("train", "val", "test")
 ELEMENTS = "elements"
 PARTS = (*SPLITS, ELEMENTS)
 FEATURE_DTYPES = ("float16", "float32")
+# A CLIP store's concept words and their text features (iis.extract.clip) live in this group; its
+# ``format`` attribute, written last, is the finished marker that readers must find.
+TEXT_GROUP = "text"
+TEXT_FORMAT = "iis-clip-text"
+# Rows per block (= Zarr chunk along N) when no one says otherwise: the one default that the
+# pipeline schema, the extraction runner, store creation and import-h5 share.
+BLOCK_ROWS = 1024
 # The attribute that stage 1 adds once the last block lands; every other attribute is fixed at creation.
 SUMMARY_KEY = "summary"
 

@@ -1,4 +1,5 @@
-"""pipelines.yaml: parsed once into frozen objects; every problem named by key path and reason."""
+"""pipelines.yaml: parsed once into frozen objects; every problem named by key path and reason;
+where pipelines come from (the user's file, then the shipped ones); what each command checks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from iis.analyze import libraries as registry
 
-from iis.config import ConfigError, load_pipeline, load_pipelines
+from iis.catalog import write_starter
+from iis.config import (
+    ConfigError,
+    _options_model,
+    find_pipeline,
+    is_shipped,
+    list_pipelines,
+    load_pipeline,
+    load_pipelines,
+    shipped_pipelines_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,21 +42,45 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_shipped_pipelines_parse():
-    pipelines = load_pipelines(ROOT / "pipelines.yaml")
-    assert {"smoke", "demo"} <= set(pipelines)
+def test_shipped_pipelines_are_package_data_and_write_under_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_pipelines_file()
+    assert shipped.is_file() and shipped.parent.name == "data" and (shipped.parent / "__init__.py").is_file()
+    # The checkout's top-level pipelines.yaml is that same file (a link), not a second copy.
+    assert is_shipped(ROOT / "pipelines.yaml")
+    pipelines = load_pipelines(shipped)
+    assert {"smoke", "smoke-text", "demo"} <= set(pipelines)
     smoke = pipelines["smoke"]
-    assert smoke.name == "smoke" and smoke.store == ROOT / "cache" / "smoke"
-    assert smoke.analysis.ratios == sorted(smoke.analysis.ratios)
+    assert smoke.name == "smoke" and smoke.store == tmp_path / "cache" / "smoke"
+    assert smoke.results == tmp_path / "results" / "smoke"
+    assert smoke.analysis.ratios == tuple(sorted(smoke.analysis.ratios))
+    # Inputs resolve inside the package: the concept list ships beside the file.
+    text = pipelines["smoke-text"].text
+    assert text.concepts == shipped.parent / "concepts" / "digits.txt" and text.concepts.is_file()
+    assert load_pipelines(ROOT / "pipelines.yaml")["smoke"].store == tmp_path / "cache" / "smoke"
 
 
 def test_defaults_and_relative_paths(tmp_path):
     cfg = load_pipeline(_write(tmp_path, GOOD), "p")
     assert cfg.store == tmp_path / "cache" / "p" and cfg.results == tmp_path / "results" / "p"
-    assert cfg.analysis.ratios == [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
+    assert cfg.analysis.ratios == (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
     assert cfg.models[0].weights == "random" and cfg.store_path("b") == tmp_path / "cache" / "p" / "b.zarr"
     with pytest.raises(pydantic.ValidationError):
         cfg.models[0].weights = "pretrained"  # frozen
+
+
+def test_frozen_configs_hold_tuples(tmp_path):
+    text = GOOD.replace("{name: a, backbone: resnet10t}",
+                        "{name: a, backbone: resnet10t, train: {epochs: 2, checkpoints: [2, 0]}}")
+    cfg = load_pipeline(_write(tmp_path, text), "p")
+    for sequence in (cfg.models, cfg.analysis.ratios, cfg.analysis.libraries, cfg.analysis.seeds,
+                     cfg.models[0].train.checkpoints):
+        assert isinstance(sequence, tuple)
+    assert cfg.models[0].train.checkpoints == (0, 2)
+    with pytest.raises(AttributeError):
+        cfg.analysis.ratios.append(0.99)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.analysis.options.end2end = {"epochs": 1}
 
 
 @pytest.mark.parametrize(
@@ -85,6 +121,120 @@ def test_every_problem_is_listed_at_once(tmp_path):
         load_pipelines(_write(tmp_path, text))
     assert "2 problem(s)" in str(info.value)
     assert "models[0].foo: unknown key" in str(info.value)
+
+
+OPTIONS = GOOD.replace("    results: results/p", "    results: results/p\n    analysis: {libraries: [prototype, end2end], options: OPTS}")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("{end2end: {epochs: many}}", r"pipelines\.p\.analysis\.options\.end2end\.epochs: Input should be a valid integer"),
+        ("{end2end: {epochs: 0}}", r"pipelines\.p\.analysis\.options\.end2end\.epochs: Input should be greater than or equal to 1"),
+        ("{end2end: {init: kmeans}}", r"pipelines\.p\.analysis\.options\.end2end\.init: Input should be 'anchors' or 'random'"),
+        ("{end2end: {colour: 1}}", r"pipelines\.p\.analysis\.options\.end2end\.colour: unknown key"),
+        ("{prototype: {k: 3}}", r"pipelines\.p\.analysis\.options\.prototype\.k: unknown key"),
+        ("{wordcloud: {}}", r"pipelines\.p\.analysis\.options\.wordcloud: unknown key"),
+        ("{cluster: {}}", r"pipelines\.p\.analysis: options given for libraries not in `libraries`: cluster"),
+    ],
+)
+def test_bad_library_option_is_reported_at_parse_time_with_its_key_path(tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(_write(tmp_path, OPTIONS.replace("OPTS", options)), "p")
+
+
+def test_text_option_key_path(tmp_path):
+    (tmp_path / "words.txt").write_text("a loop\n")
+    text = GOOD.replace("    results: results/p", """    results: results/p
+    text: {concepts: words.txt, clip: {model: iis-tiny-test, weights: random-for-tests}}
+    analysis: {libraries: [prototype, text], options: {text: {top5_cutoff: high}}}""")
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.analysis\.options\.text\.top5_cutoff: Input should be a valid number"):
+        load_pipeline(_write(tmp_path, text), "p")
+
+
+def test_options_are_the_registry_classes_and_reach_the_builders(tmp_path):
+    cfg = load_pipeline(_write(tmp_path, OPTIONS.replace("OPTS", "{end2end: {epochs: 5, tau: 0.2}}")), "p")
+    given = cfg.analysis.library_options("end2end")
+    assert isinstance(given, registry.get_library("end2end").options)
+    assert (given.epochs, given.tau, given.batch_size) == (5, 0.2, 256)  # the rest keep their defaults
+    plain = cfg.analysis.options_by_library()
+    assert plain["end2end"]["epochs"] == 5 and plain["prototype"] == {}
+    assert registry.get_library("end2end").make_options(plain["end2end"]) == given  # what a task rebuilds
+
+
+def test_the_config_asks_the_registry_which_libraries_need_text(tmp_path):
+    @registry.register_library("words-test", needs_text=True)
+    def build(inputs, *, num_concepts, seed, ratio=None, options=None):  # pragma: no cover - never built
+        raise AssertionError
+
+    _options_model.cache_clear()
+    try:
+        text = GOOD.replace("    results: results/p", "    results: results/p\n    analysis: {libraries: [prototype, words-test]}")
+        with pytest.raises(ConfigError, match="analysis.libraries has words-test, which needs a `text:` section"):
+            load_pipeline(_write(tmp_path, text), "p")
+    finally:
+        registry._REGISTRY.pop("words-test")
+        _options_model.cache_clear()
+
+
+MISSING_INPUTS = """
+pipelines:
+  gpu:
+    dataset: {source: imagefolder, root: /nowhere/imagenet}
+    models:
+      - {name: a, backbone: resnet50.tv_in1k, weights: /nowhere/r50.safetensors}
+      - {name: b, backbone: no_such_timm_model}
+    text: {concepts: /nowhere/words.txt, clip: {model: ViT-B-32, weights: /nowhere/clip.bin}}
+    analysis: {libraries: [prototype, text]}
+    store: /shared/stores
+    results: results/gpu
+"""
+
+
+def test_stage_two_parses_without_the_inputs_of_stage_one(tmp_path):
+    path = _write(tmp_path, MISSING_INPUTS)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path, "gpu")
+    for key in ("dataset.root: directory not found: /nowhere/imagenet", "models[0].weights: file not found",
+                "models[1].backbone: unknown timm model", "text.concepts: file not found",
+                "text.clip.weights: file not found"):
+        assert key in str(err.value)
+    cfg = load_pipeline(path, "gpu", check_inputs=False)
+    assert cfg.store_path("a") == Path("/shared/stores/a.zarr") and cfg.results == tmp_path / "results" / "gpu"
+    assert cfg.models[0].weights == "/nowhere/r50.safetensors" and cfg.clip_store == Path("/shared/stores/clip.zarr")
+
+
+def test_a_pipeline_is_found_in_the_users_file_then_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # An empty folder: the shipped pipelines, writing here.
+    demo = find_pipeline("demo")
+    assert demo.store == tmp_path / "cache" / "demo" and demo.results == tmp_path / "results" / "demo"
+    # A ./pipelines.yaml adds pipelines and overrides shipped names; the others stay reachable.
+    (tmp_path / "pipelines.yaml").write_text(textwrap.dedent(GOOD).replace("  p:", "  smoke:"))
+    assert find_pipeline("smoke").store == tmp_path / "cache" / "p"
+    assert find_pipeline("smoke-text").store == tmp_path / "cache" / "smoke-text"
+    entries = {(e.name, e.shipped): e for e in list_pipelines()}
+    assert not entries[("smoke", False)].shadowed and entries[("smoke", True)].shadowed
+    assert not entries[("demo", True)].shadowed
+    with pytest.raises(ConfigError, match=r"no pipeline 'nope'; known: demo, smoke, smoke-text \(from pipelines\.yaml and shipped"):
+        find_pipeline("nope")
+    with pytest.raises(ConfigError, match="config file not found: .*other.yaml"):
+        find_pipeline("demo", tmp_path / "other.yaml")
+
+
+def test_init_writes_a_starter_that_parses_and_never_overwrites(tmp_path):
+    path = write_starter(tmp_path)
+    assert path == tmp_path / "pipelines.yaml"
+    text = path.read_text()
+    assert text.count("#") > 10 and "imagenet-subset" in text
+    cfg = load_pipeline(path, "imagenet-subset", check_inputs=False)
+    assert cfg.extract.device == "cuda" and len(cfg.models) == 4
+    with pytest.raises(ConfigError, match=r"dataset\.root: directory not found: /data/imagenet100"):
+        load_pipeline(path, "imagenet-subset")
+    path.write_text("mine\n")
+    with pytest.raises(ConfigError, match="exists; not overwriting"):
+        write_starter(path)
+    assert path.read_text() == "mine\n"
 
 
 def test_unknown_pipeline_and_bad_files(tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,14 +10,12 @@ import pytest
 from iis.cli import main
 from iis.config import ConfigError, load_pipelines
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow
-def test_run_smoke_text(tmp_path):
-    shutil.copy(ROOT / "pipelines.yaml", tmp_path / "pipelines.yaml")
-    shutil.copytree(ROOT / "data", tmp_path / "data")
-    assert main(["run", "smoke-text", "--config", str(tmp_path / "pipelines.yaml")]) == 0
+def test_run_smoke_text(tmp_path, monkeypatch):
+    # From an empty folder: the shipped pipeline, its concept list read from the package.
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "smoke-text"]) == 0
     results = tmp_path / "results" / "smoke-text"
     iis = pd.read_parquet(results / "iis.parquet")
     assert set(iis.library) == {"prototype", "cluster", "end2end", "text"}

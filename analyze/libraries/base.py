@@ -7,6 +7,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from iis.analyze.activations import concept_activations
+from pydantic import BaseModel, ConfigDict
+
+
+class LibraryOptions(BaseModel):
+    """A library's own settings (``analysis.options.<library>`` in pipelines.yaml).
+
+    Each library declares a subclass with typed, defaulted fields and registers it with its
+    builder; the pipeline parser validates the yaml against it, so a bad option is reported
+    with its key path before anything runs. Frozen, and unknown keys are refused. A library
+    without settings registers this class itself (no fields).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)

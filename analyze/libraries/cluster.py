@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from iis.analyze.activations import normalize_concepts
 from iis.analyze.libraries import register_library
-from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
 from sklearn.cluster import KMeans
 
 logger = logging.getLogger(__name__)
@@ -54,13 +54,18 @@ def nearest_members(elements: torch.Tensor, concepts: torch.Tensor, *, count: in
     return members
 
 
-@register_library("cluster")
+class ClusterConfig(LibraryOptions):
+    """The cluster library has no settings of its own: ``analysis.options.cluster`` takes no keys."""
+
+
+@register_library("cluster", options=ClusterConfig)
 def build_cluster(
     inputs: LibraryInputs,
     *,
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
+    options: ClusterConfig | None = None,
 ) -> ConceptLibrary:
     """K-means (k-means++, seeded) on the normalised elements; re-normalised centroids.
 
@@ -68,6 +73,7 @@ def build_cluster(
         inputs: only ``inputs.elements.features (E, D)`` is read.
         num_concepts: ``K``; at most ``E`` and at most ``MAX_KMEANS_ELEMENTS``.
         seed: seeds the subsample and sklearn's ``KMeans`` (``random_state``).
+        options: none exist (see :class:`ClusterConfig`).
         ratio: unused; clusters do not depend on the sparsity ratio.
 
     Returns:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from iis.analyze.activations import concept_activations, keep_count, keep_mask, normalize_concepts
 from iis.analyze.libraries import register_library
-from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
+from pydantic import Field
 from sklearn.cluster import kmeans_plusplus
 
 logger = logging.getLogger(__name__)
@@ -27,23 +28,23 @@ logger = logging.getLogger(__name__)
 _NUM_MEMBERS = 8
 
 
-@dataclass(frozen=True)
-class End2EndConfig:
-    """Training settings of the End2End library. The defaults are what the registry builds.
+class End2EndConfig(LibraryOptions):
+    """Training settings of the End2End library (``analysis.options.end2end``). The defaults are
+    what the registry builds.
 
     The defaults come from a digits proxy (E 400, K 64): 12 epochs at head lr 1e-2 left the joint
     head under-trained and the partition no better than its start; these settings gave a refitted
     head 5 to 12 points more than the same start with frozen logits, at s = 0.9 and 0.95.
     """
 
-    epochs: int = 30  # passes over train; the best one on val is kept
-    batch_size: int = 256  # train images per step; each step draws one fresh assignment
-    lr_logits: float = 0.3  # Adam step of the element-to-concept logits
-    lr_head: float = 5e-2  # Adam step of the head g
-    tau: float = 0.1  # Gumbel-softmax temperature (METHOD.md); sets how sharp the gradient's soft part is
-    init: str = "anchors"  # "anchors": k-means++ elements as seeds; "random": small random logits
-    init_scale: float = 30.0  # logits = init_scale * cos(element, anchor) under "anchors"
-    random_init_std: float = 0.01  # logit spread under "random"
+    epochs: int = Field(30, ge=1)  # passes over train; the best one on val is kept
+    batch_size: int = Field(256, ge=1)  # train images per step; each step draws one fresh assignment
+    lr_logits: float = Field(0.3, ge=0)  # Adam step of the element-to-concept logits (0 freezes them)
+    lr_head: float = Field(5e-2, ge=0)  # Adam step of the head g
+    tau: float = Field(0.1, gt=0)  # Gumbel-softmax temperature (METHOD.md); sets how sharp the gradient's soft part is
+    init: Literal["anchors", "random"] = "anchors"  # "anchors": k-means++ elements as seeds; "random": small random logits
+    init_scale: float = Field(30.0, gt=0)  # logits = init_scale * cos(element, anchor) under "anchors"
+    random_init_std: float = Field(0.01, ge=0)  # logit spread under "random"
 
 
 def _gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -288,15 +289,17 @@ def fit_end2end(
     )
 
 
-@register_library("end2end", per_ratio=True, supervised=True)
+@register_library("end2end", per_ratio=True, supervised=True, options=End2EndConfig)
 def build_end2end(
     inputs: LibraryInputs,
     *,
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
+    options: End2EndConfig | None = None,
 ) -> ConceptLibrary:
-    """The registered builder: :func:`fit_end2end` with the default :class:`End2EndConfig`."""
+    """The registered builder: :func:`fit_end2end` with ``options`` (the pipeline's
+    ``analysis.options.end2end``; the defaults when None)."""
     if ratio is None:
         raise ValueError("end2end library is built per sparsity ratio; pass ratio=")
-    return fit_end2end(inputs, num_concepts=num_concepts, seed=seed, ratio=ratio)
+    return fit_end2end(inputs, num_concepts=num_concepts, seed=seed, ratio=ratio, config=options)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from iis.analyze.activations import normalize_concepts
 from iis.analyze.libraries import register_library
-from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,18 @@ def stratified_quotas(class_sizes: np.ndarray, total: int, *, rng: np.random.Gen
     return quotas
 
 
-@register_library("prototype")
+class PrototypeConfig(LibraryOptions):
+    """The prototype library has no settings of its own: ``analysis.options.prototype`` takes no keys."""
+
+
+@register_library("prototype", options=PrototypeConfig)
 def build_prototype(
     inputs: LibraryInputs,
     *,
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
+    options: PrototypeConfig | None = None,
 ) -> ConceptLibrary:
     """Draw ``num_concepts`` elements, stratified over classes, as unit-norm concepts.
 
@@ -65,6 +70,7 @@ def build_prototype(
         inputs: the elements (``features (E, D)``, ``labels (E,)``) are all that is read.
         num_concepts: ``K <= E``.
         seed: seeds the draw (a local ``np.random.Generator``).
+        options: none exist (see :class:`PrototypeConfig`).
         ratio: unused; prototypes do not depend on the sparsity ratio.
 
     Returns:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from iis.analyze.libraries import register_library
-from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, TextInputs
+from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions, TextInputs
+from pydantic import Field
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,8 @@ MISSING_TEXT = (
 )
 
 
-@dataclass(frozen=True)
-class TextConfig:
-    """Settings of the text library. The defaults are what the registry builds.
+class TextConfig(LibraryOptions):
+    """Settings of the text library (``analysis.options.text``). The defaults are what the registry builds.
 
     Training is counted in optimiser steps, not epochs: an epoch is one step for a small train set
     (a batch holds it all) and hundreds for ImageNet, so a step budget and a val check every
@@ -74,12 +74,12 @@ class TextConfig:
 
     top5_cutoff: float = 0.25
     val_cutoff: float = 0.45
-    top_k: int = 5
-    lr: float = 1e-3
-    batch_size: int = 8192
-    max_steps: int = 5000
-    check_every: int = 50
-    patience: int = 5
+    top_k: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8192, ge=2)
+    max_steps: int = Field(5000, ge=0)
+    check_every: int = Field(50, ge=1)
+    patience: int = Field(5, ge=1)
 
 
 def cubed_cosine_similarity(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -431,18 +431,18 @@ def fit_text_library(
     )
 
 
-@register_library("text", supervised=True, needs_text=True)
+@register_library("text", supervised=True, needs_text=True, options=TextConfig)
 def build_text(
     inputs: LibraryInputs,
     *,
     num_concepts: int,
     seed: int,
     ratio: float | None = None,
-    **options: float,
+    options: TextConfig | None = None,
 ) -> ConceptLibrary:
-    """The registered builder: :func:`fit_text_library` with :class:`TextConfig` (defaults, or
-    the pipeline's ``analysis.options.text`` overrides, e.g. the two cutoffs).
+    """The registered builder: :func:`fit_text_library` with ``options`` (the pipeline's
+    ``analysis.options.text``, e.g. the two cutoffs; the defaults when None).
 
     ``ratio`` is unused: the text library does not depend on the sparsity ratio.
     """
-    return fit_text_library(inputs, num_concepts=num_concepts, seed=seed, config=TextConfig(**options))
+    return fit_text_library(inputs, num_concepts=num_concepts, seed=seed, config=options)
