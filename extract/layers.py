@@ -401,7 +401,8 @@ class LayerForward:
 
     def __call__(self, images: torch.Tensor, active: Sequence[str]) -> dict[str, torch.Tensor]:
         """Features of the ``active`` layers for one batch, each ``(B, D)`` on the model's device."""
-        want = [la for la in self.layers if la.name in set(active)]
+        asked = set(active)
+        want = [la for la in self.layers if la.name in asked]
         final = any(la.is_final for la in want)
         indices = sorted({la.index for la in want if not la.is_final})
         if self.mode == "plain" or not indices:

@@ -126,6 +126,49 @@ def test_unknown_layer_leaves_nothing_behind(tmp_path):
     assert not cfg.store.exists() or not any(cfg.store.glob("*.zarr"))
 
 
+@pytest.mark.parametrize("model", ["r10", "vit"])
+def test_intermediates_and_hooks_give_the_same_features(models, model):
+    net = models[model]
+    layers = resolve_layers(net, ["all", "stages.1.avg"] if model == "vit" else "all")
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    names = [la.name for la in layers]
+    by_fi, by_hooks = LayerForward(net, layers), LayerForward(net, layers)
+    by_hooks.mode = "hooks"
+    with torch.inference_mode():
+        by_fi.probe(x[:2])
+        assert by_fi.mode == "intermediates"
+        a, b = by_fi(x, names), by_hooks(x, names)
+        assert torch.equal(a["final"], net(x))
+        # A subset (no `final`: forward_intermediates stops early) gives the same bits.
+        early = by_fi(x, names[:2])
+    assert list(a) == list(b) == names and list(early) == names[:2]
+    for name in names:
+        assert torch.equal(a[name], b[name]), name
+    for name in names[:2]:
+        assert torch.equal(a[name], early[name]), name
+    assert by_fi.dims == {name: a[name].shape[1] for name in names}
+
+
+def test_forward_intermediates_that_disagree_with_the_model_are_not_used(models, monkeypatch):
+    net = models["r10"]
+    layers = resolve_layers(net, ["stages.2", "final"])
+    original = net.forward_intermediates
+
+    def fused(x, indices=None, stop_early=False, intermediates_only=False):
+        # As a model whose forward_intermediates computes its final features in another way.
+        out = original(x, indices=indices, stop_early=stop_early, intermediates_only=intermediates_only)
+        return out if intermediates_only else (out[0] * (1 + 1e-6), out[1])
+
+    monkeypatch.setattr(net, "forward_intermediates", fused)
+    forward = LayerForward(net, layers)
+    assert forward.mode == "intermediates"  # until the probe
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        forward.probe(x[:2])
+        out = forward(x, ["stages.2", "final"])
+        assert forward.mode == "hooks" and torch.equal(out["final"], net(x))
+
+
 # ------------------------------------------------------------------------------------------------
 # Features equal a manual forward
 
