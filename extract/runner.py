@@ -3,6 +3,9 @@
 Batches never straddle a block, so a block's features do not depend on which process or
 which run computed it: an interrupted run resumes to the same bytes, and shards 0/n … n-1/n
 together equal one unsharded run.
+
+With ``layers`` (:func:`extract_layers`), one forward pass per batch fills one store per layer of
+the model (:mod:`iis.extract.layers`); each store resumes and shards on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,15 @@ from iis.extract import store as st
 from iis.extract.backbones import Backbone, element_transform, image_transform, normalize_batch
 from iis.extract.datasets import ImageDataset, ImageLoadError
 from iis.extract.elements import ElementPlan, render_element
+from iis.extract.layers import (
+    FINAL,
+    LayerForward,
+    layer_attrs,
+    layer_model_name,
+    layer_store_path,
+    probe_batch,
+    resolve_layers,
+)
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from iis.progress import progress
@@ -198,7 +210,7 @@ def rows_digest(dataset: ImageDataset, plans: Sequence[ElementPlan]) -> dict[str
     return out
 
 
-def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, backbone: Backbone,
+def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, feature_dim: int,
                     plans: Sequence[ElementPlan], opts: ExtractOptions):
     index, _count = opts.shard
     sizes = {s: len(dataset.splits[s].labels) for s in st.SPLITS}
@@ -212,11 +224,11 @@ def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, backbone:
                         path)
             shutil.rmtree(path)
         return st.create_store(
-            path, split_sizes=sizes, feature_dim=backbone.feature_dim, attrs=attrs,
+            path, split_sizes=sizes, feature_dim=feature_dim, attrs=attrs,
             elements=_provenance(plans) if plans else None, block_rows=opts.block_rows, dtype=opts.dtype,
         )
     expected = {k: v for k, v in attrs.items() if k != "versions"}  # a resume may use a newer patch release
-    expected.update(feature_dtype=opts.dtype, block_rows=opts.block_rows, feature_dim=backbone.feature_dim,
+    expected.update(feature_dtype=opts.dtype, block_rows=opts.block_rows, feature_dim=feature_dim,
                     split_sizes=sizes, num_elements=len(plans))
     # Stores made before iis recorded `rows_sha256` are compared without it.
     st.check_settings(group, path, expected, optional=("rows_sha256",))
@@ -242,15 +254,45 @@ def autocast(device: torch.device, amp: str = "bfloat16"):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _fill_part(group, path: Path, part: str, rows_dataset: Dataset, *, split_meta, model: torch.nn.Module,
-               data_config: dict, device: torch.device, opts: ExtractOptions) -> int:
-    """Compute and write this shard's pending blocks of one part. Returns rows written."""
-    rows = group[part]["features"].shape[0]
-    block_rows = int(group.attrs["block_rows"])
+@dataclass
+class _Target:
+    """One store being filled: a layer of the model."""
+
+    layer: str
+    path: Path
+    group: object  # zarr.Group, open r+
+
+
+def _to_numpy(out: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each layer's ``(B, D)`` features as float32 numpy, in one device-to-host copy."""
+    if len(names) == 1:
+        return {names[0]: out[names[0]].float().cpu().numpy()}
+    tensors = [out[n].float() for n in names]
+    joined = torch.cat(tensors, dim=1).cpu().numpy()
+    cuts = np.cumsum([t.shape[1] for t in tensors])[:-1]
+    return dict(zip(names, np.split(joined, cuts, axis=1), strict=True))
+
+
+def _fill_part(targets: Sequence[_Target], part: str, rows_dataset: Dataset, *, split_meta,
+               forward: LayerForward, data_config: dict, device: torch.device, opts: ExtractOptions) -> int:
+    """Compute and write this shard's pending blocks of one part, for every store at once.
+
+    A block is computed when any store still needs it (one forward pass gives every layer) and
+    written only to the stores whose ``done`` lacks it, so a finished store is never rewritten.
+    Returns the rows computed.
+    """
+    first = targets[0].group
+    rows = first[part]["features"].shape[0]
+    block_rows = int(first.attrs["block_rows"])
     total = st.num_blocks(rows, block_rows)
-    done = st.done_blocks(group, part)
     mine = st.shard_blocks(total, shard=opts.shard[0], num_shards=opts.shard[1])
-    pending = [b for b in mine if not done[b]]
+    needs: dict[int, list[_Target]] = {}
+    for target in targets:
+        done = st.done_blocks(target.group, part)
+        for b in mine:
+            if not done[b]:
+                needs.setdefault(b, []).append(target)
+    pending = sorted(needs)
     if not pending:
         return 0
     log.info("%s: %d of %d blocks to compute (shard %d/%d)", part, len(pending), total, *opts.shard)
@@ -261,13 +303,13 @@ def _fill_part(group, path: Path, part: str, rows_dataset: Dataset, *, split_met
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    dtype = str(group.attrs["feature_dtype"])
-    invalid = dict.fromkeys(("unreadable", "nonfinite", "overflow"), 0)
-    written = 0
+    dtype = str(first.attrs["feature_dtype"])
+    invalid = {t.layer: dict.fromkeys(("unreadable", "nonfinite", "overflow"), 0) for t in targets}
+    written = dict.fromkeys(invalid, 0)
     block_iter = iter(pending)
     block = next(block_iter)
     span = st.block_slice(block, rows=rows, block_rows=block_rows)
-    feats: list[np.ndarray] = []
+    feats: dict[str, list[np.ndarray]] = {t.layer: [] for t in needs[block]}
     valids: list[np.ndarray] = []
     bar = progress(total=sum(_block_size(b, rows=rows, block_rows=block_rows) for b in pending),
                    desc=part, unit="img", logger=log, smoothing=0.1)
@@ -276,37 +318,44 @@ def _fill_part(group, path: Path, part: str, rows_dataset: Dataset, *, split_met
             images = normalize_batch(images.to(device, non_blocking=True), data_config)
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
+            active = list(feats)
             with autocast(device, opts.amp):
-                out = model(images)
-            out = out.float().cpu().numpy()
+                out = forward(images, active)
+            out = _to_numpy(out, active)
             valid = valid.numpy().astype(bool)
-            out[~valid] = np.nan  # an unreadable image has no features, loudly
-            feats.append(out)  # float32: the writer casts to the store dtype and checks every row
+            for name in active:
+                out[name][~valid] = np.nan  # an unreadable image has no features, loudly
+                feats[name].append(out[name])  # float32: the writer casts to the store dtype and checks every row
             valids.append(valid)
             bar.update(len(valid))
             if sum(len(v) for v in valids) == span.stop - span.start:
-                columns = {"features": np.concatenate(feats)}
-                if split_meta is not None:
-                    columns["labels"] = split_meta.labels[span].astype(np.int64)
-                    columns["ids"] = np.asarray(split_meta.ids[span], dtype=str)
-                    columns["valid"] = np.concatenate(valids)
-                counts = st.write_block(group, part, block, **columns)
-                if (counts["nonfinite"] or counts["overflow"]) and not (invalid["nonfinite"] or invalid["overflow"]):
-                    # Said at once, so an overflowing backbone can be stopped before it fills the store.
-                    log.warning("%s: %s block %d: %s", path, part, block,
-                                st.describe_invalid({k: counts[k] for k in ("nonfinite", "overflow")}, dtype=dtype))
-                for k in invalid:
-                    invalid[k] += counts[k]
-                written += span.stop - span.start
-                feats, valids = [], []
+                for target in needs[block]:
+                    columns = {"features": np.concatenate(feats[target.layer])}
+                    if split_meta is not None:
+                        columns["labels"] = split_meta.labels[span].astype(np.int64)
+                        columns["ids"] = np.asarray(split_meta.ids[span], dtype=str)
+                        columns["valid"] = np.concatenate(valids)
+                    counts = st.write_block(target.group, part, block, **columns)
+                    seen = invalid[target.layer]
+                    if (counts["nonfinite"] or counts["overflow"]) and not (seen["nonfinite"] or seen["overflow"]):
+                        # Said at once, so an overflowing backbone can be stopped before it fills the store.
+                        log.warning("%s: %s block %d: %s", target.path, part, block,
+                                    st.describe_invalid({k: counts[k] for k in ("nonfinite", "overflow")},
+                                                        dtype=dtype))
+                    for k in seen:
+                        seen[k] += counts[k]
+                    written[target.layer] += span.stop - span.start
+                valids = []
                 block = next(block_iter, None)
                 if block is not None:
                     span = st.block_slice(block, rows=rows, block_rows=block_rows)
-    text = st.describe_invalid(invalid, dtype=dtype)
-    if text:
-        log.warning("%s: %s: %d of %d rows written marked invalid: %s", path, part, sum(invalid.values()),
-                    written, text)
-    return written
+                    feats = {t.layer: [] for t in needs[block]}
+    for target in targets:
+        text = st.describe_invalid(invalid[target.layer], dtype=dtype)
+        if text:
+            log.warning("%s: %s: %d of %d rows written marked invalid: %s", target.path, part,
+                        sum(invalid[target.layer].values()), written[target.layer], text)
+    return sum(_block_size(b, rows=rows, block_rows=block_rows) for b in pending)
 
 
 def extract_store(
@@ -320,6 +369,7 @@ def extract_store(
     options: ExtractOptions,
     pipeline: str | None = None,
     project_version: str = "0",
+    layers: str | Sequence[str] | None = None,
 ) -> bool:
     """Fill (or resume filling) the store at ``path`` with this shard's blocks.
 
@@ -333,31 +383,95 @@ def extract_store(
         options: batch size, block size, dtype, device, shard.
         pipeline: the pipeline's name, recorded in the attributes.
         project_version: recorded in the attributes.
+        layers: None (the pooled pre-logit features only, as always), or layers to extract in
+            the same pass, one store each; see :func:`extract_layers`.
 
     Returns:
-        True when the store is complete after this call (every shard's blocks are done).
+        True when the store (with ``layers``: every layer's store) is complete after this call
+        (every shard's blocks are done).
+    """
+    status = extract_layers(path, dataset=dataset, backbone=backbone, model_name=model_name,
+                            element_plans=element_plans, elements_config=elements_config, options=options,
+                            pipeline=pipeline, project_version=project_version,
+                            layers=[FINAL] if layers is None else layers)
+    return all(status.values())
+
+
+def extract_layers(
+    path: Path,
+    *,
+    dataset: ImageDataset,
+    backbone: Backbone,
+    model_name: str,
+    element_plans: Sequence[ElementPlan],
+    elements_config: dict | None,
+    options: ExtractOptions,
+    layers: str | Sequence[str],
+    pipeline: str | None = None,
+    project_version: str = "0",
+) -> dict[str, bool]:
+    """Fill (or resume) one store per requested layer of a model, from one forward pass per batch.
+
+    ``layers`` is ``"all"`` or a list of ``final``, ``stages.<i>`` (the ``i``-th entry of timm's
+    ``feature_info``), ``stages.<i>.avg`` / ``stages.<i>.cls`` (a ViT's token pooling named
+    explicitly); see :mod:`iis.extract.layers`. ``final`` goes to ``path`` itself
+    (``<model>.zarr``) and equals, byte for byte, the store of a run without layers; every other
+    layer goes beside it, to ``<model>@<layer>.zarr`` (:func:`~iis.extract.layers.layer_store_path`),
+    as model ``<model>@<layer>`` with the attributes ``layer``, ``pooling``, ``depth`` and
+    ``base_model``. Each store keeps its own resume markers and shard ranges: a block is computed
+    when any store lacks it and written only where it is missing, so a finished store is never
+    rewritten. The visual elements are embedded at every layer in the same pass.
+
+    Raises:
+        iis.extract.layers.LayerError: an unknown layer name (the message lists the model's layers).
+
+    Returns:
+        ``{store model name: complete}``, e.g. ``{"r10@stages.1": True, "r10": True}``, in depth order.
     """
     path = Path(path)
-    attrs = store_attrs(dataset=dataset, backbone=backbone, model_name=model_name, pipeline=pipeline,
-                        elements=elements_config, project_version=project_version)
-    attrs["rows_sha256"] = rows_digest(dataset, element_plans)
-    device = resolve_device(options.device)  # before the store exists: a bad device leaves nothing behind
-    group = _open_or_create(path, attrs=attrs, dataset=dataset, backbone=backbone, plans=element_plans,
-                            opts=options)
+    device = resolve_device(options.device)  # before any store exists: a bad device leaves nothing behind
+    resolved = resolve_layers(backbone.model, layers, model_name=model_name)
+    base_attrs = store_attrs(dataset=dataset, backbone=backbone, model_name=model_name, pipeline=pipeline,
+                             elements=elements_config, project_version=project_version)
+    base_attrs["rows_sha256"] = rows_digest(dataset, element_plans)
     model = backbone.model.to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    forward = LayerForward(model, resolved)
+    dims = {FINAL: backbone.feature_dim}
+    if forward.mode != "plain":
+        probe = probe_batch(backbone.data_config["input_size"], device=device)
+        if device.type == "cuda":
+            probe = probe.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(device, options.amp):
+            forward.probe(probe)
+        dims.update(forward.dims)
+        log.info("%s: layers %s by %s", model_name, ", ".join(f"{la.name} (D={dims[la.name]})" for la in resolved),
+                 "forward_intermediates" if forward.mode == "intermediates" else "forward hooks")
+    targets = []
+    for layer in resolved:
+        name = layer_model_name(model_name, layer.name)
+        attrs = dict(base_attrs)
+        if not layer.is_final:
+            attrs.update(model=name, **layer_attrs(layer, base_model=model_name, model=backbone.model))
+        target_path = layer_store_path(path, layer.name)
+        group = _open_or_create(target_path, attrs=attrs, dataset=dataset, feature_dim=dims[layer.name],
+                                plans=element_plans, opts=options)
+        targets.append(_Target(layer=layer.name, path=target_path, group=group))
     size = tuple(backbone.data_config["input_size"])
     for split in st.SPLITS:
         rows = _ImageRows(dataset, split, image_transform(backbone.data_config, uint8=True), size)
-        _fill_part(group, path, split, rows, split_meta=dataset.splits[split], model=model,
+        _fill_part(targets, split, rows, split_meta=dataset.splits[split], forward=forward,
                    data_config=backbone.data_config, device=device, opts=options)
     if element_plans:
         fill = tuple(int(round(255 * m)) for m in backbone.data_config["mean"])
         rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config, uint8=True), fill)
-        _fill_part(group, path, st.ELEMENTS, rows, split_meta=None, model=model,
+        _fill_part(targets, st.ELEMENTS, rows, split_meta=None, forward=forward,
                    data_config=backbone.data_config, device=device, opts=options)
-    complete = st.finalize_store(group, path)
-    if not complete:
-        log.info("%s: this shard is done; other shards still have blocks to fill", path)
-    return complete
+    status = {}
+    for target in targets:
+        complete = st.finalize_store(target.group, target.path)
+        if not complete:
+            log.info("%s: this shard is done; other shards still have blocks to fill", target.path)
+        status[layer_model_name(model_name, target.layer)] = complete
+    return status
