@@ -29,7 +29,7 @@ class SavedHeads:
         weight: ``(R, K, C)`` float32.
         bias: ``(R, C)`` float32.
         ratios: ``(R,)`` the sparsity ratio of each head.
-        protocol: ``default`` or ``reference``.
+        protocol: ``default``, ``fixed-scale`` or ``reference``.
         input_scale: ``(R, 2, K)`` each head's per-concept ``(γ, β)``, or None (fixed standardisation).
     """
 
@@ -55,7 +55,7 @@ class SavedHeads:
     def kept_inputs(self, activations: torch.Tensor, ratio: float) -> torch.Tensor:
         """``g_s(ã)``: ``(N, K)`` activations -> ``(N, K)``, the learnt scale and shift applied and
         ``k(s)`` entries kept per row: what the head's linear layer sees."""
-        if self.protocol != "default":
+        if self.protocol == "reference":
             raise ValueError("explanations need heads of the default protocol (the reference re-normalises inside)")
         return self._model().head_inputs(activations, self.index(ratio))
 

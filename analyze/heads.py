@@ -34,7 +34,9 @@ __all__ = ["PROTOCOLS", "ChunkedRows", "HeadFit", "fit_heads"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("default", "reference")
+# "fixed-scale": the default trainer with METHOD.md's per-concept (γ, β) held at (1, 0), the fixed
+# standardisation, kept so that the two models can be compared (its rows are keyed apart).
+PROTOCOLS = ("default", "fixed-scale", "reference")
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,7 +50,6 @@ def fit_heads(
     ratios: Sequence[float] | None,
     seed: int,
     protocol: str = "default",
-    learn_scale: bool = True,
     max_epochs: int | None = None,
     batch_size: int | None = None,
 ) -> HeadFit:
@@ -61,10 +62,9 @@ def fit_heads(
         num_classes: ``C``.
         ratios: sparsity ratios in ``[0, 1)``, or None for the standard head (no ``g_s``).
         seed: seeds initialisation and shuffling (a private ``torch.Generator``).
-        protocol: ``"default"`` or ``"reference"`` (the authors' protocol, which selects on
-            **test**; for comparison only).
-        learn_scale: default protocol: fit each head's per-concept ``(γ, β)`` (METHOD.md); False
-            keeps the fixed standardisation, for comparison.
+        protocol: ``"default"``; ``"fixed-scale"`` (the same trainer with the per-concept
+            ``(γ, β)`` fixed at ``(1, 0)``, for comparison); or ``"reference"`` (the authors'
+            protocol, which selects on **test**; for comparison only).
         max_epochs: override of the protocol's epoch count (tests use it for speed).
         batch_size: override of the protocol's batch size.
 
@@ -88,7 +88,8 @@ def fit_heads(
     else:
         schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=max_epochs, batch_size=batch_size)
         fit = fit_default(splits, num_classes=num_classes, ratios=ratio_list, seed=seed, schedule=schedule,
-                          learn_scale=learn_scale)
+                          learn_scale=protocol == "default")
+        fit.protocol = protocol
     fit.fit_seconds = time.perf_counter() - start
     logger.info("fitted %d head(s) (%s protocol) in %.2fs; test top-1 %s", fit.num_heads, protocol,
                 fit.fit_seconds, np.round(fit.test_top1, 4).tolist())

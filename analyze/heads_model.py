@@ -78,7 +78,8 @@ class HeadFit:
         best_epoch: ``(R,)`` int64, 0-based epoch of the kept state: the head's last epoch by
             default (the final state is kept), the epoch selected on test in the reference protocol.
         fit_seconds: wall time of the fit, evaluation included.
-        protocol: ``"default"`` or ``"reference"``; decides how :meth:`logits` treats its input.
+        protocol: ``"default"``, ``"fixed-scale"`` or ``"reference"``; decides how :meth:`logits`
+            treats its input.
     """
 
     ratios: list[float] | None

@@ -54,8 +54,6 @@ class TaskSpec:
         library_dir: where built libraries are saved (``.npz``), or None.
         clip_store: path of the CLIP store, for libraries that need text features.
         options: the library's own settings (its builder's keyword arguments), or None.
-        learn_scale: fit the heads' per-concept scale and shift (METHOD.md, step 3); False keeps
-            the fixed standardisation, for comparison.
         memory_budget: bytes of float32 train features the standard head may hold in memory;
             beyond it, it streams them from the store chunk by chunk. None: a fraction
             (``MEMORY_FRACTION``) of this machine's RAM.
@@ -72,7 +70,6 @@ class TaskSpec:
     library_dir: str | None = None
     clip_store: str | None = None
     options: dict | None = None
-    learn_scale: bool = True
     memory_budget: int | None = None
 
     @property
@@ -157,8 +154,7 @@ def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, libr
 def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
          ratios: list[float] | None, spec: TaskSpec) -> HeadFit:
     return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
-                     num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol,
-                     learn_scale=spec.learn_scale)
+                     num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol)
 
 
 def _text_inputs(spec: TaskSpec, train: SplitData, val: SplitData) -> TextInputs:

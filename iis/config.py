@@ -217,7 +217,9 @@ class AnalysisConfig(_Frozen):
     num_concepts: int = Field(64, ge=2)
     ratios: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], ...] = DEFAULT_RATIOS
     seeds: tuple[int, ...] = (0,)
-    protocol: Literal["default", "reference"] = "default"
+    # default: METHOD.md's heads; fixed-scale: without the learnt per-concept scale (comparison);
+    # reference: the authors' protocol, which selects on test (comparison only)
+    protocol: Literal["default", "fixed-scale", "reference"] = "default"
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
     # Per-library settings, e.g. {text: {top5_cutoff: 0.05}, end2end: {epochs: 20}}: each library's
     # options class (declared in its module, carried by the registry) checks them here.

@@ -55,7 +55,7 @@ def test_fixed_standardisation_keeps_only_noise_once_k_is_small():
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 600), ("val", 2, 200), ("test", 3, 400))}
     ratios = [0.0, 0.5, 0.8, 0.95]
     assert [keep_count(r, 20) for r in ratios] == [20, 10, 4, 1]
-    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0, learn_scale=False)
+    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=0, protocol="fixed-scale")
     assert fit.input_scale is None
     assert fit.weight.shape == (4, 20, 4)
     assert fit.test_top1[0] > 0.95  # everything kept: the signal columns are there

@@ -88,7 +88,7 @@ def test_learnt_scale_chooses_the_informative_concepts_at_high_sparsity():
     ratios = [0.0, 0.95]
     assert keep_count(0.95, spec.concepts) == 3
     learnt = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0)
-    fixed = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0, learn_scale=False)
+    fixed = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0, protocol="fixed-scale")
     assert learnt.test_top1[1] > fixed.test_top1[1] + 0.15
     assert abs(learnt.test_top1[0] - fixed.test_top1[0]) < 0.05  # nothing to choose when all are kept
     # What it learnt: a scale that differs between concepts (the fixed model's is 1 everywhere).
@@ -124,7 +124,8 @@ def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
     no cost to the fit, so the convex part given the selection is what converges."""
     splits, spec = _planted_activations(seed=1)
     ratios = [0.0, 0.5, 0.9]
-    fit = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0, learn_scale=learn_scale)
+    fit = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0,
+                    protocol="default" if learn_scale else "fixed-scale")
     (x, y), (x_val, y_val) = splits["train"], splits["val"]
     for r, ratio in enumerate(ratios):
         keep = keep_count(ratio, spec.concepts)

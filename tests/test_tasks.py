@@ -63,12 +63,14 @@ def test_standard_head_holds_train_within_the_budget_and_streams_beyond(tmp_path
     assert tasks.memory_budget(None) > 4 * SIZES["train"] * DIM
 
 
-@pytest.mark.parametrize("learn_scale", [True, False])
-def test_learn_scale_reaches_the_heads(tmp_path, learn_scale):
+@pytest.mark.parametrize("protocol", ["default", "fixed-scale"])
+def test_fixed_scale_protocol_reaches_the_heads(tmp_path, protocol):
     path = _store(tmp_path / "m.zarr")
     result = run_task(TaskSpec(store=str(path), library="prototype", seed=0, num_concepts=8, ratios=(0.0, 0.5),
-                               bootstrap=0, learn_scale=learn_scale, library_dir=str(tmp_path / "libs")))
+                               bootstrap=0, protocol=protocol, library_dir=str(tmp_path / "libs")))
     from iis.analyze.artifacts import load_library
 
     _, heads = load_library(Path(result.concept_rows[0]["library_file"]))
-    assert (heads.input_scale is not None) == learn_scale
+    assert (heads.input_scale is not None) == (protocol == "default")
+    assert heads.protocol == protocol and f"-{protocol}" in result.concept_rows[0]["library_file"]
+    assert {row["protocol"] for row in result.accuracy_rows} == {protocol}
