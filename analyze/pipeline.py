@@ -35,12 +35,16 @@ class ClusterOptions:
         workers: LocalCluster worker processes.
         threads: torch/BLAS threads per task (and Dask threads per worker: one task each).
         synchronous: run every task in this process, in order, without Dask.
+        memory_budget: bytes of float32 train features one task's standard head may hold in
+            memory (beyond it, they stream from the store); None: a share of each worker's RAM
+            (:data:`iis.analyze.tasks.MEMORY_FRACTION`).
     """
 
     scheduler: str | None = None
     workers: int = 2
     threads: int = 1
     synchronous: bool = False
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         # A LocalCluster of 0 workers waits for a worker forever; 0 threads is no torch setting.
@@ -278,7 +282,7 @@ def analyze_stores(
         TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
                  protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir,
                  clip_store=str(clip_store) if clip_store is not None and lib in text_libraries else None,
-                 options=(options or {}).get(lib))
+                 options=(options or {}).get(lib), memory_budget=cluster.memory_budget)
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
     if skip_complete:

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster)")
     p.add_argument("--workers", type=_count(1), help="LocalCluster worker processes (default 2)")
     p.add_argument("--threads", type=_count(1), help="torch/BLAS threads per task (default 1)")
+    p.add_argument("--memory-budget-mb", type=_count(1),
+                   help="MB of train features a standard head may hold in memory before it streams them "
+                        "from the store (default: a quarter of the machine's RAM)")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
     p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
@@ -200,7 +203,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     options = dict(libraries=args.libraries, num_concepts=args.num_concepts, ratios=args.ratios,
                    seeds=args.seeds, protocol=args.protocol, bootstrap=args.bootstrap,
                    scheduler=args.scheduler, workers=args.workers, threads=args.threads,
-                   synchronous=args.synchronous)
+                   synchronous=args.synchronous, memory_budget_mb=args.memory_budget_mb)
     if args.store:
         if args.pipeline or not args.results:
             raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")

@@ -150,16 +150,18 @@ def _analysis_args(base: AnalysisConfig | None, **overrides) -> dict:
 
 
 def _cluster(*, scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
-             synchronous: bool = False):
+             synchronous: bool = False, memory_budget_mb: int | None = None):
     """Where tasks run; what is not given keeps :class:`~iis.analyze.pipeline.ClusterOptions`'s default."""
     from iis.analyze.pipeline import ClusterOptions
 
-    return ClusterOptions(synchronous=synchronous, **_given(scheduler=scheduler, workers=workers, threads=threads))
+    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+    return ClusterOptions(synchronous=synchronous, memory_budget=budget,
+                          **_given(scheduler=scheduler, workers=workers, threads=threads))
 
 
 def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, workers: int | None = None,
                      threads: int | None = None, synchronous: bool = False, skip_complete: bool = False,
-                     **overrides) -> dict:
+                     memory_budget_mb: int | None = None, **overrides) -> dict:
     """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's)."""
     from iis.analyze.pipeline import analyze_stores
 
@@ -168,19 +170,19 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
                           skip_complete=skip_complete,
                           cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
-                                           synchronous=synchronous), **args)
+                                           synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)
 
 
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,
                      scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
-                     synchronous: bool = False, **overrides) -> dict:
+                     synchronous: bool = False, memory_budget_mb: int | None = None, **overrides) -> dict:
     """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
     from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(None, **overrides)
     return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
                           cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
-                                           synchronous=synchronous), **args)
+                                           synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)
 
 
 # --------------------------------------------------------------------------------------------------

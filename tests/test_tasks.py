@@ -74,3 +74,21 @@ def test_fixed_scale_protocol_reaches_the_heads(tmp_path, protocol):
     assert (heads.input_scale is not None) == (protocol == "default")
     assert heads.protocol == protocol and f"-{protocol}" in result.concept_rows[0]["library_file"]
     assert {row["protocol"] for row in result.accuracy_rows} == {protocol}
+
+
+def test_memory_budget_flag_reaches_every_task(tmp_path, monkeypatch):
+    from iis.analyze import pipeline
+    from iis.cli import main
+
+    path = _store(tmp_path / "m.zarr")
+    seen: list[TaskSpec] = []
+
+    def capture(specs, options):
+        seen.extend(specs)
+        raise KeyboardInterrupt  # stop before fitting: the specs are what is checked
+
+    monkeypatch.setattr(pipeline, "run_tasks", capture)
+    rc = main(["analyze", "--store", str(path), "--results", str(tmp_path / "r"), "--libraries", "prototype",
+               "--num-concepts", "4", "--synchronous", "--memory-budget-mb", "3"])
+    assert rc == 130 and seen and {s.memory_budget for s in seen} == {3 * 2**20}
+    assert main(["analyze", "--store", str(path), "--results", str(tmp_path / "r"), "--memory-budget-mb", "0"]) == 2
