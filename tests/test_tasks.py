@@ -78,6 +78,7 @@ def test_fixed_scale_protocol_reaches_the_heads(tmp_path, protocol):
 
 def test_memory_budget_flag_reaches_every_task(tmp_path, monkeypatch):
     from iis.analyze import pipeline
+
     from iis.cli import main
 
     path = _store(tmp_path / "m.zarr")
