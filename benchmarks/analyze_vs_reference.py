@@ -72,7 +72,7 @@ def write_store(path: Path, features: dict, library: torch.Tensor, classes: int)
 
 
 def run_ours(store: Path, results: Path, k: int) -> float:
-    cmd = [str(Path(sys.executable).parent / "iis"), "analyze", "--store", str(store), "--results", str(results),
+    cmd = [str(Path(sys.executable).parent / "iis"), "-q", "analyze", "--store", str(store), "--results", str(results),
            "--libraries", "prototype", "--num-concepts", str(k)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
