@@ -82,6 +82,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("concept", pa.list_(pa.int64())), ("contribution", pa.list_(pa.float64())),
         ("activation", pa.list_(pa.float64())), ("word", pa.list_(pa.string())),
         ("source_id", pa.list_(pa.list_(pa.string()))), ("box", pa.list_(pa.list_(pa.list_(pa.int64())))),
+        ("rest", pa.float64()), ("n_rest", pa.int64()),
     ]),
     "finetune": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()), ("lambda", pa.float64()),

@@ -167,16 +167,26 @@ def _cards(expl: pd.DataFrame | None, dataset: ImageDataset | None, max_cards: i
     pictures = plots.Pictures(dataset, sample_px=_SAMPLE_PX, crop_px=_CROP_PX)
     note = "" if dataset is not None else _none("No dataset given: cards are shown without pictures.")
     total = f"{len(picked)} of {len(records)} explained predictions"
-    return (f"<p>{total}. Each concept's bar is its contribution w·a to the predicted class's logit "
-            f"(blue adds, red subtracts).</p>{note}<div class='cards'>"
+    return (f"<p>{total}. Concepts are ranked by the size of their contribution w·a to the predicted "
+            f"class's logit (blue adds, red subtracts); the <i>rest</i> line sums the kept concepts not "
+            f"listed, so the lines plus the bias equal the logit.</p>{note}<div class='cards'>"
             + "".join(_card(r, pictures) for r in picked) + "</div>")
 
 
 def _card(r: dict, pictures: plots.Pictures) -> str:
     sample = pictures.sample(str(r.get("split", "test")), int(r["image_index"]), str(r["image_id"]))
     picture = _img(sample, "sample", str(r["image_id"])) if sample else "<div class='noimg'>no image</div>"
-    contrib = [float(c) for c in _seq(r.get("contribution"))][:_TOP_CONCEPTS]
-    scale = max((abs(c) for c in contrib), default=1.0) or 1.0
+    listed = [float(c) for c in _seq(r.get("contribution"))]
+    contrib = listed[:_TOP_CONCEPTS]
+    # What the card leaves out is summed into one "rest" line, so the lines plus the bias add up
+    # to the logit; rows written before `rest` existed show no such line.
+    stored_rest = r.get("rest")
+    known_rest = stored_rest is not None and not pd.isna(stored_rest)
+    rest = (float(stored_rest) if known_rest else 0.0) + sum(listed[_TOP_CONCEPTS:])
+    n_rest = len(listed) - len(contrib) + (int(r["n_rest"]) if known_rest and not pd.isna(r.get("n_rest"))
+                                           else 0)
+    show_rest = known_rest or len(listed) > _TOP_CONCEPTS
+    scale = max((abs(c) for c in [*contrib, *([rest] if show_rest else [])]), default=1.0) or 1.0
     words, sources, boxes = _seq(r.get("word")), _seq(r.get("source_id")), _seq(r.get("box"))
     items = []
     for k, (concept, c) in enumerate(zip(_seq(r.get("concept")), contrib)):
@@ -194,6 +204,13 @@ def _card(r: dict, pictures: plots.Pictures) -> str:
         items.append(f"<li><span class='cid'>#{int(concept)}</span><span class='shown'>{shown}</span>"
                      f"<span class='bar'><span class='{'pos' if c >= 0 else 'neg'}' style='{side}'></span></span>"
                      f"<span class='val'>{_num(c, signed=True)}</span></li>")
+    if show_rest:
+        width = 50 * abs(rest) / scale
+        side = f"left:50%;width:{width:.1f}%" if rest >= 0 else f"right:50%;width:{width:.1f}%"
+        items.append(f"<li class='rest'><span class='cid'>rest</span><span class='shown'><span class='word muted'>"
+                     f"{n_rest} other concept{'s' if n_rest != 1 else ''}</span></span>"
+                     f"<span class='bar'><span class='{'pos' if rest >= 0 else 'neg'}' style='{side}'></span></span>"
+                     f"<span class='val'>{_num(rest, signed=True)}</span></li>")
     kind = "right" if bool(r["correct"]) else "wrong"
     where = " · ".join(f"{label}{_e(r[key]) if isinstance(r[key], str) else format(float(r[key]), 'g')}"
                        for key, label in (("model", ""), ("library", ""), ("num_concepts", "K="),

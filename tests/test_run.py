@@ -80,7 +80,7 @@ def test_explanations_add_up_to_the_logit(smoke):
         # Every kept concept's w·a plus the bias is exactly the predicted class's logit.
         assert sum(d["contribution"]) + d["bias"] == pytest.approx(d["logit"], abs=1e-4)
         assert len(d["concept"]) == 16 - 8  # k(0.5) of K = 16
-        assert d["contribution"] == sorted(d["contribution"], reverse=True)
+        assert d["contribution"] == sorted(d["contribution"], key=abs, reverse=True) and d["rest"] == 0.0
     # The saved head reproduces the accuracy the table reports for that ratio.
     acc = pd.read_parquet(results / "accuracy.parquet")
     reported = acc[(acc.model == "r10-random") & (acc.library == "prototype") & (acc.sparsity == 0.5)].test_top1.item()
