@@ -254,6 +254,9 @@ def analyze_stores(
     if len(ratios) < 2:
         raise ValueError("IIS needs at least two sparsity ratios")
     grid = tables.grid_key(ratios)
+    if protocol == "reference":
+        log.warning("analyze: protocol 'reference' selects each head's epoch on the test set (the authors' "
+                    "protocol); its test figures are optimistic and its rows carry the caveat 'selected on test'")
     for name in libraries:
         if get_library(name).needs_text and clip_store is None:
             raise ValueError(f"library {name!r} needs a CLIP store (a `text:` section, or --clip-store)")

@@ -89,3 +89,16 @@ def test_default_explain_model_is_chosen_by_val_not_test():
     assert default_explain_model(acc.iloc[:0], models=["a", "b"]) == "a"  # no rows yet: the first model
     with pytest.raises(ValueError, match="no model to explain"):
         default_explain_model(acc, models=[])
+
+
+@pytest.mark.parametrize("num_concepts", [1, 2, 10, 64, 1000])
+def test_keep_count_keeps_at_least_one_for_every_accepted_ratio(num_concepts):
+    from iis.analyze.activations import keep_count
+
+    # 0.9999999999 * 10 is within the rounding tolerance of 10: it used to keep 0 concepts.
+    for ratio in (0.0, 0.5, 0.9, 0.99, 0.9999999999, float(np.nextafter(1.0, 0.0))):
+        assert 1 <= keep_count(ratio, num_concepts) <= num_concepts
+    assert keep_count(0.9999999999, 10) == 1
+    assert keep_count(0.3, 10) == 7  # the tolerance still stops 0.3 * 10 from flooring to 2
+    with pytest.raises(ValueError, match="sparsity ratio"):
+        keep_count(1.0, num_concepts)
