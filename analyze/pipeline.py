@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,9 +186,10 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
 
 def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
     """Whether ``correlation`` has one row per group of ``iis``, over the models ``iis`` has."""
-    keys = tables.KEYS["correlation"]
+    keys = [k for k in tables.KEYS["correlation"] if k not in ("scope", "group")]
     if iis.empty:
         return True
+    correlation = correlation[correlation["scope"] == "all"]
     want = {tuple(_norm(v) for v in key): sorted(set(g["model"])) for key, g in iis.groupby(keys, dropna=False)}
     have = {tuple(_norm(v) for v in row[:-1]): sorted(row[-1])
             for row in correlation[[*keys, "models"]].itertuples(index=False, name=None)}
@@ -222,6 +223,7 @@ def analyze_stores(
     skip_complete: bool = False,
     clip_store: Path | None = None,
     options: dict[str, dict] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
 
@@ -245,6 +247,9 @@ def analyze_stores(
             in every table already; with nothing left to do, nothing is written.
         clip_store: the CLIP store (image and concept-word features), needed by the text library.
         options: per-library builder settings, ``{library: {name: value}}``.
+        groups: model -> group (the run a checkpoint belongs to, the model a fine-tuned copy comes
+            from), for the correlation within and across groups; models not named get their name
+            before the first ``@`` or ``+`` (:func:`iis.analyze.summary.default_group`).
 
     Returns:
         The four tables as written.
@@ -303,7 +308,9 @@ def analyze_stores(
             "concepts": tables.merge(results, "concepts", concepts),
             "iis": tables.merge(results, "iis", new_iis),
         }
-        out["correlation"] = tables.merge(results, "correlation", pd.DataFrame(correlation_rows(out["iis"])))
+        # Derived whole from iis.parquet: recomputed over every model there, replacing old rows.
+        out["correlation"] = tables.replace("correlation", pd.DataFrame(
+            correlation_rows(out["iis"], groups=groups, bootstrap=bootstrap)))
         tables.commit(results, out, run=run)
     log.info("tables written to %s", results)
     return out

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from iis.analyze.summary import direction
 from iis.analyze.tables import read_table, table_path
 from iis.apps import report_plots as plots
 
@@ -76,27 +77,57 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
 # Sections
 
 
+_VERDICT = {
+    "positive": "positive, as the paper reports: the interval excludes 0",
+    "negative": "negative, against the paper's finding: the interval excludes 0",
+    "cannot tell": "the data cannot tell: the interval holds 0",
+    "undefined": "undefined (too few models, constant values, or no interval computed)",
+}
+
+
+def _all_scope(corr: pd.DataFrame) -> pd.DataFrame:
+    """The rows over every model (tables written before scopes existed hold only those)."""
+    return corr[corr["scope"].fillna("all") == "all"] if "scope" in corr else corr
+
+
+def _ci(low, high) -> str:
+    return f"[{_num(low, 2, signed=True)}, {_num(high, 2, signed=True)}]"
+
+
 def _headline(corr: pd.DataFrame, vary: list[str]) -> str:
     if corr.empty:
         return _none("No correlation.parquet: it needs `iis analyze` over two or more models.")
-    corr = corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel")
+    everything = corr.assign(panel=plots.panel_labels(corr, vary))
     stats = []
-    for r in corr.to_dict("records"):
-        rho = r["spearman_rho"]
-        sign = "undefined" if pd.isna(rho) else "positive" if rho > 0 else "negative" if rho < 0 else "zero"
-        verdict = {"positive": "positive, as the paper reports", "negative": "negative, against the paper's finding",
-                   "zero": "no monotone relation", "undefined": "undefined (too few or constant values)"}[sign]
+    for r in _all_scope(everything).sort_values("panel").to_dict("records"):
+        sign = direction(r.get("spearman_ci_low"), r.get("spearman_ci_high"))
         n = r["n_models"]
         few = "; few models, so read it as a hint" if not pd.isna(n) and n < 5 else ""
+        others = everything[(everything["panel"] == r["panel"]) & (everything["scope"].fillna("all") != "all")]
+        grouped = "".join(
+            f"<div class='small'>{_e(_scope_label(o))}: ρ = {_num(o['spearman_rho'], 2, signed=True)} "
+            f"{_ci(o['spearman_ci_low'], o['spearman_ci_high'])}, {plots.int_or_dash(o['n_models'])} models: "
+            f"{_e(_VERDICT[direction(o['spearman_ci_low'], o['spearman_ci_high'])].split(':')[0])}</div>"
+            for o in others.sort_values(["scope", "group"], na_position="first").to_dict("records"))
         stats.append(
-            f"<div class='stat {sign}'><div class='lib'>{_e(r['panel'])}</div>"
-            f"<div class='big'>ρ = {_num(rho, signed=True)}</div>"
-            f"<div>Spearman ({_p(r['spearman_p'])}); Pearson r = {_num(r['pearson_r'], signed=True)} "
+            f"<div class='stat {sign.replace(' ', '-')}'><div class='lib'>{_e(r['panel'])}</div>"
+            f"<div class='big'>ρ = {_num(r['spearman_rho'], signed=True)}</div>"
+            f"<div>95% interval {_ci(r.get('spearman_ci_low'), r.get('spearman_ci_high'))} (bootstrap over models); "
+            f"Spearman {_p(r['spearman_p'])}; Pearson r = {_num(r['pearson_r'], signed=True)} "
             f"({_p(r['pearson_p'])}); over <b>{plots.int_or_dash(r['n_models'])}</b> models</div>"
-            f"<div class='verdict'>{verdict}{few}</div></div>")
+            f"<div class='verdict'>{_VERDICT[sign]}{few}</div>{grouped}</div>")
     return (f"<p>Correlation, across models, between the standard head's test top-1 and IIS. "
-            f"The paper finds it positive: more classifiable representations are more interpretable.</p>"
+            f"The paper finds it positive: more classifiable representations are more interpretable. "
+            f"A direction is stated only when the 95% bootstrap interval of Spearman's ρ excludes 0. "
+            f"Checkpoints of one run (and fine-tuned copies) are not independent models, so the "
+            f"correlation is also shown across runs (each run's final model) and within each run.</p>"
             f"<div class='stats'>{''.join(stats)}</div>")
+
+
+def _scope_label(row: dict) -> str:
+    if row.get("scope") == "across":
+        return "across groups (final models)"
+    return f"within {row.get('group')}"
 
 
 def _arr(iis: pd.DataFrame, vary: list[str]) -> str:
@@ -115,17 +146,22 @@ def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str]) -> str:
         return _none("No iis.parquet rows: nothing to plot.")
     points = plots.model_points(iis, vary)
     lines, short = [], {}
-    for r in corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel").to_dict("records"):
+    corr = corr.assign(panel=plots.panel_labels(corr, vary))
+    for r in _all_scope(corr).sort_values("panel").to_dict("records"):
         short[r["panel"]] = (f"r {_num(r['pearson_r'], 2)} · ρ {_num(r['spearman_rho'], 2)} · "
                              f"τ {_num(r['kendall_tau'], 2)} · n {plots.int_or_dash(r['n_models'])}")
-        lines.append(f"<li><b>{_e(r['panel'])}</b>: Pearson r = {_num(r['pearson_r'])} ({_p(r['pearson_p'])}), "
-                     f"Spearman ρ = {_num(r['spearman_rho'])} ({_p(r['spearman_p'])}), "
-                     f"Kendall τ = {_num(r['kendall_tau'])} ({_p(r['kendall_p'])}), "
-                     f"n_models = {plots.int_or_dash(r['n_models'])}</li>")
+    for r in corr.sort_values(["panel", "scope", "group"], na_position="first").to_dict("records"):
+        scope = "" if r.get("scope") in (None, "all") or pd.isna(r.get("scope")) else f" ({_scope_label(r)})"
+        lines.append(f"<li><b>{_e(r['panel'])}{_e(scope)}</b>: "
+                     f"Pearson r = {_num(r['pearson_r'])} {_ci(r.get('pearson_ci_low'), r.get('pearson_ci_high'))} "
+                     f"({_p(r['pearson_p'])}), Spearman ρ = {_num(r['spearman_rho'])} "
+                     f"{_ci(r.get('spearman_ci_low'), r.get('spearman_ci_high'))} ({_p(r['spearman_p'])}), "
+                     f"Kendall τ = {_num(r['kendall_tau'])} {_ci(r.get('kendall_ci_low'), r.get('kendall_ci_high'))} "
+                     f"({_p(r['kendall_p'])}), n_models = {plots.int_or_dash(r['n_models'])}</li>")
     png = plots.iis_figure(points, plots.model_colours(list(iis["model"])), short)
     text = ("One point per model (mean over seeds); bars (where computed) are the bootstrap interval of IIS, normalised "
             "like IIS by the span of the ratio grid; the dashed line is the least-squares fit. "
-            "p-values are permutation p-values.")
+            "Brackets are 95% bootstrap intervals over models; p-values are permutation p-values.")
     listing = f"<ul class='corr'>{''.join(lines)}</ul>" if lines else _none("No correlation.parquet rows.")
     return _img(png, "plot", "IIS against standard top-1") + _caption(text) + listing
 
@@ -352,7 +388,7 @@ margin:14px 0}img.plot{max-width:100%;height:auto;display:block;margin:6px auto}
 .caption,.hint{color:#5b6575;font-size:13px}.none{color:#8a6d1f;background:#fff8e5;border-left:3px solid #e0b44c;
 padding:6px 10px;margin:6px 0}.stats{display:flex;flex-wrap:wrap;gap:12px}.stat{flex:1 1 240px;border-radius:8px;
 padding:10px 14px;background:#f1f3f7;border-left:5px solid #999}.stat.positive{border-color:#2f8f4e}
-.stat.negative{border-color:#c0392b}.stat .lib{font-weight:600}.stat .big{font-size:24px;font-weight:700}
+.stat.negative{border-color:#c0392b}.stat.cannot-tell{border-color:#e0b44c}.stat .lib{font-weight:600}.stat .big{font-size:24px;font-weight:700}
 .stat .verdict{font-size:13px;color:#5b6575}ul.corr{font-size:13px}.scroll{overflow:auto;max-height:560px}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e6eb;
 text-align:left;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}

@@ -22,6 +22,8 @@ LIBRARIES = ["prototype", "cluster"]
 RATIOS = [0.0, 0.5, 0.9]
 # Deliberately distinctive coefficients, so the report's printed numbers can be found verbatim.
 CORR = {"prototype": (0.8123, 0.25, 0.5, 0.6667, 0.3333, 1.0), "cluster": (-0.4321, 0.5, -0.5, 0.6, -0.3333, 1.0)}
+# Spearman intervals: the prototype one excludes 0 (a direction is stated), the cluster one too.
+CI = {"prototype": (0.125, 0.875), "cluster": (-0.875, -0.125)}
 N_CORRECT, N_WRONG = 3, 3
 
 
@@ -65,7 +67,7 @@ def _correlation_frame() -> pd.DataFrame:
     return pd.DataFrame([
         {"dataset": "digits", "library": lib, "num_concepts": 16, "protocol": "default", "n_models": 3,
          "models": MODELS, "pearson_r": c[0], "pearson_p": c[1], "spearman_rho": c[2], "spearman_p": c[3],
-         "kendall_tau": c[4], "kendall_p": c[5]}
+         "kendall_tau": c[4], "kendall_p": c[5], "spearman_ci_low": CI[lib][0], "spearman_ci_high": CI[lib][1]}
         for lib, c in CORR.items()
     ])
 
@@ -160,6 +162,7 @@ def test_report_shows_models_numbers_table_and_cards(results, digits):
     # Headline: the prototype correlation is positive, the cluster one negative.
     assert re.search(r"class='stat positive'><div class='lib'>prototype", page)
     assert re.search(r"class='stat negative'><div class='lib'>cluster", page)
+    assert "[+0.12, +0.88]" in page and "the interval excludes 0" in page
     table = page[page.index("id='iis-table'"):]
     table = table[: table.index("</table>")]
     assert table.count("<tr class='row'>") == len(_iis_frame())
