@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
+from iis.analyze.ranking import ranking_current, ranking_rows, save_correctness
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation")  # what one analysis commits together
+ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation", "ranking")  # what one analysis commits together
 
 
 @dataclass(frozen=True)
@@ -225,11 +226,11 @@ def analyze_stores(
     options: dict[str, dict] | None = None,
     groups: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
+    """Analyse every store and write ``accuracy``, ``iis``, ``correlation``, ``ranking`` and ``concepts``.
 
     Everything that can be checked before fitting is: each store (complete, ours, a safe model
     name), ``K`` against its elements, the CLIP store's text group, and that ``results`` is
-    writable. The four tables are then merged and committed together under the results
+    writable. The tables are then merged and committed together under the results
     folder's lock (:mod:`iis.analyze.tables`), so concurrent runs on one folder lose no rows.
 
     Args:
@@ -252,7 +253,7 @@ def analyze_stores(
             before the first ``@`` or ``+`` (:func:`iis.analyze.summary.default_group`).
 
     Returns:
-        The four tables as written.
+        The five tables as written.
     """
     results = Path(results)
     ratios = sorted(float(r) for r in ratios)
@@ -288,7 +289,8 @@ def analyze_stores(
         with tables.results_lock(results):
             current = {name: tables.read_table(results, name) for name in ANALYSIS_TABLES}
         specs = _incomplete(specs, keys, current, num_concepts=num_concepts, grid=grid, bootstrap=bootstrap)
-        if not specs and _correlation_current(current["iis"], current["correlation"]):
+        if (not specs and _correlation_current(current["iis"], current["correlation"])
+                and ranking_current(current["iis"], current["ranking"])):
             log.info("analyze: every table row is already there (grid %s); nothing to do", grid)
             return current
     log.info("analyze: %d stores x %d libraries (+standard) x %d seeds -> %d tasks",
@@ -299,6 +301,8 @@ def analyze_stores(
     accuracy = pd.DataFrame([{**keys[r.spec.store], **row, **extra} for r in done for row in r.accuracy_rows])
     concepts = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.concept_rows])
     new_iis = pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap))
+    # Per-image results, for ranking this run's models with earlier runs' (files, written atomically).
+    save_correctness(results, done, models={path: k["model"] for path, k in keys.items()}, grid=grid)
     run = {"command": "analyze", "pipeline": pipeline, "models": sorted(models), "grid": grid,
            "libraries": list(libraries), "num_concepts": num_concepts, "seeds": list(seeds),
            "protocol": protocol, "bootstrap": bootstrap, "tasks": len(specs)}
@@ -311,6 +315,8 @@ def analyze_stores(
         # Derived whole from iis.parquet: recomputed over every model there, replacing old rows.
         out["correlation"] = tables.replace("correlation", pd.DataFrame(
             correlation_rows(out["iis"], groups=groups, bootstrap=bootstrap)))
+        out["ranking"] = tables.replace("ranking", pd.DataFrame(
+            ranking_rows(out["iis"], results=results, n_resamples=bootstrap)))
         tables.commit(results, out, run=run)
     log.info("tables written to %s", results)
     return out

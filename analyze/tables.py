@@ -68,6 +68,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("spearman_ci_high", pa.float64()), ("kendall_ci_low", pa.float64()), ("kendall_ci_high", pa.float64()),
         ("bootstrap", pa.int64()),
     ]),
+    "ranking": pa.schema([
+        ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()), ("protocol", pa.string()),
+        ("grid", pa.string()), ("model", pa.string()), ("rank", pa.int64()), ("n_models", pa.int64()),
+        ("n_seeds", pa.int64()), ("standard_top1", pa.float64()), ("iis", pa.float64()),
+        ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()), ("iis_ci_high", pa.float64()),
+        ("next_model", pa.string()), ("p_above_next", pa.float64()), ("seed_kendall_tau", pa.float64()),
+        ("seed_pairs", pa.int64()), ("iis_adjusted", pa.float64()), ("bootstrap", pa.int64()),
+        ("caveat", pa.string()),
+    ]),
     "concepts": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
         ("library", pa.string()), ("num_concepts", pa.int64()), ("sparsity", pa.float64()),
@@ -100,6 +109,7 @@ KEYS: dict[str, list[str]] = {
     "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol", "grid"],
     "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol", "grid"],
     "correlation": ["dataset", "library", "num_concepts", "protocol", "grid", "scope", "group"],
+    "ranking": ["dataset", "library", "num_concepts", "protocol", "grid", "model"],
     "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept"],
     "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
     "finetune": ["pipeline", "model", "lambda", "seed", "epochs"],
