@@ -45,7 +45,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
     out = results / "report.html" if out is None else Path(out)
     iis = read_table(results, "iis")
     iis = iis.loc[iis["ratios"].map(lambda r: r is not None and len(r) > 0).astype(bool)].reset_index(drop=True)
-    corr, acc, concepts = (read_table(results, n) for n in ("correlation", "accuracy", "concepts"))
+    corr, acc, concepts, ranking = (read_table(results, n) for n in ("correlation", "accuracy", "concepts", "ranking"))
     expl, finetune = (_optional(results, n) for n in ("explanations", "finetune"))
     vary = plots.varying_keys(iis, corr)
     if title is None:
@@ -58,8 +58,9 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
         _section("how", "How to read this", _HOW_TO_READ),
         _section("headline", "Headline: is interpretability tied to classifiability?", _headline(corr, vary)),
         _section("arr", "1 · Accuracy retention against sparsity", _arr(iis, vary)),
-        _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary)),
-        _section("table", "3 · Every IIS row", _iis_table(iis)),
+        _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary, ranking)),
+        _section("ranking", "3 · IIS ranking and its confidence", _ranking(ranking, vary)),
+        _section("table", "Every IIS row", _iis_table(iis)),
         _section("explanations", "4 · Explained test predictions", _cards(expl, dataset, max_cards)),
         _section("finetune", "5 · Fine-tuning with interpretability maximisation", _finetune(finetune)),
         _section("concepts", "Concept libraries built", _concepts(concepts)),
@@ -141,10 +142,10 @@ def _arr(iis: pd.DataFrame, vary: list[str]) -> str:
                      "means few concepts suffice."))
 
 
-def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str]) -> str:
+def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str], ranking: pd.DataFrame) -> str:
     if iis.empty:
         return _none("No iis.parquet rows: nothing to plot.")
-    points = plots.model_points(iis, vary)
+    points = plots.model_points(iis, vary, ranking)
     lines, short = [], {}
     corr = corr.assign(panel=plots.panel_labels(corr, vary))
     for r in _all_scope(corr).sort_values("panel").to_dict("records"):
@@ -159,11 +160,56 @@ def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str]) -> str:
                      f"Kendall τ = {_num(r['kendall_tau'])} {_ci(r.get('kendall_ci_low'), r.get('kendall_ci_high'))} "
                      f"({_p(r['kendall_p'])}), n_models = {plots.int_or_dash(r['n_models'])}</li>")
     png = plots.iis_figure(points, plots.model_colours(list(iis["model"])), short)
-    text = ("One point per model (mean over seeds); bars (where computed) are the bootstrap interval of IIS, normalised "
-            "like IIS by the span of the ratio grid; the dashed line is the least-squares fit. "
+    kinds = set(points["ci_kind"].dropna())
+    bars = {
+        frozenset(): "No bars: no interval was computed (or a model has several seeds and there is no ranking.parquet). ",
+        frozenset({"images and seeds"}): "Bars: 95% bootstrap interval of IIS over test images and library seeds "
+                                         "together (ranking.parquet). ",
+        frozenset({"images"}): "Bars: 95% bootstrap interval of IIS over test images, at the one library seed. ",
+    }.get(frozenset(kinds), "Bars: 95% bootstrap interval of IIS, over test images and library seeds where a model "
+                            "has a ranking row, else over test images at its one seed. ")
+    text = ("One point per model (mean over seeds). " + bars + "Intervals are normalised like IIS by the span of the "
+            "ratio grid; the dashed line is the least-squares fit. "
             "Brackets are 95% bootstrap intervals over models; p-values are permutation p-values.")
     listing = f"<ul class='corr'>{''.join(lines)}</ul>" if lines else _none("No correlation.parquet rows.")
     return _img(png, "plot", "IIS against standard top-1") + _caption(text) + listing
+
+
+def _ranking(ranking: pd.DataFrame, vary: list[str]) -> str:
+    if ranking.empty:
+        return _none("No ranking.parquet rows: run `iis analyze` (the ranking is written with the other tables).")
+    ranking = ranking.assign(panel=plots.panel_labels(ranking, vary),
+                             span=ranking["grid"].map(_grid_span) if "grid" in ranking else np.nan)
+    parts = []
+    for panel, g in ranking.sort_values(["panel", "rank"]).groupby("panel", sort=True):
+        first = g.iloc[0]
+        stable = ("" if pd.isna(first["seed_kendall_tau"]) else
+                  f" Kendall τ between the rankings of {plots.int_or_dash(first['seed_pairs'])} pair(s) of library "
+                  f"seeds: {_num(first['seed_kendall_tau'], 2, signed=True)} (1: every seed orders the models alike).")
+        rows = []
+        for r in g.to_dict("records"):
+            s = r["span"] if np.isfinite(r["span"]) and r["span"] > 0 else np.nan
+            rows.append(f"<tr class='row'>{_td(r['rank'], 0)}{_td(r['model'])}{_td(r['standard_top1'])}"
+                        f"{_td(r['iis_normalized'])}{_td(r['iis_ci_low'] / s)}{_td(r['iis_ci_high'] / s)}"
+                        f"{_td(r['p_above_next'], 2)}{_td(r['iis_adjusted'] / s, signed=True)}{_td(r['n_seeds'], 0)}</tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("rank", "model", "standard top-1", "IIS (norm.)", "CI low",
+                                                  "CI high", "P(above next)", "IIS vs accuracy", "seeds"))
+        caveat = f" <b>Caveat: {_e(first['caveat'])}.</b>" if isinstance(first.get("caveat"), str) else ""
+        parts.append(f"<h3>{_e(panel)}</h3><p class='small'>{_e(stable)}{caveat}</p><div class='scroll'>"
+                     f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    return (_caption("Models ordered by IIS (mean over library seeds; normalised by the span of the ratio grid). "
+                     "CI: 95% bootstrap interval over test images and library seeds together. P(above next): the "
+                     "share of those resamples in which the model's IIS exceeds the next model's (0.5: no telling "
+                     "them apart). IIS vs accuracy: the model's distance from the least-squares line of IIS on "
+                     "standard top-1 across the panel's models; positive is more interpretable than its accuracy "
+                     "predicts.") + "".join(parts))
+
+
+def _grid_span(grid) -> float:
+    if not isinstance(grid, str) or not grid:
+        return float("nan")
+    values = [float(v) for v in grid.split(",")]
+    return max(values) - min(values)
 
 
 def _iis_table(iis: pd.DataFrame) -> str:

@@ -137,3 +137,18 @@ def test_reference_protocol_rows_are_marked_and_warned(analysed, tmp_path, caplo
         assert len(table) and table.caveat.eq("selected on test").all(), name
     # Without bootstrap the ranking still orders the models, without probabilities.
     assert out["ranking"].p_above_next.isna().all() and (out["ranking"].bootstrap == 0).all()
+
+
+def test_report_shows_the_ranking_and_joint_interval_bars(analysed):
+    from iis.apps.report import write_report
+
+    results, out = analysed
+    page = write_report(results=results).read_text()
+    section = page[page.index("<section id='ranking'>"):]
+    section = section[: section.index("</section>")]
+    ranking = out["ranking"]
+    # Rows in rank order, each with its probability of beating the next.
+    assert [section.index(f"<td>{m}</td>") for m in ranking.model] == sorted(
+        section.index(f"<td>{m}</td>") for m in ranking.model)
+    assert f"{ranking.p_above_next.iloc[0]:.2f}" in section and "Kendall τ between the rankings" in section
+    assert "over test images and library seeds together (ranking.parquet)" in page

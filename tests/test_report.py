@@ -226,8 +226,19 @@ def test_curves_average_seeds_and_intervals_are_normalised():
     p = points.loc[("cluster", "convnext_atto")]
     rows = iis[(iis.model == "convnext_atto") & (iis.library == "cluster")]
     np.testing.assert_allclose(p["iis_normalized"], rows["iis_normalized"].mean())
-    np.testing.assert_allclose(p["ci_low"], (rows["iis"].mean() - 0.09) / 0.9)
-    np.testing.assert_allclose(p["ci_high"], (rows["iis"].mean() + 0.045) / 0.9)
+    # Two seeds and no ranking: averaging the seeds' endpoints is no interval, so none is drawn.
+    assert np.isnan(p["ci_low"]) and p["ci_kind"] is None
+    # One seed: that seed's interval over test images, normalised.
+    one = model_points(iis[iis.seed == 0]).set_index(["panel", "model"]).loc[("cluster", "convnext_atto")]
+    first = rows[rows.seed == 0].iloc[0]
+    np.testing.assert_allclose([one["ci_low"], one["ci_high"]], [(first.iis - 0.09) / 0.9, (first.iis + 0.045) / 0.9])
+    assert one["ci_kind"] == "images"
+    # With ranking.parquet: its interval over images and seeds together.
+    ranking = pd.DataFrame([{"dataset": "digits", "library": "cluster", "num_concepts": 16, "protocol": "default",
+                             "model": "convnext_atto", "iis_ci_low": 0.27, "iis_ci_high": 0.36}])
+    joint = model_points(iis, ranking=ranking).set_index(["panel", "model"]).loc[("cluster", "convnext_atto")]
+    np.testing.assert_allclose([joint["ci_low"], joint["ci_high"]], [0.3, 0.4])
+    assert joint["ci_kind"] == "images and seeds"
 
 
 def test_dollar_signs_in_names_are_drawn_literally(results, digits):
