@@ -107,8 +107,9 @@ def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | Non
     ratio grids are areas over different spans, so models are only compared within one grid.
     Models of one group (the checkpoints of one run, a fine-tuned copy and its source) are not
     independent, so besides the row over every model (``scope = "all"``) there is, when some
-    group has several models, one row over each group's final model (``"across"``) and one per
-    group of three or more models (``"within"``, along its training; ``group`` names it).
+    group has several models, one row over each group's final model (``"across"``, when there
+    are three groups or more) and one per group of three or more models (``"within"``, along its
+    training; ``group`` names it).
 
     Args:
         iis_table: ``iis.parquet`` rows.
@@ -125,7 +126,9 @@ def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | Non
         member = model_groups(per_model.index.tolist(), groups)
         subsets = [("all", None, per_model.index.tolist())]
         if len(set(member.values())) < len(member):
-            subsets.append(("across", None, sorted(final_models(member).values())))
+            finals = sorted(final_models(member).values())
+            if len(finals) >= 3:  # fewer have no correlation
+                subsets.append(("across", None, finals))
             for group, models in sorted(pd.Series(member).groupby(pd.Series(member)).groups.items()):
                 if len(models) >= 3:
                     subsets.append(("within", str(group), sorted(models)))

@@ -105,7 +105,7 @@ def test_rows_round_trip_and_old_tables_read_as_scope_all(tmp_path):
                                          n_resamples=99, bootstrap=100))
     tables.upsert(tmp_path, "correlation", rows)
     back = tables.read_table(tmp_path, "correlation")
-    assert set(back.scope) == {"all", "across", "within"} and (back.bootstrap == 100).all()
+    assert set(back.scope) == {"all", "within"} and (back.bootstrap == 100).all()  # one group: no "across"
     assert back.spearman_ci_low.notna().all() or back.n_models.min() < 3
     # A table written before scopes existed: its rows are the all-model rows.
     old = back[back.scope == "all"].drop(columns=["scope", "group", "bootstrap"])

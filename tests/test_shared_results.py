@@ -53,7 +53,7 @@ def test_commit_writes_a_manifest_naming_the_run(stores, clean, tmp_path):
     analyze_stores(stores, results=results, cluster=SYNC, pipeline="p", **ANALYSIS)
     manifest = tables.read_manifest(results)
     assert manifest["state"] == "committed" and manifest["pending"] == {}
-    assert manifest["tables"] == ["accuracy", "concepts", "correlation", "iis"]
+    assert manifest["tables"] == ["accuracy", "concepts", "correlation", "iis", "ranking"]
     assert manifest["pipeline"] == "p" and manifest["models"] == ["m0", "m1", "m2"]
     assert manifest["grid"] == "0,0.5,0.9" and manifest["rows"]["iis"] == 6 and manifest["time"]
     assert not list(results.glob(".*.tmp"))  # no temporaries left
