@@ -143,12 +143,19 @@ def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | Non
     return rows
 
 
-def direction(low: float, high: float) -> str:
+def direction(low: float, high: float, p: float | None = None, *, alpha: float = 0.05) -> str:
     """What an interval of a correlation coefficient lets one say: ``"positive"`` or
     ``"negative"`` when it excludes 0, ``"cannot tell"`` when it holds 0, ``"undefined"`` when
-    it was not computed."""
+    it was not computed.
+
+    With ``p`` (the coefficient's permutation p-value), a direction also needs ``p < alpha``: a
+    bootstrap over very few models can exclude 0 by construction (three models in a perfect
+    line resample to ±1 every time) where the permutation test shows the order could be chance.
+    """
     if low is None or high is None or pd.isna(low) or pd.isna(high):
         return "undefined"
+    if p is not None and not pd.isna(p) and p >= alpha:
+        return "cannot tell"
     if low > 0:
         return "positive"
     if high < 0:

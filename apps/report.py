@@ -81,9 +81,19 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
 _VERDICT = {
     "positive": "positive, as the paper reports: the interval excludes 0",
     "negative": "negative, against the paper's finding: the interval excludes 0",
-    "cannot tell": "the data cannot tell: the interval holds 0",
     "undefined": "undefined (too few models, constant values, or no interval computed)",
 }
+
+
+def _verdict(row: dict) -> tuple[str, str]:
+    """``(sign, sentence)`` for a correlation row, from Spearman's interval and p-value."""
+    low, high, p = row.get("spearman_ci_low"), row.get("spearman_ci_high"), row.get("spearman_p")
+    sign = direction(low, high, p)
+    if sign != "cannot tell":
+        return sign, _VERDICT[sign]
+    if direction(low, high) == "cannot tell":
+        return sign, "the data cannot tell: the interval holds 0"
+    return sign, f"the data cannot tell: the interval excludes 0, but {_p(p)} (too few models to trust it)"
 
 
 def _all_scope(corr: pd.DataFrame) -> pd.DataFrame:
@@ -101,14 +111,14 @@ def _headline(corr: pd.DataFrame, vary: list[str]) -> str:
     everything = corr.assign(panel=plots.panel_labels(corr, vary))
     stats = []
     for r in _all_scope(everything).sort_values("panel").to_dict("records"):
-        sign = direction(r.get("spearman_ci_low"), r.get("spearman_ci_high"))
+        sign, verdict = _verdict(r)
         n = r["n_models"]
         few = "; few models, so read it as a hint" if not pd.isna(n) and n < 5 else ""
         others = everything[(everything["panel"] == r["panel"]) & (everything["scope"].fillna("all") != "all")]
         grouped = "".join(
             f"<div class='small'>{_e(_scope_label(o))}: ρ = {_num(o['spearman_rho'], 2, signed=True)} "
             f"{_ci(o['spearman_ci_low'], o['spearman_ci_high'])}, {plots.int_or_dash(o['n_models'])} models: "
-            f"{_e(_VERDICT[direction(o['spearman_ci_low'], o['spearman_ci_high'])].split(':')[0])}</div>"
+            f"{_e(_verdict(o)[1].split(':')[0])}</div>"
             for o in others.sort_values(["scope", "group"], na_position="first").to_dict("records"))
         stats.append(
             f"<div class='stat {sign.replace(' ', '-')}'><div class='lib'>{_e(r['panel'])}</div>"
@@ -116,10 +126,11 @@ def _headline(corr: pd.DataFrame, vary: list[str]) -> str:
             f"<div>95% interval {_ci(r.get('spearman_ci_low'), r.get('spearman_ci_high'))} (bootstrap over models); "
             f"Spearman {_p(r['spearman_p'])}; Pearson r = {_num(r['pearson_r'], signed=True)} "
             f"({_p(r['pearson_p'])}); over <b>{plots.int_or_dash(r['n_models'])}</b> models</div>"
-            f"<div class='verdict'>{_VERDICT[sign]}{few}</div>{grouped}</div>")
+            f"<div class='verdict'>{_e(verdict)}{few}</div>{grouped}</div>")
     return (f"<p>Correlation, across models, between the standard head's test top-1 and IIS. "
             f"The paper finds it positive: more classifiable representations are more interpretable. "
-            f"A direction is stated only when the 95% bootstrap interval of Spearman's ρ excludes 0. "
+            f"A direction is stated only when the 95% bootstrap interval of Spearman's ρ excludes 0 "
+            f"and its permutation p-value is below 0.05. "
             f"Checkpoints of one run (and fine-tuned copies) are not independent models, so the "
             f"correlation is also shown across runs (each run's final model) and within each run.</p>"
             f"<div class='stats'>{''.join(stats)}</div>")

@@ -54,6 +54,11 @@ def test_direction_says_cannot_tell_when_the_interval_holds_zero():
     assert direction(0.1, 0.8) == "positive" and direction(-0.8, -0.1) == "negative"
     assert direction(-0.2, 0.7) == "cannot tell" and direction(0.0, 0.7) == "cannot tell"
     assert direction(float("nan"), 0.5) == "undefined"
+    # Three models in a perfect line: every resample gives 1, yet the permutation p is 1/3.
+    three = correlation(np.array([0.5, 0.6, 0.7]), np.array([0.1, 0.2, 0.4]), bootstrap=500)
+    assert three["spearman_ci_low"] == pytest.approx(1.0) and three["spearman_ci_high"] == pytest.approx(1.0)
+    assert direction(three["spearman_ci_low"], three["spearman_ci_high"], three["spearman_p"]) == "cannot tell"
+    assert direction(0.1, 0.8, 0.01) == "positive"
 
 
 DEMO = [f"{run}@e{e}" for run in ("r10", "mnv3", "vit") for e in (0, 1, 2, 4)] + ["r10@e4+ft0", "r10@e4+ft1"]
