@@ -278,7 +278,7 @@ def _card(r: dict, pictures: plots.Pictures) -> str:
     rest = (float(stored_rest) if known_rest else 0.0) + sum(listed[_TOP_CONCEPTS:])
     n_rest = len(listed) - len(contrib) + (int(r["n_rest"]) if known_rest and not pd.isna(r.get("n_rest"))
                                            else 0)
-    show_rest = known_rest or len(listed) > _TOP_CONCEPTS
+    show_rest = n_rest > 0  # every kept concept shown: the lines and the bias already add up
     scale = max((abs(c) for c in [*contrib, *([rest] if show_rest else [])]), default=1.0) or 1.0
     words, sources, boxes = _seq(r.get("word")), _seq(r.get("source_id")), _seq(r.get("box"))
     items = []

@@ -68,6 +68,11 @@ def test_report_cards_show_the_rest(saved, tmp_path):
     first = rows.iloc[0]
     shown_rest = first.rest + first.contribution[5]
     assert f"{shown_rest:+.3f}" in html
+    # Every kept concept listed and shown: no rest line.
+    rows = explain_split(store=store, library_file=library_file, ratio=0.5, limit=4, top=None).rows
+    tables.upsert(tmp_path, "explanations", rows.assign(pipeline="p", seed=0))
+    html = write_report(results=tmp_path).read_text()
+    assert html.count("<li class='rest'>") == 4  # the four cards of ratio 0 only
 
 
 def test_default_explain_model_is_chosen_by_val_not_test():
