@@ -25,8 +25,11 @@ def keep_count(ratio: float, num_concepts: int) -> int:
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio must lie in [0, 1), got {ratio}")
-    # A tiny tolerance stops 0.3 * 10 = 2.9999999999999996 from flooring to 2.
-    return num_concepts - math.floor(ratio * num_concepts + 1e-9)
+    # A tiny tolerance stops 0.3 * 10 = 2.9999999999999996 from flooring to 2. It must not drop
+    # every entry: s < 1 means s * K < K, so at most K - 1 are dropped (0.9999999999 * 10 would
+    # otherwise round up to 10 and keep none).
+    dropped = min(math.floor(ratio * num_concepts + 1e-9), num_concepts - 1)
+    return num_concepts - dropped
 
 
 def keep_counts(ratios: Sequence[float], num_concepts: int) -> torch.Tensor:

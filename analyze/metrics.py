@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -129,28 +130,40 @@ def score_ci(
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def correlation(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 9999, seed: int = 0) -> dict:
-    """Pearson, Spearman and Kendall correlation across models, with permutation p-values.
+CORRELATIONS = (("pearson", "pearson_r"), ("spearman", "spearman_rho"), ("kendall", "kendall_tau"))
+
+
+def correlation(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 9999, bootstrap: int = 2000,
+                confidence: float = 0.95, seed: int = 0) -> dict:
+    """Pearson, Spearman and Kendall correlation across models, with permutation p-values and
+    bootstrap intervals.
 
     Coefficients come from ``scipy.stats.pearsonr``, ``spearmanr`` and ``kendalltau``. Each
     p-value is a two-sided ``scipy.stats.permutation_test`` over pairings: exact when
-    ``n! <= n_resamples``, else ``n_resamples`` random pairings (seeded).
+    ``n! <= n_resamples``, else ``n_resamples`` random pairings (seeded). Each interval is a
+    percentile ``scipy.stats.bootstrap`` over models (pairs ``(x_i, y_i)`` resampled together),
+    seeded: it says how far the coefficient could move with another set of models like these.
 
     Args:
         x: ``(n,)`` float, e.g. each model's standard-head test top-1.
         y: ``(n,)`` float, e.g. each model's IIS.
+        n_resamples: pairings of the permutation tests.
+        bootstrap: resamples of the intervals; 0 leaves them NaN.
+        confidence: the intervals' level.
 
     Returns:
-        ``n_models, pearson_r, pearson_p, spearman_rho, spearman_p, kendall_tau, kendall_p``;
-        every value but ``n_models`` is NaN when ``n < 3`` or either input is constant.
+        ``n_models, pearson_r, pearson_p, pearson_ci_low, pearson_ci_high``, and the same four for
+        ``spearman_rho`` / ``spearman_*`` and ``kendall_tau`` / ``kendall_*``; every value but
+        ``n_models`` is NaN when ``n < 3`` or either input is constant.
     """
     first = np.asarray(x, dtype=np.float64)
     second = np.asarray(y, dtype=np.float64)
     if first.ndim != 1 or first.shape != second.shape:
         raise ValueError(f"x and y must be 1-D and of equal length, got {first.shape} and {second.shape}")
     n = int(first.shape[0])
-    out = {"n_models": n, "pearson_r": math.nan, "pearson_p": math.nan, "spearman_rho": math.nan,
-           "spearman_p": math.nan, "kendall_tau": math.nan, "kendall_p": math.nan}
+    out = {"n_models": n, **{f"{name}_{part}": math.nan for name, _ in CORRELATIONS
+                             for part in ("p", "ci_low", "ci_high")},
+           **{column: math.nan for _, column in CORRELATIONS}}
     if n < 3 or np.ptp(first) == 0 or np.ptp(second) == 0:
         logger.info("correlation undefined for %d model(s) or constant input; reporting NaN", n)
         return out
@@ -172,6 +185,51 @@ def correlation(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 9999, seed: 
             n_resamples=n_resamples, alternative="two-sided", rng=np.random.default_rng(seed),
         )
         out[key] = float(result.pvalue)
+    if bootstrap > 0:
+        out.update(correlation_ci(first, second, n_resamples=bootstrap, confidence=confidence, seed=seed))
+    return out
+
+
+def correlation_ci(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> dict:
+    """Percentile bootstrap intervals over models of Pearson's r, Spearman's ρ and Kendall's τ.
+
+    Args:
+        x: ``(n,)`` float; y: ``(n,)`` float, paired with ``x``; ``n >= 3``.
+
+    Returns:
+        ``{pearson,spearman,kendall}_ci_{low,high}``. A resample that draws one model ``n`` times
+        (or only tied values) has no coefficient; such resamples are left out, and when they are
+        more than half the interval is NaN.
+    """
+    first, second = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def pearson(a, b, axis=-1):
+        return stats.pearsonr(a, b, axis=axis).statistic
+
+    def spearman(a, b, axis=-1):
+        return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
+
+    def kendall(a, b):  # kendalltau has no axis argument: one call per resample
+        return stats.kendalltau(a, b).statistic
+
+    out = {}
+    alpha = (1 - confidence) / 2
+    for (name, _), statistic, vectorized in zip(CORRELATIONS, (pearson, spearman, kendall), (True, True, False)):
+        with warnings.catch_warnings():
+            # Degenerate resamples (a constant side) are expected and give NaN; counted below.
+            warnings.simplefilter("ignore", (stats.ConstantInputWarning, RuntimeWarning))
+            result = stats.bootstrap(
+                (first, second), statistic, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+                confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+            )
+        values = np.asarray(result.bootstrap_distribution, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size * 2 < n_resamples:
+            low = high = math.nan
+        else:
+            low, high = (float(v) for v in np.quantile(values, [alpha, 1 - alpha]))
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
+from iis.analyze.ranking import ranking_current, ranking_rows, save_correctness
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
@@ -22,7 +23,7 @@ from iis.progress import progress
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation")  # what one analysis commits together
+ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation", "ranking")  # what one analysis commits together
 
 
 @dataclass(frozen=True)
@@ -195,9 +196,10 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
 
 def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
     """Whether ``correlation`` has one row per group of ``iis``, over the models ``iis`` has."""
-    keys = tables.KEYS["correlation"]
+    keys = [k for k in tables.KEYS["correlation"] if k not in ("scope", "group")]
     if iis.empty:
         return True
+    correlation = correlation[correlation["scope"] == "all"]
     want = {tuple(_norm(v) for v in key): sorted(set(g["model"])) for key, g in iis.groupby(keys, dropna=False)}
     have = {tuple(_norm(v) for v in row[:-1]): sorted(row[-1])
             for row in correlation[[*keys, "models"]].itertuples(index=False, name=None)}
@@ -231,12 +233,13 @@ def analyze_stores(
     skip_complete: bool = False,
     clip_store: Path | None = None,
     options: dict[str, dict] | None = None,
+    groups: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Analyse every store and write ``accuracy``, ``iis``, ``correlation`` and ``concepts``.
+    """Analyse every store and write ``accuracy``, ``iis``, ``correlation``, ``ranking`` and ``concepts``.
 
     Everything that can be checked before fitting is: each store (complete, ours, a safe model
     name), ``K`` against its elements, the CLIP store's text group, and that ``results`` is
-    writable. The four tables are then merged and committed together under the results
+    writable. The tables are then merged and committed together under the results
     folder's lock (:mod:`iis.analyze.tables`), so concurrent runs on one folder lose no rows.
 
     Args:
@@ -254,15 +257,21 @@ def analyze_stores(
             in every table already; with nothing left to do, nothing is written.
         clip_store: the CLIP store (image and concept-word features), needed by the text library.
         options: per-library builder settings, ``{library: {name: value}}``.
+        groups: model -> group (the run a checkpoint belongs to, the model a fine-tuned copy comes
+            from), for the correlation within and across groups; models not named get their name
+            before the first ``@`` or ``+`` (:func:`iis.analyze.summary.default_group`).
 
     Returns:
-        The four tables as written.
+        The five tables as written.
     """
     results = Path(results)
     ratios = sorted(float(r) for r in ratios)
     if len(ratios) < 2:
         raise ValueError("IIS needs at least two sparsity ratios")
     grid = tables.grid_key(ratios)
+    if protocol == "reference":
+        log.warning("analyze: protocol 'reference' selects each head's epoch on the test set (the authors' "
+                    "protocol); its test figures are optimistic and its rows carry the caveat 'selected on test'")
     for name in libraries:
         if get_library(name).needs_text and clip_store is None:
             raise ValueError(f"library {name!r} needs a CLIP store (a `text:` section, or --clip-store)")
@@ -289,7 +298,8 @@ def analyze_stores(
         with tables.results_lock(results):
             current = {name: tables.read_table(results, name) for name in ANALYSIS_TABLES}
         specs = _incomplete(specs, keys, current, num_concepts=num_concepts, grid=grid, bootstrap=bootstrap)
-        if not specs and _correlation_current(current["iis"], current["correlation"]):
+        if (not specs and _correlation_current(current["iis"], current["correlation"])
+                and ranking_current(current["iis"], current["ranking"])):
             log.info("analyze: every table row is already there (grid %s); nothing to do", grid)
             return current
     log.info("analyze: %d stores x %d libraries (+standard) x %d seeds -> %d tasks",
@@ -300,6 +310,8 @@ def analyze_stores(
     accuracy = pd.DataFrame([{**keys[r.spec.store], **row, **extra} for r in done for row in r.accuracy_rows])
     concepts = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.concept_rows])
     new_iis = pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap))
+    # Per-image results, for ranking this run's models with earlier runs' (files, written atomically).
+    save_correctness(results, done, models={path: k["model"] for path, k in keys.items()}, grid=grid)
     run = {"command": "analyze", "pipeline": pipeline, "models": sorted(models), "grid": grid,
            "libraries": list(libraries), "num_concepts": num_concepts, "seeds": list(seeds),
            "protocol": protocol, "bootstrap": bootstrap, "tasks": len(specs)}
@@ -309,7 +321,11 @@ def analyze_stores(
             "concepts": tables.merge(results, "concepts", concepts),
             "iis": tables.merge(results, "iis", new_iis),
         }
-        out["correlation"] = tables.merge(results, "correlation", pd.DataFrame(correlation_rows(out["iis"])))
+        # Derived whole from iis.parquet: recomputed over every model there, replacing old rows.
+        out["correlation"] = tables.replace("correlation", pd.DataFrame(
+            correlation_rows(out["iis"], groups=groups, bootstrap=bootstrap)))
+        out["ranking"] = tables.replace("ranking", pd.DataFrame(
+            ranking_rows(out["iis"], results=results, n_resamples=bootstrap)))
         tables.commit(results, out, run=run)
     log.info("tables written to %s", results)
     return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,21 +63,101 @@ def iis_rows(
     return rows
 
 
-def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: int = 0) -> list[dict]:
-    """One ``correlation.parquet`` row per (dataset, library, num_concepts, protocol, grid).
+def default_group(model: str) -> str:
+    """The group a model belongs to when the pipeline names none: its name before the first ``@``
+    or ``+`` (``r10@e2`` and ``r10@e4+ft1`` are both of ``r10``; ``resnet50`` is its own)."""
+    return re.split(r"[@+]", model, maxsplit=1)[0]
+
+
+def model_groups(models: Sequence[str], groups: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Each model's group: ``groups[model]`` where given, else :func:`default_group`."""
+    given = groups or {}
+    return {m: str(given[m]) if m in given and given[m] else default_group(m) for m in models}
+
+
+def _training_order(model: str) -> tuple:
+    # A fine-tuned copy ("+") is not a later point of its run's training; among the rest the
+    # highest "@e<N>" is the last checkpoint; names without an epoch compare in natural order.
+    epoch = re.search(r"@e(\d+)", model)
+    natural = tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", model))
+    return ("+" not in model, int(epoch.group(1)) if epoch else -1, natural)
+
+
+def final_models(groups: Mapping[str, str]) -> dict[str, str]:
+    """Each group's final model: its last checkpoint (highest ``@e<N>``), fine-tuned copies
+    (names with ``+``) only when the group has nothing else.
+
+    Args:
+        groups: model -> group, as :func:`model_groups` returns.
+
+    Returns:
+        group -> model.
+    """
+    members: dict[str, list[str]] = {}
+    for model, group in groups.items():
+        members.setdefault(group, []).append(model)
+    return {group: max(models, key=_training_order) for group, models in sorted(members.items())}
+
+
+def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | None = None,
+                     n_resamples: int = 9999, bootstrap: int = 2000, seed: int = 0) -> list[dict]:
+    """``correlation.parquet`` rows per (dataset, library, num_concepts, protocol, grid).
 
     Each model counts once: its standard top-1 and IIS are averaged over seeds first. IIS of two
     ratio grids are areas over different spans, so models are only compared within one grid.
+    Models of one group (the checkpoints of one run, a fine-tuned copy and its source) are not
+    independent, so besides the row over every model (``scope = "all"``) there is, when some
+    group has several models, one row over each group's final model (``"across"``, when there
+    are three groups or more) and one per group of three or more models (``"within"``, along its
+    training; ``group`` names it).
+
+    Args:
+        iis_table: ``iis.parquet`` rows.
+        groups: model -> group; models not in it get :func:`default_group`.
+        n_resamples: pairings of the permutation p-values.
+        bootstrap: resamples of the coefficients' intervals over models (0: none).
     """
     rows = []
     keys = ["dataset", "library", "num_concepts", "protocol", "grid"]
-    for key, group in iis_table.groupby(keys, sort=True, dropna=False):
-        per_model = group.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
-        stats = correlation(per_model["standard_top1"].to_numpy(), per_model["iis"].to_numpy(),
-                            n_resamples=n_resamples, seed=seed)
-        caveats = sorted({c for c in group["caveat"].dropna()}) if "caveat" in group else []
-        rows.append({**dict(zip(keys, key)), **stats, "models": per_model.index.tolist(),
-                     "caveat": "; ".join(caveats) or None})
-        log.info("%s/%s K=%s grid %s: %d models, pearson r=%.3f spearman rho=%.3f", key[0], key[1], key[2],
-                 key[4], stats["n_models"], stats["pearson_r"], stats["spearman_rho"])
+    for key, table in iis_table.groupby(keys, sort=True, dropna=False):
+        per_model = table.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
+        caveats = sorted({c for c in table["caveat"].dropna()}) if "caveat" in table else []
+        base = {**dict(zip(keys, key)), "caveat": "; ".join(caveats) or None, "bootstrap": bootstrap}
+        member = model_groups(per_model.index.tolist(), groups)
+        subsets = [("all", None, per_model.index.tolist())]
+        if len(set(member.values())) < len(member):
+            finals = sorted(final_models(member).values())
+            if len(finals) >= 3:  # fewer have no correlation
+                subsets.append(("across", None, finals))
+            for group, models in sorted(pd.Series(member).groupby(pd.Series(member)).groups.items()):
+                if len(models) >= 3:
+                    subsets.append(("within", str(group), sorted(models)))
+        for scope, group, models in subsets:
+            sub = per_model.loc[models]
+            stats = correlation(sub["standard_top1"].to_numpy(), sub["iis"].to_numpy(), n_resamples=n_resamples,
+                                bootstrap=bootstrap, seed=seed)
+            rows.append({**base, **stats, "scope": scope, "group": group, "models": list(models)})
+            log.info("%s/%s K=%s grid %s, %s%s: %d models, spearman rho=%.3f [%.3f, %.3f]", key[0], key[1], key[2],
+                     key[4], scope, f" {group}" if group else "", stats["n_models"], stats["spearman_rho"],
+                     stats["spearman_ci_low"], stats["spearman_ci_high"])
     return rows
+
+
+def direction(low: float, high: float, p: float | None = None, *, alpha: float = 0.05) -> str:
+    """What an interval of a correlation coefficient lets one say: ``"positive"`` or
+    ``"negative"`` when it excludes 0, ``"cannot tell"`` when it holds 0, ``"undefined"`` when
+    it was not computed.
+
+    With ``p`` (the coefficient's permutation p-value), a direction also needs ``p < alpha``: a
+    bootstrap over very few models can exclude 0 by construction (three models in a perfect
+    line resample to ±1 every time) where the permutation test shows the order could be chance.
+    """
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return "undefined"
+    if p is not None and not pd.isna(p) and p >= alpha:
+        return "cannot tell"
+    if low > 0:
+        return "positive"
+    if high < 0:
+        return "negative"
+    return "cannot tell"

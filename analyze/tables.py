@@ -63,7 +63,19 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("protocol", pa.string()), ("n_models", pa.int64()), ("models", pa.list_(pa.string())),
         ("pearson_r", pa.float64()), ("pearson_p", pa.float64()), ("spearman_rho", pa.float64()),
         ("spearman_p", pa.float64()), ("kendall_tau", pa.float64()), ("kendall_p", pa.float64()),
-        ("caveat", pa.string()), ("grid", pa.string()),
+        ("caveat", pa.string()), ("grid", pa.string()), ("scope", pa.string()), ("group", pa.string()),
+        ("pearson_ci_low", pa.float64()), ("pearson_ci_high", pa.float64()), ("spearman_ci_low", pa.float64()),
+        ("spearman_ci_high", pa.float64()), ("kendall_ci_low", pa.float64()), ("kendall_ci_high", pa.float64()),
+        ("bootstrap", pa.int64()),
+    ]),
+    "ranking": pa.schema([
+        ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()), ("protocol", pa.string()),
+        ("grid", pa.string()), ("model", pa.string()), ("rank", pa.int64()), ("n_models", pa.int64()),
+        ("n_seeds", pa.int64()), ("standard_top1", pa.float64()), ("iis", pa.float64()),
+        ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()), ("iis_ci_high", pa.float64()),
+        ("next_model", pa.string()), ("p_above_next", pa.float64()), ("seed_kendall_tau", pa.float64()),
+        ("seed_pairs", pa.int64()), ("iis_adjusted", pa.float64()), ("bootstrap", pa.int64()),
+        ("caveat", pa.string()),
     ]),
     "concepts": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -82,6 +94,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("concept", pa.list_(pa.int64())), ("contribution", pa.list_(pa.float64())),
         ("activation", pa.list_(pa.float64())), ("word", pa.list_(pa.string())),
         ("source_id", pa.list_(pa.list_(pa.string()))), ("box", pa.list_(pa.list_(pa.list_(pa.int64())))),
+        ("rest", pa.float64()), ("n_rest", pa.int64()),
     ]),
     "finetune": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()), ("lambda", pa.float64()),
@@ -95,7 +108,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 KEYS: dict[str, list[str]] = {
     "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol", "grid"],
     "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol", "grid"],
-    "correlation": ["dataset", "library", "num_concepts", "protocol", "grid"],
+    "correlation": ["dataset", "library", "num_concepts", "protocol", "grid", "scope", "group"],
+    "ranking": ["dataset", "library", "num_concepts", "protocol", "grid", "model"],
     "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept"],
     "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
     "finetune": ["pipeline", "model", "lambda", "seed", "epochs"],
@@ -137,6 +151,8 @@ def read_table(results: Path, name: str) -> pd.DataFrame:
         df = df.reindex(columns=[*df.columns, *missing])
         if name == "iis" and "grid" in missing:
             df["grid"] = df["ratios"].map(grid_key)
+        if name == "correlation" and "scope" in missing:  # written before groups: every row is over all models
+            df["scope"] = "all"
     return df
 
 
@@ -176,6 +192,13 @@ def merge(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:
     else:
         merged = rows
     return merged.sort_values(keys, na_position="first", kind="stable").reset_index(drop=True)
+
+
+def replace(name: str, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` as table ``name`` is written, sorted by its key: for a table derived whole from
+    another (``correlation``, ``ranking`` from ``iis``), whose old rows must not linger."""
+    return _conform(rows, SCHEMAS[name]).sort_values(KEYS[name], na_position="first", kind="stable"
+                                                      ).reset_index(drop=True)
 
 
 def upsert(results: Path, name: str, rows: pd.DataFrame, *, run: Mapping | None = None) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """Interpretable prediction (METHOD.md, application 2): predict with ``g ∘ g_s ∘ a`` and say why.
 
-For each image, the kept concepts are ranked by their contribution ``w_{y,k} · g_s(a)_k`` to
-the predicted class ``y``; the contributions of all kept concepts plus the head's bias equal
-the logit of ``y``. Each concept is shown by its source elements (image id and box) or word.
+For each image, the kept concepts are ranked by the magnitude of their contribution
+``w_{y,k} · g_s(a)_k`` to the predicted class ``y`` (a large negative one explains as much as a
+large positive one). The first ``top`` are listed; ``rest`` is the sum of the contributions not
+listed, so that listed contributions + ``rest`` + bias = the logit of ``y`` for every image.
+Each concept is shown by its source elements (image id and box) or word.
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ def explain_features(
         features: ``(N, D)`` float32 features from the library's backbone.
         library_file: a library saved by stage 2 (``concepts.parquet`` lists them).
         ratio: the sparsity ratio ``s`` of the head to use.
-        top: concepts to keep per image, by contribution; None keeps every kept concept.
+        top: concepts listed per image, by ``|contribution|``; None lists every kept concept.
 
     Returns:
-        ``(N, C)`` logits, and per image a dict with ``pred``, ``logit``, ``bias`` and the
-        ranked ``concept``, ``contribution`` and ``activation`` lists.
+        ``(N, C)`` logits, and per image a dict with ``pred``, ``logit``, ``bias``, the ranked
+        ``concept``, ``contribution`` and ``activation`` lists, and ``rest``: the sum of the
+        contributions of the kept concepts not listed (0 when every one is), so that
+        ``sum(contribution) + rest + bias == logit``.
     """
     lib, heads = load_library(library_file)
     r = heads.index(ratio)
@@ -66,13 +70,14 @@ def explain_features(
     out = []
     for i in range(features.shape[0]):
         nonzero = torch.nonzero(kept[i], as_tuple=True)[0]
-        order = nonzero[torch.argsort(contrib[i, nonzero], descending=True, stable=True)]
-        if top is not None:
-            order = order[:top]
+        order = nonzero[torch.argsort(contrib[i, nonzero].abs(), descending=True, stable=True)]
+        listed, unlisted = (order, order[:0]) if top is None else (order[:top], order[top:])
+        # Summed in float64: the identity is checked to 1e-4 on logits of any size.
+        rest = float(contrib[i, unlisted].double().sum())
         out.append({
             "pred": int(pred[i]), "logit": float(logits[i, pred[i]]), "bias": float(heads.bias[r, pred[i]]),
-            "concept": order.tolist(), "contribution": contrib[i, order].tolist(),
-            "activation": kept[i, order].tolist(),
+            "concept": listed.tolist(), "contribution": contrib[i, listed].tolist(),
+            "activation": kept[i, listed].tolist(), "rest": rest, "n_rest": int(unlisted.numel()),
         })
     return logits, out
 
@@ -107,7 +112,8 @@ def explain_split(
         image_ids: explain these ids only (an unknown id is an error); default: the first
             ``limit`` valid images.
         limit: how many images when ``image_ids`` is None; None explains every one.
-        top: concepts listed per image (None: every kept concept).
+        top: concepts listed per image, by ``|contribution|`` (None: every kept concept); the
+            others are summed in the row's ``rest``.
     """
     fs = open_feature_store(store)
     data = fs.read_split(split)
@@ -135,8 +141,38 @@ def explain_split(
             "image_index": int(data.rows[i]), "true": true, "pred": d["pred"],
             "true_name": classes[true] if classes else str(true),
             "pred_name": classes[d["pred"]] if classes else str(d["pred"]),
-            "correct": true == d["pred"], "logit": d["logit"], "bias": d["bias"],
+            "correct": true == d["pred"], "logit": d["logit"], "bias": d["bias"], "rest": d["rest"],
+            "n_rest": d["n_rest"],
             "concept": d["concept"], "contribution": d["contribution"], "activation": d["activation"],
             "word": word, "source_id": source_id, "box": box,
         })
     return Explanations(rows=pd.DataFrame(rows), interpretable_top1=accuracy, n_images=len(data.labels))
+
+
+def default_explain_model(accuracy: pd.DataFrame, *, models: Sequence[str], pipeline: str | None = None) -> str:
+    """The model `iis explain` (and `iis run`) explains when none is named: the best by **val** top-1.
+
+    Chosen on the validation split, never on test: the explained model's test accuracy is then
+    a fair figure, not the maximum over models. Uses the standard head's rows of the default
+    protocol, averaged over seeds.
+
+    Args:
+        accuracy: ``accuracy.parquet`` as a frame.
+        models: the candidates, in pipeline order; the first is the answer when none has a row.
+        pipeline: keep only this pipeline's rows (None: every row).
+
+    Raises:
+        ValueError: ``models`` is empty.
+    """
+    if not models:
+        raise ValueError("no model to explain: the pipeline has no models")
+    std = accuracy[(accuracy["library"] == "standard") & (accuracy["protocol"].fillna("default") == "default")
+                   & accuracy["model"].isin(list(models))]
+    if pipeline is not None:
+        std = std[std["pipeline"] == pipeline]
+    val = std.groupby("model")["val_top1"].mean().dropna()
+    if val.empty:
+        return str(models[0])
+    # Ties go to the earlier model of the pipeline, so the choice does not depend on row order.
+    rank = {m: i for i, m in enumerate(models)}
+    return str(max(val.index, key=lambda m: (val[m], -rank[m])))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from iis.analyze.summary import direction
 from iis.analyze.tables import read_table, table_path
 from iis.apps import report_plots as plots
 
@@ -44,7 +45,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
     out = results / "report.html" if out is None else Path(out)
     iis = read_table(results, "iis")
     iis = iis.loc[iis["ratios"].map(lambda r: r is not None and len(r) > 0).astype(bool)].reset_index(drop=True)
-    corr, acc, concepts = (read_table(results, n) for n in ("correlation", "accuracy", "concepts"))
+    corr, acc, concepts, ranking = (read_table(results, n) for n in ("correlation", "accuracy", "concepts", "ranking"))
     expl, finetune = (_optional(results, n) for n in ("explanations", "finetune"))
     vary = plots.varying_keys(iis, corr)
     if title is None:
@@ -57,8 +58,9 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
         _section("how", "How to read this", _HOW_TO_READ),
         _section("headline", "Headline: is interpretability tied to classifiability?", _headline(corr, vary)),
         _section("arr", "1 · Accuracy retention against sparsity", _arr(iis, vary)),
-        _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary)),
-        _section("table", "3 · Every IIS row", _iis_table(iis)),
+        _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary, ranking)),
+        _section("ranking", "3 · IIS ranking and its confidence", _ranking(ranking, vary)),
+        _section("table", "Every IIS row", _iis_table(iis)),
         _section("explanations", "4 · Explained test predictions", _cards(expl, dataset, max_cards)),
         _section("finetune", "5 · Fine-tuning with interpretability maximisation", _finetune(finetune)),
         _section("concepts", "Concept libraries built", _concepts(concepts)),
@@ -76,27 +78,68 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
 # Sections
 
 
+_VERDICT = {
+    "positive": "positive, as the paper reports: the interval excludes 0",
+    "negative": "negative, against the paper's finding: the interval excludes 0",
+    "undefined": "undefined (too few models, constant values, or no interval computed)",
+}
+
+
+def _verdict(row: dict) -> tuple[str, str]:
+    """``(sign, sentence)`` for a correlation row, from Spearman's interval and p-value."""
+    low, high, p = row.get("spearman_ci_low"), row.get("spearman_ci_high"), row.get("spearman_p")
+    sign = direction(low, high, p)
+    if sign != "cannot tell":
+        return sign, _VERDICT[sign]
+    if direction(low, high) == "cannot tell":
+        return sign, "the data cannot tell: the interval holds 0"
+    return sign, f"the data cannot tell: the interval excludes 0, but {_p(p)} (too few models to trust it)"
+
+
+def _all_scope(corr: pd.DataFrame) -> pd.DataFrame:
+    """The rows over every model (tables written before scopes existed hold only those)."""
+    return corr[corr["scope"].fillna("all") == "all"] if "scope" in corr else corr
+
+
+def _ci(low, high) -> str:
+    return f"[{_num(low, 2, signed=True)}, {_num(high, 2, signed=True)}]"
+
+
 def _headline(corr: pd.DataFrame, vary: list[str]) -> str:
     if corr.empty:
         return _none("No correlation.parquet: it needs `iis analyze` over two or more models.")
-    corr = corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel")
+    everything = corr.assign(panel=plots.panel_labels(corr, vary))
     stats = []
-    for r in corr.to_dict("records"):
-        rho = r["spearman_rho"]
-        sign = "undefined" if pd.isna(rho) else "positive" if rho > 0 else "negative" if rho < 0 else "zero"
-        verdict = {"positive": "positive, as the paper reports", "negative": "negative, against the paper's finding",
-                   "zero": "no monotone relation", "undefined": "undefined (too few or constant values)"}[sign]
+    for r in _all_scope(everything).sort_values("panel").to_dict("records"):
+        sign, verdict = _verdict(r)
         n = r["n_models"]
         few = "; few models, so read it as a hint" if not pd.isna(n) and n < 5 else ""
+        others = everything[(everything["panel"] == r["panel"]) & (everything["scope"].fillna("all") != "all")]
+        grouped = "".join(
+            f"<div class='small'>{_e(_scope_label(o))}: ρ = {_num(o['spearman_rho'], 2, signed=True)} "
+            f"{_ci(o['spearman_ci_low'], o['spearman_ci_high'])}, {plots.int_or_dash(o['n_models'])} models: "
+            f"{_e(_verdict(o)[1].split(':')[0])}</div>"
+            for o in others.sort_values(["scope", "group"], na_position="first").to_dict("records"))
         stats.append(
-            f"<div class='stat {sign}'><div class='lib'>{_e(r['panel'])}</div>"
-            f"<div class='big'>ρ = {_num(rho, signed=True)}</div>"
-            f"<div>Spearman ({_p(r['spearman_p'])}); Pearson r = {_num(r['pearson_r'], signed=True)} "
+            f"<div class='stat {sign.replace(' ', '-')}'><div class='lib'>{_e(r['panel'])}</div>"
+            f"<div class='big'>ρ = {_num(r['spearman_rho'], signed=True)}</div>"
+            f"<div>95% interval {_ci(r.get('spearman_ci_low'), r.get('spearman_ci_high'))} (bootstrap over models); "
+            f"Spearman {_p(r['spearman_p'])}; Pearson r = {_num(r['pearson_r'], signed=True)} "
             f"({_p(r['pearson_p'])}); over <b>{plots.int_or_dash(r['n_models'])}</b> models</div>"
-            f"<div class='verdict'>{verdict}{few}</div></div>")
+            f"<div class='verdict'>{_e(verdict)}{few}</div>{grouped}</div>")
     return (f"<p>Correlation, across models, between the standard head's test top-1 and IIS. "
-            f"The paper finds it positive: more classifiable representations are more interpretable.</p>"
+            f"The paper finds it positive: more classifiable representations are more interpretable. "
+            f"A direction is stated only when the 95% bootstrap interval of Spearman's ρ excludes 0 "
+            f"and its permutation p-value is below 0.05. "
+            f"Checkpoints of one run (and fine-tuned copies) are not independent models, so the "
+            f"correlation is also shown across runs (each run's final model) and within each run.</p>"
             f"<div class='stats'>{''.join(stats)}</div>")
+
+
+def _scope_label(row: dict) -> str:
+    if row.get("scope") == "across":
+        return "across groups (final models)"
+    return f"within {row.get('group')}"
 
 
 def _arr(iis: pd.DataFrame, vary: list[str]) -> str:
@@ -110,24 +153,74 @@ def _arr(iis: pd.DataFrame, vary: list[str]) -> str:
                      "means few concepts suffice."))
 
 
-def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str]) -> str:
+def _scatter(iis: pd.DataFrame, corr: pd.DataFrame, vary: list[str], ranking: pd.DataFrame) -> str:
     if iis.empty:
         return _none("No iis.parquet rows: nothing to plot.")
-    points = plots.model_points(iis, vary)
+    points = plots.model_points(iis, vary, ranking)
     lines, short = [], {}
-    for r in corr.assign(panel=plots.panel_labels(corr, vary)).sort_values("panel").to_dict("records"):
+    corr = corr.assign(panel=plots.panel_labels(corr, vary))
+    for r in _all_scope(corr).sort_values("panel").to_dict("records"):
         short[r["panel"]] = (f"r {_num(r['pearson_r'], 2)} · ρ {_num(r['spearman_rho'], 2)} · "
                              f"τ {_num(r['kendall_tau'], 2)} · n {plots.int_or_dash(r['n_models'])}")
-        lines.append(f"<li><b>{_e(r['panel'])}</b>: Pearson r = {_num(r['pearson_r'])} ({_p(r['pearson_p'])}), "
-                     f"Spearman ρ = {_num(r['spearman_rho'])} ({_p(r['spearman_p'])}), "
-                     f"Kendall τ = {_num(r['kendall_tau'])} ({_p(r['kendall_p'])}), "
-                     f"n_models = {plots.int_or_dash(r['n_models'])}</li>")
+    for r in corr.sort_values(["panel", "scope", "group"], na_position="first").to_dict("records"):
+        scope = "" if r.get("scope") in (None, "all") or pd.isna(r.get("scope")) else f" ({_scope_label(r)})"
+        lines.append(f"<li><b>{_e(r['panel'])}{_e(scope)}</b>: "
+                     f"Pearson r = {_num(r['pearson_r'])} {_ci(r.get('pearson_ci_low'), r.get('pearson_ci_high'))} "
+                     f"({_p(r['pearson_p'])}), Spearman ρ = {_num(r['spearman_rho'])} "
+                     f"{_ci(r.get('spearman_ci_low'), r.get('spearman_ci_high'))} ({_p(r['spearman_p'])}), "
+                     f"Kendall τ = {_num(r['kendall_tau'])} {_ci(r.get('kendall_ci_low'), r.get('kendall_ci_high'))} "
+                     f"({_p(r['kendall_p'])}), n_models = {plots.int_or_dash(r['n_models'])}</li>")
     png = plots.iis_figure(points, plots.model_colours(list(iis["model"])), short)
-    text = ("One point per model (mean over seeds); bars (where computed) are the bootstrap interval of IIS, normalised "
-            "like IIS by the span of the ratio grid; the dashed line is the least-squares fit. "
-            "p-values are permutation p-values.")
+    kinds = set(points["ci_kind"].dropna())
+    bars = {
+        frozenset(): "No bars: no interval was computed (or a model has several seeds and there is no ranking.parquet). ",
+        frozenset({"images and seeds"}): "Bars: 95% bootstrap interval of IIS over test images and library seeds "
+                                         "together (ranking.parquet). ",
+        frozenset({"images"}): "Bars: 95% bootstrap interval of IIS over test images, at the one library seed. ",
+    }.get(frozenset(kinds), "Bars: 95% bootstrap interval of IIS, over test images and library seeds where a model "
+                            "has a ranking row, else over test images at its one seed. ")
+    text = ("One point per model (mean over seeds). " + bars + "Intervals are normalised like IIS by the span of the "
+            "ratio grid; the dashed line is the least-squares fit. "
+            "Brackets are 95% bootstrap intervals over models; p-values are permutation p-values.")
     listing = f"<ul class='corr'>{''.join(lines)}</ul>" if lines else _none("No correlation.parquet rows.")
     return _img(png, "plot", "IIS against standard top-1") + _caption(text) + listing
+
+
+def _ranking(ranking: pd.DataFrame, vary: list[str]) -> str:
+    if ranking.empty:
+        return _none("No ranking.parquet rows: run `iis analyze` (the ranking is written with the other tables).")
+    ranking = ranking.assign(panel=plots.panel_labels(ranking, vary),
+                             span=ranking["grid"].map(_grid_span) if "grid" in ranking else np.nan)
+    parts = []
+    for panel, g in ranking.sort_values(["panel", "rank"]).groupby("panel", sort=True):
+        first = g.iloc[0]
+        stable = ("" if pd.isna(first["seed_kendall_tau"]) else
+                  f" Kendall τ between the rankings of {plots.int_or_dash(first['seed_pairs'])} pair(s) of library "
+                  f"seeds: {_num(first['seed_kendall_tau'], 2, signed=True)} (1: every seed orders the models alike).")
+        rows = []
+        for r in g.to_dict("records"):
+            s = r["span"] if np.isfinite(r["span"]) and r["span"] > 0 else np.nan
+            rows.append(f"<tr class='row'>{_td(r['rank'], 0)}{_td(r['model'])}{_td(r['standard_top1'])}"
+                        f"{_td(r['iis_normalized'])}{_td(r['iis_ci_low'] / s)}{_td(r['iis_ci_high'] / s)}"
+                        f"{_td(r['p_above_next'], 2)}{_td(r['iis_adjusted'] / s, signed=True)}{_td(r['n_seeds'], 0)}</tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("rank", "model", "standard top-1", "IIS (norm.)", "CI low",
+                                                  "CI high", "P(above next)", "IIS vs accuracy", "seeds"))
+        caveat = f" <b>Caveat: {_e(first['caveat'])}.</b>" if isinstance(first.get("caveat"), str) else ""
+        parts.append(f"<h3>{_e(panel)}</h3><p class='small'>{_e(stable)}{caveat}</p><div class='scroll'>"
+                     f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+    return (_caption("Models ordered by IIS (mean over library seeds; normalised by the span of the ratio grid). "
+                     "CI: 95% bootstrap interval over test images and library seeds together. P(above next): the "
+                     "share of those resamples in which the model's IIS exceeds the next model's (0.5: no telling "
+                     "them apart). IIS vs accuracy: the model's distance from the least-squares line of IIS on "
+                     "standard top-1 across the panel's models; positive is more interpretable than its accuracy "
+                     "predicts.") + "".join(parts))
+
+
+def _grid_span(grid) -> float:
+    if not isinstance(grid, str) or not grid:
+        return float("nan")
+    values = [float(v) for v in grid.split(",")]
+    return max(values) - min(values)
 
 
 def _iis_table(iis: pd.DataFrame) -> str:
@@ -167,16 +260,26 @@ def _cards(expl: pd.DataFrame | None, dataset: ImageDataset | None, max_cards: i
     pictures = plots.Pictures(dataset, sample_px=_SAMPLE_PX, crop_px=_CROP_PX)
     note = "" if dataset is not None else _none("No dataset given: cards are shown without pictures.")
     total = f"{len(picked)} of {len(records)} explained predictions"
-    return (f"<p>{total}. Each concept's bar is its contribution w·a to the predicted class's logit "
-            f"(blue adds, red subtracts).</p>{note}<div class='cards'>"
+    return (f"<p>{total}. Concepts are ranked by the size of their contribution w·a to the predicted "
+            f"class's logit (blue adds, red subtracts); the <i>rest</i> line sums the kept concepts not "
+            f"listed, so the lines plus the bias equal the logit.</p>{note}<div class='cards'>"
             + "".join(_card(r, pictures) for r in picked) + "</div>")
 
 
 def _card(r: dict, pictures: plots.Pictures) -> str:
     sample = pictures.sample(str(r.get("split", "test")), int(r["image_index"]), str(r["image_id"]))
     picture = _img(sample, "sample", str(r["image_id"])) if sample else "<div class='noimg'>no image</div>"
-    contrib = [float(c) for c in _seq(r.get("contribution"))][:_TOP_CONCEPTS]
-    scale = max((abs(c) for c in contrib), default=1.0) or 1.0
+    listed = [float(c) for c in _seq(r.get("contribution"))]
+    contrib = listed[:_TOP_CONCEPTS]
+    # What the card leaves out is summed into one "rest" line, so the lines plus the bias add up
+    # to the logit; rows written before `rest` existed show no such line.
+    stored_rest = r.get("rest")
+    known_rest = stored_rest is not None and not pd.isna(stored_rest)
+    rest = (float(stored_rest) if known_rest else 0.0) + sum(listed[_TOP_CONCEPTS:])
+    n_rest = len(listed) - len(contrib) + (int(r["n_rest"]) if known_rest and not pd.isna(r.get("n_rest"))
+                                           else 0)
+    show_rest = n_rest > 0  # every kept concept shown: the lines and the bias already add up
+    scale = max((abs(c) for c in [*contrib, *([rest] if show_rest else [])]), default=1.0) or 1.0
     words, sources, boxes = _seq(r.get("word")), _seq(r.get("source_id")), _seq(r.get("box"))
     items = []
     for k, (concept, c) in enumerate(zip(_seq(r.get("concept")), contrib)):
@@ -194,6 +297,13 @@ def _card(r: dict, pictures: plots.Pictures) -> str:
         items.append(f"<li><span class='cid'>#{int(concept)}</span><span class='shown'>{shown}</span>"
                      f"<span class='bar'><span class='{'pos' if c >= 0 else 'neg'}' style='{side}'></span></span>"
                      f"<span class='val'>{_num(c, signed=True)}</span></li>")
+    if show_rest:
+        width = 50 * abs(rest) / scale
+        side = f"left:50%;width:{width:.1f}%" if rest >= 0 else f"right:50%;width:{width:.1f}%"
+        items.append(f"<li class='rest'><span class='cid'>rest</span><span class='shown'><span class='word muted'>"
+                     f"{n_rest} other concept{'s' if n_rest != 1 else ''}</span></span>"
+                     f"<span class='bar'><span class='{'pos' if rest >= 0 else 'neg'}' style='{side}'></span></span>"
+                     f"<span class='val'>{_num(rest, signed=True)}</span></li>")
     kind = "right" if bool(r["correct"]) else "wrong"
     where = " · ".join(f"{label}{_e(r[key]) if isinstance(r[key], str) else format(float(r[key]), 'g')}"
                        for key, label in (("model", ""), ("library", ""), ("num_concepts", "K="),
@@ -335,7 +445,7 @@ margin:14px 0}img.plot{max-width:100%;height:auto;display:block;margin:6px auto}
 .caption,.hint{color:#5b6575;font-size:13px}.none{color:#8a6d1f;background:#fff8e5;border-left:3px solid #e0b44c;
 padding:6px 10px;margin:6px 0}.stats{display:flex;flex-wrap:wrap;gap:12px}.stat{flex:1 1 240px;border-radius:8px;
 padding:10px 14px;background:#f1f3f7;border-left:5px solid #999}.stat.positive{border-color:#2f8f4e}
-.stat.negative{border-color:#c0392b}.stat .lib{font-weight:600}.stat .big{font-size:24px;font-weight:700}
+.stat.negative{border-color:#c0392b}.stat.cannot-tell{border-color:#e0b44c}.stat .lib{font-weight:600}.stat .big{font-size:24px;font-weight:700}
 .stat .verdict{font-size:13px;color:#5b6575}ul.corr{font-size:13px}.scroll{overflow:auto;max-height:560px}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{padding:4px 8px;border-bottom:1px solid #e3e6eb;
 text-align:left;white-space:nowrap}td.num{text-align:right;font-variant-numeric:tabular-nums}

@@ -86,25 +86,42 @@ def mean_arr_curves(iis: pd.DataFrame, vary: list[str] | None = None) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def model_points(iis: pd.DataFrame, vary: list[str] | None = None) -> pd.DataFrame:
-    """One point per (panel, model), averaged over seeds, with the IIS interval normalised.
+def model_points(iis: pd.DataFrame, vary: list[str] | None = None, ranking: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One point per (panel, model), averaged over seeds, with an interval of IIS, normalised.
 
-    ``iis_ci_low/high`` are in units of the sparsity ratio, like ``iis``; dividing them by the grid's
-    span (max ratio − min ratio) puts them on the scale of ``iis_normalized``.
+    The interval is the one of ``ranking.parquet`` where there is one: a bootstrap over test
+    images and library seeds together. Else a model with one seed takes that seed's bootstrap
+    interval over test images; a model with several seeds and no ranking gets none (averaging
+    the seeds' endpoints would not be an interval of anything). Intervals are in units of the
+    sparsity ratio, like ``iis``; dividing by the grid's span puts them on the scale of
+    ``iis_normalized``.
 
-    Returns columns ``panel, model, standard_top1, iis_normalized, ci_low, ci_high, n_seeds``.
+    Returns columns ``panel, model, standard_top1, iis_normalized, ci_low, ci_high, n_seeds, ci_kind``
+    (``"images and seeds"``, ``"images"`` or None).
     """
-    cols = ["panel", "model", "standard_top1", "iis_normalized", "ci_low", "ci_high", "n_seeds"]
+    cols = ["panel", "model", "standard_top1", "iis_normalized", "ci_low", "ci_high", "n_seeds", "ci_kind"]
     if iis.empty:
         return pd.DataFrame(columns=cols)
     span = iis["ratios"].map(lambda r: float(max(r) - min(r)) if len(r) > 1 else math.nan)
     df = iis.assign(panel=panel_labels(iis, vary), ci_low=iis["iis_ci_low"].astype(float) / span,
-                    ci_high=iis["iis_ci_high"].astype(float) / span, n_seeds=1)
+                    ci_high=iis["iis_ci_high"].astype(float) / span, span=span)
     out = df.groupby(["panel", "model"], sort=True).agg(
         standard_top1=("standard_top1", "mean"), iis_normalized=("iis_normalized", "mean"),
-        ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), n_seeds=("n_seeds", "sum"),
-    )
-    return out.reset_index()[cols]
+        ci_low=("ci_low", "first"), ci_high=("ci_high", "first"), n_seeds=("seed", "nunique"),
+        span=("span", "first"),
+    ).reset_index()
+    single = (out["n_seeds"] == 1) & out["ci_low"].notna()
+    out.loc[~single, ["ci_low", "ci_high"]] = math.nan
+    out["ci_kind"] = np.where(single, "images", None)
+    if ranking is not None and not ranking.empty:
+        joint = ranking.assign(panel=panel_labels(ranking, vary)).set_index(["panel", "model"])
+        for i, row in out.iterrows():
+            key = (row["panel"], row["model"])
+            if key in joint.index and np.isfinite(joint.loc[key, "iis_ci_low"]):
+                out.loc[i, "ci_low"] = joint.loc[key, "iis_ci_low"] / row["span"]
+                out.loc[i, "ci_high"] = joint.loc[key, "iis_ci_high"] / row["span"]
+                out.loc[i, "ci_kind"] = "images and seeds"
+    return out[cols]
 
 
 def model_colours(models: list[str]) -> dict[str, tuple]:

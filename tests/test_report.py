@@ -22,6 +22,8 @@ LIBRARIES = ["prototype", "cluster"]
 RATIOS = [0.0, 0.5, 0.9]
 # Deliberately distinctive coefficients, so the report's printed numbers can be found verbatim.
 CORR = {"prototype": (0.8123, 0.25, 0.5, 0.6667, 0.3333, 1.0), "cluster": (-0.4321, 0.5, -0.5, 0.6, -0.3333, 1.0)}
+# Spearman intervals: both exclude 0 (but their p-values are large).
+CI = {"prototype": (0.125, 0.875), "cluster": (-0.875, -0.125)}
 N_CORRECT, N_WRONG = 3, 3
 
 
@@ -65,7 +67,7 @@ def _correlation_frame() -> pd.DataFrame:
     return pd.DataFrame([
         {"dataset": "digits", "library": lib, "num_concepts": 16, "protocol": "default", "n_models": 3,
          "models": MODELS, "pearson_r": c[0], "pearson_p": c[1], "spearman_rho": c[2], "spearman_p": c[3],
-         "kendall_tau": c[4], "kendall_p": c[5]}
+         "kendall_tau": c[4], "kendall_p": c[5], "spearman_ci_low": CI[lib][0], "spearman_ci_high": CI[lib][1]}
         for lib, c in CORR.items()
     ])
 
@@ -157,9 +159,11 @@ def test_report_shows_models_numbers_table_and_cards(results, digits):
     for value in ("0.812", "0.500", "0.333", "-0.432", "-0.500", "0.667"):
         assert value in page, value
     assert "n_models = 3" in page
-    # Headline: the prototype correlation is positive, the cluster one negative.
-    assert re.search(r"class='stat positive'><div class='lib'>prototype", page)
-    assert re.search(r"class='stat negative'><div class='lib'>cluster", page)
+    # Headline: both intervals exclude 0, but over 3 models the permutation p-values (0.667, 0.6)
+    # say the order could be chance, so no direction is stated.
+    assert re.search(r"class='stat cannot-tell'><div class='lib'>prototype", page)
+    assert re.search(r"class='stat cannot-tell'><div class='lib'>cluster", page)
+    assert "[+0.12, +0.88]" in page and "the interval excludes 0, but p = 0.667" in page
     table = page[page.index("id='iis-table'"):]
     table = table[: table.index("</table>")]
     assert table.count("<tr class='row'>") == len(_iis_frame())
@@ -223,8 +227,19 @@ def test_curves_average_seeds_and_intervals_are_normalised():
     p = points.loc[("cluster", "convnext_atto")]
     rows = iis[(iis.model == "convnext_atto") & (iis.library == "cluster")]
     np.testing.assert_allclose(p["iis_normalized"], rows["iis_normalized"].mean())
-    np.testing.assert_allclose(p["ci_low"], (rows["iis"].mean() - 0.09) / 0.9)
-    np.testing.assert_allclose(p["ci_high"], (rows["iis"].mean() + 0.045) / 0.9)
+    # Two seeds and no ranking: averaging the seeds' endpoints is no interval, so none is drawn.
+    assert np.isnan(p["ci_low"]) and p["ci_kind"] is None
+    # One seed: that seed's interval over test images, normalised.
+    one = model_points(iis[iis.seed == 0]).set_index(["panel", "model"]).loc[("cluster", "convnext_atto")]
+    first = rows[rows.seed == 0].iloc[0]
+    np.testing.assert_allclose([one["ci_low"], one["ci_high"]], [(first.iis - 0.09) / 0.9, (first.iis + 0.045) / 0.9])
+    assert one["ci_kind"] == "images"
+    # With ranking.parquet: its interval over images and seeds together.
+    ranking = pd.DataFrame([{"dataset": "digits", "library": "cluster", "num_concepts": 16, "protocol": "default",
+                             "model": "convnext_atto", "iis_ci_low": 0.27, "iis_ci_high": 0.36}])
+    joint = model_points(iis, ranking=ranking).set_index(["panel", "model"]).loc[("cluster", "convnext_atto")]
+    np.testing.assert_allclose([joint["ci_low"], joint["ci_high"]], [0.3, 0.4])
+    assert joint["ci_kind"] == "images and seeds"
 
 
 def test_dollar_signs_in_names_are_drawn_literally(results, digits):

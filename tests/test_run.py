@@ -47,7 +47,10 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     np.testing.assert_allclose(row.arr, lib.test_top1.to_numpy() / std)
     np.testing.assert_allclose(row.iis, np.trapezoid(row.arr, row.ratios))
     corr = pd.read_parquet(results / "correlation.parquet")
-    assert corr.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 4}
+    overall = corr[corr.scope == "all"]
+    assert overall.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 4}
+    # r10-random and its two fine-tuned copies are one group: a row along it, none across 2 groups.
+    assert sorted(corr.scope) == ["all", "all", "within", "within"] and set(corr.group.dropna()) == {"r10-random"}
     # Application 1: both arms, same start, each measured like any other model.
     ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
     assert sorted(ft.index) == [0.0, 1.0] and (ft.model == "r10-random").all()
@@ -80,7 +83,7 @@ def test_explanations_add_up_to_the_logit(smoke):
         # Every kept concept's w·a plus the bias is exactly the predicted class's logit.
         assert sum(d["contribution"]) + d["bias"] == pytest.approx(d["logit"], abs=1e-4)
         assert len(d["concept"]) == 16 - 8  # k(0.5) of K = 16
-        assert d["contribution"] == sorted(d["contribution"], reverse=True)
+        assert d["contribution"] == sorted(d["contribution"], key=abs, reverse=True) and d["rest"] == 0.0
     # The saved head reproduces the accuracy the table reports for that ratio.
     acc = pd.read_parquet(results / "accuracy.parquet")
     reported = acc[(acc.model == "r10-random") & (acc.library == "prototype") & (acc.sparsity == 0.5)].test_top1.item()
@@ -128,6 +131,7 @@ def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_pa
         iis = pd.read_parquet(results / "iis.parquet")
         assert iis.groupby("grid").size().to_dict() == {"0,0.5,0.7,0.9": 8, "0,0.5,0.9": 8}
         corr = pd.read_parquet(results / "correlation.parquet")
+        corr = corr[corr.scope == "all"]
         assert sorted(corr.grid) == ["0,0.5,0.7,0.9"] * 2 + ["0,0.5,0.9"] * 2 and (corr.n_models == 4).all()
         acc = pd.read_parquet(results / "accuracy.parquet")
         assert set(acc[acc.grid == "0,0.5,0.7,0.9"].sparsity.dropna()) == {0.0, 0.5, 0.7, 0.9}
@@ -135,7 +139,7 @@ def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_pa
         ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
         tuned = iis[(iis.model == "r10-random+ft1") & (iis.library == "prototype") & (iis.grid == "0,0.5,0.7,0.9")]
         assert ft.loc[1.0, "iis_after"] == tuned.iis.item()
-        analysed = ("accuracy", "concepts", "iis", "correlation")
+        analysed = ("accuracy", "concepts", "iis", "correlation", "ranking")
         stamps = {n: (results / f"{n}.parquet").stat().st_mtime_ns for n in analysed}
         assert main(["run", "smoke", "--config", str(config)]) == 0
         # Nothing changed: the analysis commits nothing (explain, finetune and the report still write).

@@ -53,7 +53,7 @@ def test_commit_writes_a_manifest_naming_the_run(stores, clean, tmp_path):
     analyze_stores(stores, results=results, cluster=SYNC, pipeline="p", **ANALYSIS)
     manifest = tables.read_manifest(results)
     assert manifest["state"] == "committed" and manifest["pending"] == {}
-    assert manifest["tables"] == ["accuracy", "concepts", "correlation", "iis"]
+    assert manifest["tables"] == ["accuracy", "concepts", "correlation", "iis", "ranking"]
     assert manifest["pipeline"] == "p" and manifest["models"] == ["m0", "m1", "m2"]
     assert manifest["grid"] == "0,0.5,0.9" and manifest["rows"]["iis"] == 6 and manifest["time"]
     assert not list(results.glob(".*.tmp"))  # no temporaries left
@@ -91,7 +91,7 @@ def test_kill_between_table_renames_then_rerun_equals_clean_run(stores, clean, t
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
     # Killed mid-commit: one table renamed, the manifest lists the rest as pending.
     manifest = json.loads((results / tables.MANIFEST_FILE).read_text())
-    assert manifest["state"] == "committing" and len(manifest["pending"]) == 4
+    assert manifest["state"] == "committing" and len(manifest["pending"]) == 5  # the five analysis tables
     assert (results / "accuracy.parquet").exists() and not (results / "correlation.parquet").exists()
     # The rerun takes the lock, finishes the commit, and then finds nothing left to compute.
     monkeypatch.setattr(pipeline, "run_tasks", lambda *a, **k: pytest.fail("tasks ran"))
