@@ -14,7 +14,7 @@ from pathlib import Path
 from iis.analyze import tables
 from iis.analyze.artifacts import library_path
 from iis.analyze.libraries import get_library
-from iis.apps.explain import explain_split
+from iis.apps.explain import default_explain_model, explain_split
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ def explain_model(*, store: Path, results: Path, model: str, library: str, num_c
 
 
 def best_model(results: Path, *, pipeline: str, models: Sequence[str]) -> str:
-    """Of ``models``, the one whose standard head has the best mean test top-1 in ``results``
-    (the first when none has a row yet)."""
-    acc = tables.read_table(results, "accuracy")
-    std = acc[(acc.library == "standard") & (acc.pipeline == pipeline) & acc.model.isin(list(models))]
-    return str(std.groupby("model").test_top1.mean().idxmax()) if len(std) else models[0]
+    """Of ``models``, the one whose standard head has the best mean **val** top-1 in ``results``
+    (the first when none has a row yet); see :func:`iis.apps.explain.default_explain_model`."""
+    return default_explain_model(tables.read_table(results, "accuracy"), models=models, pipeline=pipeline)

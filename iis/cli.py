@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], help="default test")
     p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
     p.add_argument("--limit", type=_count(1), help="images explained when --images is not given (default 16)")
-    p.add_argument("--top", type=_count(1), help="concepts listed per image (default 5)")
+    p.add_argument("--top", type=_count(1), help="concepts listed per image, by |contribution| (default 5); "
+                   "the others are summed in the rest term")
     p.add_argument("--seed", type=int, help="which analysis seed's library (default: the first)")
 
     p = sub.add_parser("finetune", help="application 1: fine-tune with interpretability maximisation vs lambda=0")
