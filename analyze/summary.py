@@ -57,8 +57,19 @@ def iis_rows(
             "iis_normalized": normalized_score(ratios, arr), "iis_ci_low": low, "iis_ci_high": high,
             "ratios": [float(s) for s in ratios], "arr": [float(a) for a in arr], "protocol": spec.protocol,
             "caveat": res.accuracy_rows[0].get("caveat"), "grid": grid_key(spec.ratios), "bootstrap": bootstrap,
+            "library_source": spec.elements_store,
         })
     return rows
+
+
+def correlated(iis_table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``iis_table`` that correlations compare: the pooled pre-logit (``final``) features.
+
+    Other layers (``layers:``) are compared along depth, in the report's depth section.
+    """
+    if "layer" not in iis_table:
+        return iis_table
+    return iis_table[iis_table["layer"].isna() | (iis_table["layer"] == "final")]
 
 
 def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: int = 0) -> list[dict]:
@@ -68,7 +79,9 @@ def correlation_rows(iis_table: pd.DataFrame, *, n_resamples: int = 9999, seed: 
     ratio grids are areas over different spans, so models are only compared within one grid.
     """
     rows = []
-    keys = ["dataset", "library", "num_concepts", "protocol", "grid"]
+    keys = ["dataset", "library", "num_concepts", "protocol", "grid", "library_source"]
+    # Models are compared at their pooled pre-logit features, as the paper does.
+    iis_table = correlated(iis_table)
     for key, group in iis_table.groupby(keys, sort=True, dropna=False):
         per_model = group.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
         stats = correlation(per_model["standard_top1"].to_numpy(), per_model["iis"].to_numpy(),
