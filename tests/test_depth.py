@@ -252,3 +252,25 @@ def test_layers_on_digits_extract_and_analyze_one_row_per_layer(tmp_path, monkey
     with pytest.raises(StoreError, match=r"r10@stages.1.zarr: library_from .*r10@stages.3.zarr holds elements of "
                                          r"another feature space \(layer 'stages.3' != 'stages.1'; feature_dim 256 != 64\)"):
         analyze_pipeline(cfg, synchronous=True)
+
+
+def test_report_has_a_depth_section_only_when_a_model_has_several_layers(tmp_path):
+    from iis.apps.report import write_report
+    from iis.apps.report_depth import base_model, depth_points
+
+    assert base_model("r10@e4@stages.1", "stages.1") == "r10@e4" and base_model("r10@e4", "final") == "r10@e4"
+    stores = [_write(tmp_path / f"m@stages.{i}.zarr", depth=d) for i, d in enumerate([0.25, 0.5])]
+    stores += [_write(tmp_path / "m.zarr", depth=None), _write(tmp_path / "solo.zarr", depth=None, seed=3)]
+    results = tmp_path / "results"
+    out = _analyze(stores, results)
+    points = depth_points(out["iis"])
+    # One line (base model m) of three layers; `solo` has one layer and no line.
+    assert set(points.base) == {"m"} and points.layer.tolist() == ["stages.0", "stages.1", "final"]
+    assert points.depth.tolist() == [0.25, 0.5, 1.0]
+    np.testing.assert_allclose(points.standard_top1, out["iis"].set_index("model").loc[
+        ["m@stages.0", "m@stages.1", "m"], "standard_top1"])
+    html = write_report(results=results).read_text()
+    assert "id='depth'" in html and "IIS and standard top-1 against depth" in html
+    single = tmp_path / "single"
+    _analyze([stores[-1]], single)
+    assert "id='depth'" not in write_report(results=single).read_text()
