@@ -73,7 +73,7 @@ def depth_figure(points: pd.DataFrame) -> bytes:
                 ax.annotate(plots.mathtext_safe(row.layer), (row.depth, getattr(row, value)), fontsize=6,
                             xytext=(2, 3), textcoords="offset points", color="0.35")
         ax.set(title=plots.mathtext_safe(title), xlabel="depth (layer position, 0..1)",
-               ylabel="standard top-1" if standard else "IIS / (s_max - s_min)", xlim=(0, 1.05))
+               ylabel="standard top-1" if standard else "IIS / (s_max - s_min)", xlim=(-0.02, 1.15))
         ax.grid(alpha=0.25)
     axes[0].legend(fontsize=8, frameon=False, title="model", title_fontsize=8)
     return plots.png_bytes(fig)

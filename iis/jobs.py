@@ -279,7 +279,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
     library = cfg.explain.library or cfg.analysis.libraries[0]
     model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
-                                            models=[m.name for m in cfg.measured_models()])
+                                            models=[m.name for m in cfg.measured_models() if m.layer == "final"])
     explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
     if cfg.finetune is not None:
         finetune_pipeline(cfg, device=device, workers=workers, scheduler=scheduler)
