@@ -83,6 +83,14 @@ def test_layers_at_limits_the_layers_to_chosen_checkpoints(tmp_path):
         load_pipeline(_yaml(tmp_path, bad), "layered")
 
 
+def test_the_demo_measures_layers_of_its_final_resnet_checkpoint_only():
+    from iis.config import find_pipeline
+
+    names = [m.name for m in find_pipeline("demo", check_inputs=False).measured_models()]
+    layered = [n for n in names if n.count("@") > 1]
+    assert layered == ["r10@e4@stages.1", "r10@e4@stages.3"] and len(names) == 14
+
+
 def test_library_from_resolves_and_is_checked_when_read(tmp_path):
     cfg = load_pipeline(_yaml(tmp_path, DIGITS), "borrowed")
     assert cfg.elements_stores() == {
@@ -202,6 +210,10 @@ def test_library_from_another_dataset_of_the_same_backbone_and_layer(tmp_path):
     # Libraries from elsewhere are saved apart: the store's own library file is not replaced.
     files = set(concepts.library_file)
     assert len(files) == 2 and all(Path(f).is_file() for f in files)
+    # A rerun (as `iis run` does) finds both sources' rows and fits nothing.
+    again = _analyze([mine], tmp_path / "results", elements_stores={str(mine): other}, skip_complete=True)
+    pd.testing.assert_frame_equal(again["iis"], iis)
+    assert sorted(out["correlation"].library_source.fillna("")) == ["", str(other)]
 
 
 @pytest.mark.parametrize("other, named", [
