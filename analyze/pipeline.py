@@ -15,8 +15,9 @@ import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
 from iis.analyze.ranking import ranking_current, ranking_rows, save_correctness
+from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
-from iis.analyze.summary import correlation_rows, iis_rows
+from iis.analyze.summary import correlated, correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
 
 from iis.progress import progress
@@ -145,6 +146,7 @@ def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = No
         "model": model or store.model,
         "backbone": str(attrs.get("backbone", "")),
         "weights": str(attrs.get("weights", "")),
+        **store_layer(attrs),
     }
 
 
@@ -173,7 +175,7 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
     """
     acc_cols = [*tables.KEYS["accuracy"], "bootstrap"]
     iis_cols = [*tables.KEYS["iis"], "bootstrap"]
-    concept_cols = ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed"]
+    concept_cols = ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "library_source"]
     have = {"accuracy": _present(current["accuracy"], acc_cols), "iis": _present(current["iis"], iis_cols),
             "concepts": _present(current["concepts"], concept_cols)}
     boot = float(bootstrap)
@@ -181,14 +183,15 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
     for s in specs:
         mk = keys[s.store]
         base = tuple(_norm(mk[k]) for k in tables.MODEL_KEYS)
-        seed, k = float(s.seed), float(num_concepts)
+        seed, k, src = float(s.seed), float(num_concepts), _norm(s.elements_store)
         if s.library == STANDARD:
-            need = [("accuracy", (*base, STANDARD, None, None, seed, s.protocol, grid, boot))]
+            need = [("accuracy", (*base, STANDARD, None, None, seed, s.protocol, grid, None, boot))]
         else:
             builds = [float(r) for r in s.ratios] if get_library(s.library).per_ratio else [None]
-            need = [("accuracy", (*base, s.library, k, float(r), seed, s.protocol, grid, boot)) for r in s.ratios]
-            need.append(("iis", (*base, s.library, k, seed, s.protocol, grid, boot)))
-            need += [("concepts", (base[0], base[1], base[2], s.library, k, b, seed)) for b in builds]
+            need = [("accuracy", (*base, s.library, k, float(r), seed, s.protocol, grid, src, boot))
+                    for r in s.ratios]
+            need.append(("iis", (*base, s.library, k, seed, s.protocol, grid, src, boot)))
+            need += [("concepts", (base[0], base[1], base[2], s.library, k, b, seed, src)) for b in builds]
         if any(row not in have[table] for table, row in need):
             todo.add((s.store, s.seed))
     return [s for s in specs if (s.store, s.seed) in todo]
@@ -197,6 +200,7 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
 def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
     """Whether ``correlation`` has one row per group of ``iis``, over the models ``iis`` has."""
     keys = [k for k in tables.KEYS["correlation"] if k not in ("scope", "group")]
+    iis = correlated(iis)
     if iis.empty:
         return True
     correlation = correlation[correlation["scope"] == "all"]
@@ -234,6 +238,7 @@ def analyze_stores(
     clip_store: Path | None = None,
     options: dict[str, dict] | None = None,
     groups: Mapping[str, str] | None = None,
+    elements_stores: Mapping[str, Path] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation``, ``ranking`` and ``concepts``.
 
@@ -260,6 +265,8 @@ def analyze_stores(
         groups: model -> group (the run a checkpoint belongs to, the model a fine-tuned copy comes
             from), for the correlation within and across groups; models not named get their name
             before the first ``@`` or ``+`` (:func:`iis.analyze.summary.default_group`).
+        elements_stores: ``{store path: store}`` whose visual elements build that store's libraries
+            (``analysis.library_from``); checked first for the same backbone, weights and layer.
 
     Returns:
         The five tables as written.
@@ -283,7 +290,8 @@ def analyze_stores(
     models = [k["model"] for k in keys.values()]
     if len(set(models)) != len(models):
         raise ValueError(f"two stores carry the same model id: {models}")
-    _check_elements(opened, libraries, num_concepts)
+    sources = check_sources(opened, elements_stores)  # a foreign space is refused before any fitting
+    _check_elements({p: sources.get(p, s) for p, s in opened.items()}, libraries, num_concepts)
     tables.check_writable(results)
     library_dir = str(results / "libraries")
     text_libraries = {name for name in libraries if get_library(name).needs_text}
@@ -291,7 +299,8 @@ def analyze_stores(
         TaskSpec(store=path, library=lib, seed=seed, num_concepts=num_concepts, ratios=tuple(ratios),
                  protocol=protocol, bootstrap=bootstrap, threads=cluster.threads, library_dir=library_dir,
                  clip_store=str(clip_store) if clip_store is not None and lib in text_libraries else None,
-                 options=(options or {}).get(lib), memory_budget=cluster.memory_budget)
+                 options=(options or {}).get(lib), memory_budget=cluster.memory_budget,
+                 elements_store=str(sources[path].path) if path in sources and lib != STANDARD else None)
         for path in keys for seed in seeds for lib in (STANDARD, *libraries)
     ]
     if skip_complete:

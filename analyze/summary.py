@@ -59,8 +59,19 @@ def iis_rows(
             "iis_normalized": normalized_score(ratios, arr), "iis_ci_low": low, "iis_ci_high": high,
             "ratios": [float(s) for s in ratios], "arr": [float(a) for a in arr], "protocol": spec.protocol,
             "caveat": res.accuracy_rows[0].get("caveat"), "grid": grid_key(spec.ratios), "bootstrap": bootstrap,
+            "library_source": spec.elements_store,
         })
     return rows
+
+
+def correlated(iis_table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``iis_table`` that correlations compare: the pooled pre-logit (``final``) features.
+
+    Other layers (``layers:``) are compared along depth, in the report's depth section.
+    """
+    if "layer" not in iis_table:
+        return iis_table
+    return iis_table[iis_table["layer"].isna() | (iis_table["layer"] == "final")]
 
 
 def default_group(model: str) -> str:
@@ -118,7 +129,11 @@ def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | Non
         bootstrap: resamples of the coefficients' intervals over models (0: none).
     """
     rows = []
-    keys = ["dataset", "library", "num_concepts", "protocol", "grid"]
+    keys = ["dataset", "library", "num_concepts", "protocol", "grid", "library_source"]
+    # Models are compared at their pooled pre-logit features, as the paper does.
+    iis_table = correlated(iis_table)
+    if "library_source" not in iis_table:
+        iis_table = iis_table.assign(library_source=None)
     for key, table in iis_table.groupby(keys, sort=True, dropna=False):
         per_model = table.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
         caveats = sorted({c for c in table["caveat"].dropna()}) if "caveat" in table else []

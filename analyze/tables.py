@@ -38,6 +38,12 @@ LOCK_FILE = ".iis-results.lock"
 MANIFEST_FILE = "manifest.json"
 
 MODEL_KEYS = ["pipeline", "dataset", "model", "backbone", "weights"]
+# Where in the network a model's features come from (`layers:`): the store's `layer` (`final` for
+# the pooled pre-logit features) and its `depth` in [0, 1]. Values, not keys: the model name of a
+# layer's store already carries the layer (`r10@stages.1`).
+LAYER_COLUMNS = [("layer", pa.string()), ("depth", pa.float64())]
+# `library_source` (a key): the store whose visual elements built the library (`analysis.library_from`);
+# null for the store's own elements.
 
 SCHEMAS: dict[str, pa.Schema] = {
     "accuracy": pa.schema([
@@ -49,6 +55,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("active_concepts", pa.int64()), ("n_train", pa.int64()), ("n_val", pa.int64()),
         ("n_test", pa.int64()), ("fit_seconds", pa.float64()), ("protocol", pa.string()),
         ("caveat", pa.string()), ("grid", pa.string()), ("bootstrap", pa.int64()),
+        *LAYER_COLUMNS, ("library_source", pa.string()),
     ]),
     "iis": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -57,13 +64,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("iis", pa.float64()), ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()),
         ("iis_ci_high", pa.float64()), ("ratios", pa.list_(pa.float64())), ("arr", pa.list_(pa.float64())),
         ("protocol", pa.string()), ("caveat", pa.string()), ("grid", pa.string()), ("bootstrap", pa.int64()),
+        *LAYER_COLUMNS, ("library_source", pa.string()),
     ]),
     "correlation": pa.schema([
         ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()),
         ("protocol", pa.string()), ("n_models", pa.int64()), ("models", pa.list_(pa.string())),
         ("pearson_r", pa.float64()), ("pearson_p", pa.float64()), ("spearman_rho", pa.float64()),
         ("spearman_p", pa.float64()), ("kendall_tau", pa.float64()), ("kendall_p", pa.float64()),
-        ("caveat", pa.string()), ("grid", pa.string()), ("scope", pa.string()), ("group", pa.string()),
+        ("caveat", pa.string()), ("grid", pa.string()), ("library_source", pa.string()),
+        ("scope", pa.string()), ("group", pa.string()),
         ("pearson_ci_low", pa.float64()), ("pearson_ci_high", pa.float64()), ("spearman_ci_low", pa.float64()),
         ("spearman_ci_high", pa.float64()), ("kendall_ci_low", pa.float64()), ("kendall_ci_high", pa.float64()),
         ("bootstrap", pa.int64()),
@@ -84,6 +93,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("element_index", pa.list_(pa.int64())), ("source_id", pa.list_(pa.string())),
         ("box", pa.list_(pa.list_(pa.int64()))), ("kept", pa.bool_()), ("drop_reason", pa.string()),
         ("drop_value", pa.float64()), ("library_file", pa.string()), ("caveat", pa.string()),
+        *LAYER_COLUMNS, ("library_source", pa.string()),
     ]),
     "explanations": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -106,11 +116,12 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 KEYS: dict[str, list[str]] = {
-    "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol", "grid"],
-    "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol", "grid"],
-    "correlation": ["dataset", "library", "num_concepts", "protocol", "grid", "scope", "group"],
+    "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol", "grid", "library_source"],
+    "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol", "grid", "library_source"],
+    "correlation": ["dataset", "library", "num_concepts", "protocol", "grid", "library_source", "scope", "group"],
     "ranking": ["dataset", "library", "num_concepts", "protocol", "grid", "model"],
-    "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept"],
+    "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept",
+                 "library_source"],
     "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
     "finetune": ["pipeline", "model", "lambda", "seed", "epochs"],
 }
@@ -153,6 +164,8 @@ def read_table(results: Path, name: str) -> pd.DataFrame:
             df["grid"] = df["ratios"].map(grid_key)
         if name == "correlation" and "scope" in missing:  # written before groups: every row is over all models
             df["scope"] = "all"
+        if "layer" in missing:  # tables from before `layers:` hold the pooled pre-logit features only
+            df["layer"], df["depth"] = "final", 1.0
     return df
 
 

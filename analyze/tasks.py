@@ -6,6 +6,7 @@ graph stays tiny and a rescheduled task (after a worker dies) recomputes the sam
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class TaskSpec:
         memory_budget: bytes of float32 train features the standard head may hold in memory;
             beyond it, it streams them from the store chunk by chunk. None: a fraction
             (``MEMORY_FRACTION``) of this machine's RAM.
+        elements_store: the store whose visual elements build the library (``analysis.library_from``;
+            same backbone, weights and layer, checked), or None for this store's own.
     """
 
     store: str
@@ -72,6 +75,7 @@ class TaskSpec:
     clip_store: str | None = None
     options: dict | None = None
     memory_budget: int | None = None
+    elements_store: str | None = None
 
     @property
     def key(self) -> str:
@@ -119,6 +123,7 @@ def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: 
             # A per-ratio library's fit time is its own; a grid fitted in one pass shares it.
             "fit_seconds": float(fit.fit_seconds) / (1 if len(ratios) == 1 else len(ratios)),
             "protocol": spec.protocol, "caveat": with_protocol_caveat(caveat, spec.protocol),
+            "library_source": spec.elements_store,
         })
     return rows
 
@@ -133,11 +138,11 @@ def with_protocol_caveat(caveat: str | None, protocol: str) -> str | None:
 def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, library_file: str | None,
                   caveat: str | None) -> list[dict]:
     """One row per kept concept (its source elements or word), and one per dropped concept."""
-    g = store.group["elements"]
+    g = store.group["elements"]  # the store the elements came from: provenance indexes its rows
     source_ids = as_str(g["source_id"][:]) if "source_id" in g else None
     boxes = np.asarray(g["box"][:]) if "box" in g else None
     base = {"library": lib.name, "num_concepts": spec.num_concepts, "sparsity": lib.ratio, "seed": spec.seed,
-            "library_file": library_file, "caveat": caveat}
+            "library_file": library_file, "caveat": caveat, "library_source": spec.elements_store}
     rows = []
     for k, members in enumerate(lib.members):
         members = np.asarray(members, dtype=np.int64)
@@ -157,6 +162,15 @@ def _concept_rows(lib: ConceptLibrary, store: FeatureStore, spec: TaskSpec, libr
             "drop_value": float(drop["value"]) if drop.get("value") is not None else None,
         })
     return rows
+
+
+def _library_dir(spec: TaskSpec) -> str | None:
+    """Where the task saves its libraries: one from another store's elements goes to a folder of its
+    source, so it never replaces the library of the store's own elements (which explain loads)."""
+    if spec.library_dir is None or spec.elements_store is None:
+        return spec.library_dir
+    digest = hashlib.sha256(str(Path(spec.elements_store).resolve()).encode()).hexdigest()[:12]
+    return str(Path(spec.library_dir) / f"from-{digest}")
 
 
 def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
@@ -229,7 +243,13 @@ def _run(spec: TaskSpec) -> TaskResult:
                           info={"seconds": time.perf_counter() - start})
 
     lib_spec = get_library(spec.library)
-    elements = store.read_elements()
+    source = store
+    if spec.elements_store is not None:
+        from iis.analyze.sources import check_source
+
+        source = open_feature_store(Path(spec.elements_store))
+        check_source(store, source)  # again here: a task may be submitted without analyze_stores
+    elements = source.read_elements()
     inputs = LibraryInputs(elements=elements, num_classes=num_classes)
     if lib_spec.supervised:
         train_raw, val_raw = store.read_split("train"), store.read_split("val")
@@ -255,9 +275,9 @@ def _run(spec: TaskSpec) -> TaskResult:
         # and the tables line libraries up by the K the user asked for.
         accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=spec.num_concepts,
                                         ratios=ratios, sizes=sizes, caveat=caveat)
-        saved = save_library(lib, fit, library_dir=spec.library_dir, model=store.model, seed=spec.seed,
+        saved = save_library(lib, fit, library_dir=_library_dir(spec), model=store.model, seed=spec.seed,
                              store=spec.store, num_concepts=spec.num_concepts)
-        concept_rows += _concept_rows(lib, store, spec, saved, caveat)
+        concept_rows += _concept_rows(lib, source, spec, saved, caveat)
         correct.append(fit.test_correct)
         test_ids = splits["test"].ids
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,

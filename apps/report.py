@@ -18,6 +18,7 @@ import pandas as pd
 from iis.analyze.summary import direction
 from iis.analyze.tables import read_table, table_path
 from iis.apps import report_plots as plots
+from iis.apps.report_depth import depth_section
 
 from iis.store_format import atomic_file
 
@@ -61,6 +62,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
         _section("iis-vs-top1", "2 · IIS against standard top-1", _scatter(iis, corr, vary, ranking)),
         _section("ranking", "3 · IIS ranking and its confidence", _ranking(ranking, vary)),
         _section("table", "Every IIS row", _iis_table(iis)),
+        *([_section("depth", "IIS and standard top-1 against depth", depth)] if (depth := depth_section(iis)) else []),
         _section("explanations", "4 · Explained test predictions", _cards(expl, dataset, max_cards)),
         _section("finetune", "5 · Fine-tuning with interpretability maximisation", _finetune(finetune)),
         _section("concepts", "Concept libraries built", _concepts(concepts)),

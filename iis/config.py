@@ -150,8 +150,14 @@ class ModelConfig(_Frozen):
     backbone: str  # any timm model name
     weights: str = "random"  # random (seeded) | pretrained (local HF cache) | a file path
     img_size: int | None = Field(None, ge=8)  # optional input-size override
+    # Layers measured besides the pooled pre-logit features, from one forward pass: `all`, or a
+    # list of `final` and `stages.<i>` (timm's feature_info entries; see iis.extract.layers).
+    # None: `final` only. Each layer but `final` is a model of its own, `<name>@<layer>`.
+    layers: tuple[str, ...] | None = None
     seed: int = 0  # seeds random weights
     train: TrainConfig | None = None
+    # With `train:`, the checkpoints (epochs) whose layers are extracted; default: every one.
+    layers_at: tuple[Annotated[int, Field(ge=0)], ...] | None = None
 
     @field_validator("name")
     @classmethod
@@ -180,6 +186,43 @@ class ModelConfig(_Frozen):
         if _checking_inputs(info) and not path.is_file():
             raise ValueError(f"file not found: {path}")
         return str(path)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_listed(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, value: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        backbone = info.data.get("backbone")
+        if backbone is None:
+            return value  # the backbone itself is reported
+        # Resolved on the meta device (no weights, under a second once timm is imported), also for
+        # stage 2: `all` and a spelled-out default pooling (`stages.1.avg`) name stores by canonical name.
+        from iis.extract.layers import layer_names
+
+        try:
+            return tuple(layer_names(backbone, value, img_size=info.data.get("img_size")))
+        except ValueError as exc:  # LayerError: the message lists the model's layers
+            raise ValueError(str(exc)) from None
+        except Exception:
+            if _checking_inputs(info):
+                raise
+            return value  # a backbone this timm cannot build: stage 2 reads the stores as named
+
+    @model_validator(mode="after")
+    def _layers_at_checkpoints(self) -> ModelConfig:
+        if self.layers_at is None:
+            return self
+        if self.train is None or self.layers is None:
+            raise ValueError("layers_at needs both `train:` and `layers:`")
+        stray = sorted(set(self.layers_at) - set(self.train.checkpoints))
+        if stray:
+            raise ValueError(f"layers_at {stray} are not among train.checkpoints {list(self.train.checkpoints)}")
+        return self
 
 
 class ElementsConfig(_Frozen):
@@ -212,6 +255,41 @@ def _options_model() -> type[BaseModel]:
     return create_model("LibraryOptionsByName", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
 
 
+class LibraryFromConfig(_Frozen):
+    """Concept libraries built from the visual elements of other stores (same backbone, weights and
+    layer: stage 2 refuses any other, naming the mismatch). Exactly one of the two keys."""
+
+    store: Path | None = None  # one store whose elements build the libraries of every model
+    pipeline: str | None = None  # another pipeline of the same file: each model takes its namesake's store
+    # Set from `pipeline` when the file is read: that pipeline's `store:` folder.
+    pipeline_store: Path | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _store_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info, output=True)
+
+    @model_validator(mode="after")
+    def _one_source(self, info: ValidationInfo) -> LibraryFromConfig:
+        if (self.store is None) == (self.pipeline is None):
+            raise ValueError("library_from takes exactly one of `store` or `pipeline`")
+        if self.pipeline is None or self.pipeline_store is not None:
+            return self
+        stores = (info.context or {}).get("pipeline_stores") or {}
+        if self.pipeline not in stores:
+            raise ValueError(f"library_from.pipeline {self.pipeline!r} is not a pipeline of this file; "
+                             f"known: {', '.join(sorted(stores))}")
+        if not isinstance(stores[self.pipeline], str | Path):
+            raise ValueError(f"library_from.pipeline {self.pipeline!r} has no `store:` folder")
+        return self.model_copy(update={"pipeline_store": _resolve(stores[self.pipeline], info, output=True)})
+
+    def elements_store(self, model: str) -> Path:
+        """The store whose visual elements build the libraries of ``model``."""
+        if self.store is not None:
+            return self.store
+        return self.pipeline_store / f"{model}.zarr"  # type: ignore[operator]
+
+
 class AnalysisConfig(_Frozen):
     libraries: tuple[str, ...] = ("prototype", "cluster", "end2end")
     num_concepts: int = Field(64, ge=2)
@@ -221,6 +299,9 @@ class AnalysisConfig(_Frozen):
     # reference: the authors' protocol, which selects on test (comparison only)
     protocol: Literal["default", "fixed-scale", "reference"] = "default"
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
+    # Build the libraries from another store's or pipeline's visual elements, e.g.
+    # {store: cache/other/r10.zarr} or {pipeline: other}; None: each store's own elements.
+    library_from: LibraryFromConfig | None = None
     # Per-library settings, e.g. {text: {top5_cutoff: 0.05}, end2end: {epochs: 20}}: each library's
     # options class (declared in its module, carried by the registry) checks them here.
     options: Any = Field(default=None, validate_default=True)
@@ -405,13 +486,17 @@ class PipelineConfig(_Frozen):
         out = []
         for m in self.models:
             if m.train is None:
-                out.append(MeasuredModel(name=m.name, backbone=m.backbone, weights=m.weights,
-                                         img_size=m.img_size, seed=m.seed, parent=m.name))
+                base = MeasuredModel(name=m.name, backbone=m.backbone, weights=m.weights,
+                                     img_size=m.img_size, seed=m.seed, parent=m.name, base=m.name)
+                out += _with_layers(base, m.layers)
                 continue
             for epoch in sorted(m.train.checkpoints):
                 ckpt = self.checkpoint_dir(m.name) / f"e{epoch}.safetensors"
-                out.append(MeasuredModel(name=f"{m.name}@e{epoch}", backbone=m.backbone, weights=str(ckpt),
-                                         img_size=m.img_size, seed=m.seed, parent=m.name, epoch=epoch))
+                name = f"{m.name}@e{epoch}"
+                base = MeasuredModel(name=name, backbone=m.backbone, weights=str(ckpt), img_size=m.img_size,
+                                     seed=m.seed, parent=m.name, epoch=epoch, base=name)
+                at = m.layers_at if m.layers_at is not None else m.train.checkpoints
+                out += _with_layers(base, m.layers if epoch in at else None)
         return out
 
     @property
@@ -423,17 +508,37 @@ class PipelineConfig(_Frozen):
         """Where the store of one model lives."""
         return self.store / f"{model}.zarr"
 
+    def elements_stores(self) -> dict[str, Path]:
+        """``{store path: store whose elements build its libraries}`` under ``analysis.library_from``; else empty."""
+        source = self.analysis.library_from
+        if source is None:
+            return {}
+        return {str(self.store_path(m.name)): source.elements_store(m.name) for m in self.measured_models()}
+
 
 class MeasuredModel(_Frozen):
-    """One row key of the tables: a model as given, or one checkpoint of a trained model."""
+    """One row key of the tables: a model as given, one checkpoint of a trained model, or one
+    layer of either (``layers:``)."""
 
-    name: str  # e.g. "r10", or "r10@e2" for a checkpoint
+    name: str  # e.g. "r10", "r10@e2" for a checkpoint, "r10@e2@stages.1" for a layer of it
     backbone: str
     weights: str  # random | pretrained | a file (a checkpoint for trained models)
     img_size: int | None
     seed: int
     parent: str  # the models: entry it comes from
     epoch: int | None = None  # the checkpoint's epoch, for trained models
+    base: str = ""  # the model whose extraction writes this store (its name without the layer)
+    layer: str = "final"  # the layer this store holds
+    layers: tuple[str, ...] | None = None  # on the base's entries: every layer its one pass extracts
+
+
+def _with_layers(base: MeasuredModel, layers: tuple[str, ...] | None) -> list[MeasuredModel]:
+    """The stores one extraction of ``base`` makes: itself, or one per layer (``final`` keeps its name)."""
+    if not layers:
+        return [base]
+    return [base.model_copy(update={"name": base.name if layer == "final" else f"{base.name}@{layer}",
+                                    "layer": layer, "layers": layers})
+            for layer in layers]
 
 
 class PipelinesFile(_Frozen):
@@ -465,7 +570,8 @@ def _locate(err: dict) -> str:
 
 
 def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml", out_base: Path | None = None,
-                    check_inputs: bool = True) -> dict[str, PipelineConfig]:
+                    check_inputs: bool = True, pipeline_stores: Mapping[str, Any] | None = None
+                    ) -> dict[str, PipelineConfig]:
     """Validate already-loaded yaml data; raise :class:`ConfigError` listing every problem.
 
     Args:
@@ -476,6 +582,8 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml",
         check_inputs: check that what extraction reads exists (dataset root or file, weights
             files, timm backbone names, the concept list, CLIP weights). Stage-2 commands pass
             False: they read only the stores.
+        pipeline_stores: the file's pipelines (raw), for ``library_from: {pipeline: …}``
+            (default: those of ``data``).
     """
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{source}: top level must be a mapping with a `pipelines` key")
@@ -484,7 +592,10 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml",
         data = {**data, "pipelines": {
             k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["pipelines"].items()
         }}
-    context = {"base": base, "out_base": out_base or base, "check_inputs": check_inputs}
+    context = {"base": base, "out_base": out_base or base, "check_inputs": check_inputs,
+               # `library_from: {pipeline: NAME}` reads that pipeline's store folder
+               "pipeline_stores": {k: v.get("store") for k, v in (pipeline_stores or data["pipelines"]).items()
+                                   if isinstance(v, dict)} if isinstance(data.get("pipelines"), dict) else {}}
     try:
         parsed = PipelinesFile.model_validate(data, context=context)
     except ValidationError as exc:
@@ -557,7 +668,7 @@ def load_pipeline(path: Path, name: str, *, check_inputs: bool = True) -> Pipeli
     if name not in raw:
         raise ConfigError(f"{path}: no pipeline {name!r}; known: {', '.join(sorted(raw))}")
     return parse_pipelines({"pipelines": {name: raw[name]}}, source=str(path), check_inputs=check_inputs,
-                           **_bases(path))[name]
+                           pipeline_stores=raw, **_bases(path))[name]
 
 
 def pipeline_files(config: Path | None = None) -> list[Path]:

@@ -42,7 +42,7 @@ def extract_pipeline(
         ``{model name: store complete}``.
     """
     from iis.extract.backbones import create_backbone
-    from iis.extract.runner import extract_store
+    from iis.extract.runner import extract_layers, extract_store
 
     dataset = _load_dataset(cfg)
     plans = _plan_elements(cfg, dataset)
@@ -53,16 +53,22 @@ def extract_pipeline(
     status = {}
     if cfg.text is not None and (not models or "clip" in models):
         status["clip"] = extract_clip(cfg, dataset=dataset, options=options)
-    for model in selected:
+    # One extraction per base model: its layers (`layers:`) all come from the same forward pass.
+    bases: dict[str, MeasuredModel] = {}
+    for m in selected:
+        bases.setdefault(m.base or m.name, m)
+    for name, model in bases.items():
         backbone = create_backbone(backbone=model.backbone, weights=model.weights,
                                    img_size=model.img_size, seed=model.seed)
-        log.info("extract %s/%s: %s (%s), D=%d", cfg.name, model.name, model.backbone,
-                 backbone.weights_source, backbone.feature_dim)
-        status[model.name] = extract_store(
-            cfg.store_path(model.name), dataset=dataset, backbone=backbone, model_name=model.name,
-            element_plans=plans, elements_config=cfg.elements.model_dump(), options=options,
-            pipeline=cfg.name, project_version=__version__,
-        )
+        log.info("extract %s/%s: %s (%s), D=%d%s", cfg.name, name, model.backbone, backbone.weights_source,
+                 backbone.feature_dim, f", layers {', '.join(model.layers)}" if model.layers else "")
+        common = dict(dataset=dataset, backbone=backbone, model_name=name, element_plans=plans,
+                      elements_config=cfg.elements.model_dump(), options=options, pipeline=cfg.name,
+                      project_version=__version__)
+        if model.layers:
+            status.update(extract_layers(cfg.store_path(name), layers=list(model.layers), **common))
+        else:
+            status[name] = extract_store(cfg.store_path(name), **common)
     return status
 
 
@@ -168,7 +174,7 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
     require_stores(cfg)
     args = _analysis_args(cfg.analysis, **overrides)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
-                          skip_complete=skip_complete,
+                          skip_complete=skip_complete, elements_stores=cfg.elements_stores() or None,
                           cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
                                            synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)
 
@@ -275,7 +281,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
     library = cfg.explain.library or cfg.analysis.libraries[0]
     model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
-                                            models=[m.name for m in cfg.measured_models()])
+                                            models=[m.name for m in cfg.measured_models() if m.layer == "final"])
     explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
     if cfg.finetune is not None:
         finetune_pipeline(cfg, device=device, workers=workers, scheduler=scheduler)
