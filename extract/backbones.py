@@ -49,7 +49,7 @@ class Backbone:
     )
     weights_source: str  # "random:seed=<s>" | "hf:<hf_hub_id>" | "file:<absolute path>"
     weights_sha256: str  # sha256 of the weights file; for random weights, state_dict_sha256 of the model
-    feature_dim: int  # D, the model's num_features
+    feature_dim: int  # D, the width of model(x): the pooled pre-logit features (see pooled_dim)
 
 
 def create_backbone(
@@ -90,8 +90,17 @@ def create_backbone(
         data_config=data_config,
         weights_source=source,
         weights_sha256=digest or state_dict_sha256(model),
-        feature_dim=int(model.num_features),
+        feature_dim=pooled_dim(model),
     )
+
+
+def pooled_dim(model: torch.nn.Module) -> int:
+    """``D`` of ``model(x)`` for a timm model made with ``num_classes=0``: the pooled pre-logit width.
+
+    Models with a hidden layer in their head (MobileNetV3's ``conv_head``: ``num_features`` 288,
+    pre-logits 1024 for ``mobilenetv3_small_050``) report it as ``head_hidden_size``.
+    """
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:

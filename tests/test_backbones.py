@@ -220,3 +220,11 @@ def test_uint8_transform_then_batch_normalisation_matches_the_float_transform():
         assert raw.dtype == torch.uint8 and raw.shape == (2, 3, 24, 24)
         expected = torch.stack([make(config)(im) for im in images])
         torch.testing.assert_close(normalize_batch(raw, config), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "resnet10t", "test_vit"])
+def test_feature_dim_is_the_width_of_the_pooled_features(name):
+    """MobileNetV3's head has a hidden layer: its pre-logits (1024) are wider than num_features (288)."""
+    backbone = create_backbone(backbone=name, weights="random", img_size=32, seed=0)
+    with torch.no_grad():
+        assert backbone.model(torch.zeros(2, 3, 32, 32)).shape == (2, backbone.feature_dim)
