@@ -22,10 +22,9 @@ from iis.analyze.heads_batching import EVAL_CHUNK, column_moments, epoch_batches
 from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 
 # Optimiser steps per head, whatever the train size (the sparsest heads: SPARSE_EPOCH_FACTOR times
-# as many). Fewer left small planted workloads short of their L-BFGS optimum (at 300 steps the val
-# loss of a 3,000-image one stayed 0.07 nats above it; tests/test_heads_training.py); more bought
-# nothing beyond test-set noise on the 100k-row one (600, 1,000 and 4,000 steps: the same top-1, at
-# 7.6, 14.9 and 21.1 s for the grid; benchmarks/README.md, "Head trainer").
+# as many): enough for every head to reach its L-BFGS optimum on small planted workloads
+# (tests/test_heads_training.py), and more buys nothing on large ones (benchmarks/README.md,
+# "Head trainer").
 STEPS = 1000
 BATCH = 256
 # Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
@@ -37,9 +36,9 @@ CONCEPT_LRS = (1e-2,)
 STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # L2 penalty on the weights as scikit-learn's inverse strength C: the loss is mean cross-entropy
 # + ||W||^2 / (2 C N_train). Neither the bias nor (γ, β) is penalised, as in the authors' LayerNorm:
-# penalising γ towards 1 cost 4-13 points at s >= 0.95 on a planted workload (benchmarks/README.md).
-# (With γ free, scaling γ up and W down would shrink the penalty at no cost to the fit; a few epochs
-# of Adam do not walk that far, and the linear part is converged given the learnt selection.)
+# a penalty on γ keeps sparse heads from choosing their concepts (benchmarks/README.md). (With γ
+# free, scaling γ up and W down would shrink the penalty at no cost to the fit; the fixed number of
+# Adam steps does not walk that far, and the linear part is converged given the learnt selection.)
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.
