@@ -228,13 +228,19 @@ def _run(spec: TaskSpec) -> TaskResult:
         # Train is held when its float32 features fit the budget: every epoch then draws batches
         # from memory instead of decoding the store again (a 100k x 512 standard head spent most
         # of its time there). Beyond the budget it streams chunk by chunk; val and test are read whole.
-        streamed = store.chunked_split("train")
-        held = 4 * streamed.shape[0] * streamed.shape[1] <= memory_budget(spec.memory_budget)
-        train = store.read_split("train") if held else None
-        train_x, labels = (train.x, train.labels) if held else (streamed, streamed.labels)
+        # Decided from the stored array's shape (every row, an upper bound on the usable ones), so
+        # that the split is decoded once, not scanned first to count its usable rows.
+        stored_rows, dim = store.group["train"]["features"].shape
+        held = 4 * stored_rows * dim <= memory_budget(spec.memory_budget)
+        if held:
+            train = store.read_split("train")
+            train_x, labels = train.x, train.labels
+        else:
+            train_x = store.chunked_split("train")
+            labels = train_x.labels
         log.debug("%s standard head: train features %s", store.model, "held in memory" if held else "streamed")
         val, test = store.read_split("val"), store.read_split("test")
-        sizes = {"train": streamed.shape[0], "val": len(val.labels), "test": len(test.labels)}
+        sizes = {"train": len(labels), "val": len(val.labels), "test": len(test.labels)}
         fit = fit_heads(train=(train_x, labels), val=(val.x, val.labels), test=(test.x, test.labels),
                         num_classes=num_classes, ratios=None, seed=spec.seed, protocol=spec.protocol)
         rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
