@@ -39,6 +39,10 @@ STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # a penalty on γ keeps sparse heads from choosing their concepts (benchmarks/README.md). (With γ
 # free, scaling γ up and W down would shrink the penalty at no cost to the fit; the fixed number of
 # Adam steps does not walk that far, and the linear part is converged given the learnt selection.)
+# Concept heads train one head per C of the grid and keep, per ratio, the C best on val: the best C
+# differs between ratios and workloads by more than a point of top-1 (benchmarks/README.md, "L2
+# strength"). The standard head keeps one C and chooses its learning rate on val instead.
+CONCEPT_INVERSE_L2 = (1e-4, 1e-3, 1e-2)
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.
@@ -71,7 +75,7 @@ class Adam:
     one tensor, its first axis, and a subset of heads can be updated while the others rest.
     """
 
-    def __init__(self, params: list[torch.Tensor], rates: list[torch.Tensor], l2: list[float],
+    def __init__(self, params: list[torch.Tensor], rates: list[torch.Tensor], l2: list[torch.Tensor | float | None],
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params, self.rates, self.l2, self.betas, self.eps = params, rates, l2, betas, eps
         self.first = [torch.zeros_like(p) for p in params]
@@ -92,8 +96,10 @@ class Adam:
         view = isinstance(heads, slice)
         for param, g, first, second, rate, l2 in zip(self.params, grads, self.first, self.second, self.rates, self.l2):
             p, m, v = param[heads], first[heads], second[heads]
-            if l2:
-                g = g.add(p, alpha=l2)  # the penalty's gradient, inside Adam (L2, not decoupled decay)
+            if isinstance(l2, torch.Tensor):  # one strength per head (first axis)
+                g = g.addcmul(l2[heads], p)  # the penalty's gradient, inside Adam (L2, not decoupled decay)
+            elif l2:
+                g = g.add(p, alpha=l2)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (v / correction2).sqrt_().add_(self.eps)
@@ -146,6 +152,10 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
                 ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True) -> HeadFit:
     """Fit the standard head (``ratios`` None) or every ratio's interpretable head in one pass.
 
+    Internally ``H = R * M`` heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2`` per
+    ratio; ``M = 1`` for the standard head), each with ``L`` learning-rate columns; per ratio the
+    (penalty, rate) pair best on val is kept.
+
     Args:
         splits: ``train``/``val``/``test`` as ``(X, y)``; train may be :class:`ChunkedRows` for
             the standard head (raw features beyond the memory budget).
@@ -158,7 +168,13 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     standard = ratios is None
     if not standard:
         x_train = materialize(x_train).float()  # concept activations are N x K: held
-    keep = torch.tensor([num_inputs]) if standard else keep_counts(ratios, num_inputs)
+    keep_per_ratio = torch.tensor([num_inputs]) if standard else keep_counts(ratios, num_inputs)
+    num_ratios = len(keep_per_ratio)
+    penalties = torch.tensor((INVERSE_L2,) if standard else CONCEPT_INVERSE_L2, dtype=torch.float64)
+    num_penalties = len(penalties)
+    # Ratio-major order: a ratio's penalties sit together, and the sparsest ratios, which train
+    # longest, come last (so the heads still training are a contiguous range: views, not copies).
+    keep = keep_per_ratio.repeat_interleave(num_penalties)
     num_heads = len(keep)
     rates = torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS)
     num_rates = len(rates)
@@ -182,13 +198,19 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     weight = torch.zeros(num_heads, num_inputs, num_rates * num_classes)
     bias = torch.zeros(num_heads, 1, num_rates * num_classes)
     per_column = rates.repeat_interleave(num_classes)
-    params, lrs, l2 = [weight, bias], [per_column, per_column], [1.0 / (INVERSE_L2 * num_train), 0.0]
+    # A head's penalty scales with the fraction of concepts it keeps: a weight of a head that keeps
+    # k of K concepts is used by about k/K of the images, so (k/K) ||W||^2 penalises the logits'
+    # expected size as a dense head's ||W||^2 does, and one C grid brackets every ratio's optimum
+    # (benchmarks/README.md, "L2 strength").
+    kept_fraction = keep.double() / num_inputs
+    l2_per_head = (kept_fraction / (penalties.repeat(num_ratios) * num_train)).float().view(-1, 1, 1)
+    params, lrs, l2 = [weight, bias], [per_column, per_column], [l2_per_head, None]
     affine = None
     if with_scale:
         if num_rates != 1:
             raise ValueError("a learnt (γ, β) shares its head's one learning rate")
         affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
-        params, lrs, l2 = [*params, affine], [*lrs, rates[0]], [*l2, 0.0]
+        params, lrs, l2 = [*params, affine], [*lrs, rates[0]], [*l2, None]
     optimizer = Adam(params, lrs, l2)
 
     # Each head's schedule, in optimiser steps; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
@@ -219,19 +241,24 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             if len(active) == 0:
                 break
 
-    # Val is evaluated once, on the final states, to choose each ratio's learning rate (ties: the
-    # first in the grid). With the L2 penalty and the cosine decay to zero the final state is near
-    # the regularised optimum; picking the best of many val checks on a small val set picks its noise.
-    chosen = _val_top1(weight, bias, affine, keep, prep_val=x_val, y_val=y_val, num_classes=num_classes,
-                       standard=standard).argmax(dim=1)
-    rows = torch.arange(num_heads)
-    final_weight = weight.view(num_heads, num_inputs, num_rates, num_classes)[rows, :, chosen]
-    final_bias = bias.view(num_heads, num_rates, num_classes)[rows, chosen]
+    # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)
+    # (ties: the first in the grids, i.e. the stronger penalty, the smaller rate). With the L2
+    # penalty and the cosine decay to zero the final state is near the regularised optimum; picking
+    # the best of many val checks along training on a small val set would pick its noise.
+    val_top1 = _val_top1(weight, bias, affine, keep, prep_val=x_val, y_val=y_val, num_classes=num_classes,
+                         standard=standard)
+    chosen = val_top1.view(num_ratios, num_penalties * num_rates).argmax(dim=1)
+    head = torch.arange(num_ratios) * num_penalties + chosen // num_rates
+    rate = chosen % num_rates
+    final_weight = weight.view(num_heads, num_inputs, num_rates, num_classes)[head, :, rate]
+    final_bias = bias.view(num_heads, num_rates, num_classes)[head, rate]
     if standard:
         final_weight = final_weight * inv_scale
         final_bias = final_bias - mean @ final_weight[0]
-    fit = empty_fit(ratios, final_weight, final_bias, affine,
-                    ((head_steps - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
+    fit = empty_fit(ratios, final_weight, final_bias, None if affine is None else affine[head],
+                    ((head_steps[head] - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
+    fit.inverse_l2 = penalties[chosen // num_rates].numpy()
+    fit.learning_rate = rates[rate].double().numpy()
     evaluate(fit, splits["val"], splits["test"])
     return fit
 

@@ -80,6 +80,9 @@ class HeadFit:
         fit_seconds: wall time of the fit, evaluation included.
         protocol: ``"default"``, ``"fixed-scale"`` or ``"reference"``; decides how :meth:`logits`
             treats its input.
+        inverse_l2: ``(R,)`` float64, the L2 strength (scikit-learn's C) each head was fitted
+            with, chosen on val by the default protocol; NaN where none applies (reference).
+        learning_rate: ``(R,)`` float64, each head's learning rate (chosen on val by default).
     """
 
     ratios: list[float] | None
@@ -95,6 +98,8 @@ class HeadFit:
     best_epoch: np.ndarray
     fit_seconds: float
     protocol: str = "default"
+    inverse_l2: np.ndarray | None = None
+    learning_rate: np.ndarray | None = None
     _keep: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -124,8 +124,13 @@ def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: 
             "fit_seconds": float(fit.fit_seconds) / (1 if len(ratios) == 1 else len(ratios)),
             "protocol": spec.protocol, "caveat": with_protocol_caveat(caveat, spec.protocol),
             "library_source": spec.elements_store,
+            "inverse_l2": _chosen(fit.inverse_l2, r), "learning_rate": _chosen(fit.learning_rate, r),
         })
     return rows
+
+
+def _chosen(values: np.ndarray | None, r: int) -> float | None:
+    return None if values is None else float(values[r])
 
 
 def with_protocol_caveat(caveat: str | None, protocol: str) -> str | None:

@@ -102,6 +102,38 @@ def test_sparsest_heads_train_longer_and_order_does_not_matter(monkeypatch):
     assert not torch.allclose(short.weight[2], together.weight[2])
 
 
+def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
+    """Every ratio trains one head per C of the grid; the one kept has the best val top-1 of its
+    ratio's heads (ties: the first, the strongest penalty), and its penalty is scaled by the
+    fraction of concepts the ratio keeps."""
+    seen: list[torch.Tensor] = []
+    original = default._val_top1
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(default, "_val_top1", spy)
+    grid = (1e-4, 1e-2, 1e2)  # a 10^6 spread: the heads of a ratio differ
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    ratios = [0.0, 0.5, 0.9]
+    fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
+    assert len(seen) == 1 and seen[0].shape == (len(ratios) * len(grid), 1)
+    per_ratio = seen[0].view(len(ratios), len(grid))
+    for r in range(len(ratios)):
+        best = int(per_ratio[r].argmax())  # argmax returns the first of tied maxima
+        assert fit.inverse_l2[r] == grid[best]
+        assert fit.val_top1[r] == pytest.approx(float(per_ratio[r, best]))
+    # The strongest penalty shrinks the dense head's weights far more than the sparse head's
+    # (its strength is scaled by k/K = 1 against 0.1).
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", (1e-4,))
+    strong = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.9], seed=3, max_epochs=4)
+    assert strong.inverse_l2.tolist() == [1e-4, 1e-4]
+    assert strong.weight[0].norm() < 0.5 * strong.weight[1].norm()
+
+
 def _overfitting_splits():
     """One informative column among 30 noise columns, 40 train images, 20% of their labels flipped."""
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from iis.analyze.activations import concept_activations, keep_count, keep_mask, magnitude_ranks
 from iis.analyze.heads import fit_heads
-from iis.analyze.heads_default import INVERSE_L2, Adam, cross_entropy_grads, head_grid_inputs
+from iis.analyze.heads_default import Adam, cross_entropy_grads, head_grid_inputs
 from iis.analyze.planted import PlantedSpec, planted_concepts
 
 
@@ -95,19 +95,20 @@ def test_learnt_scale_chooses_the_informative_concepts_at_high_sparsity():
     assert learnt.input_scale[1, 0].std() > 0.05
 
 
-def _objective(x, y, keep, weight, bias, scale, num_train):
+def _objective(x, y, keep, weight, bias, scale, num_train, inverse_l2):
     inputs = head_grid_inputs(x, None if scale is None else scale.unsqueeze(0), torch.tensor([keep]))[0][0]
     ce = F.cross_entropy(inputs @ weight + bias, y)
-    return ce + weight.square().sum() / (2 * INVERSE_L2 * num_train)
+    kept_fraction = keep / x.shape[1]  # the penalty scales with the fraction of concepts kept
+    return ce + kept_fraction * weight.square().sum() / (2 * inverse_l2 * num_train)
 
 
-def _lbfgs_minimum(x, y, keep, params, scale) -> float:
+def _lbfgs_minimum(x, y, keep, params, scale, inverse_l2) -> float:
     """Full-batch L-BFGS on the penalised objective from ``params`` (updated in place); its value."""
     lbfgs = torch.optim.LBFGS(params, lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         lbfgs.zero_grad()
-        loss = _objective(x, y, keep, *params, scale, len(y))
+        loss = _objective(x, y, keep, *params, scale, len(y), inverse_l2)
         loss.backward()
         return loss
 
@@ -131,8 +132,9 @@ def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
         keep = keep_count(ratio, spec.concepts)
         scale = None if fit.input_scale is None else fit.input_scale[r].clone()
         params = [fit.weight[r].clone().requires_grad_(), fit.bias[r].clone().requires_grad_()]
-        start = float(_objective(x, y, keep, *params[:2], scale, len(y)).detach())
-        optimum = _lbfgs_minimum(x, y, keep, params, scale)
+        inverse_l2 = float(fit.inverse_l2[r])  # the head's own penalty, chosen on val
+        start = float(_objective(x, y, keep, *params[:2], scale, len(y), inverse_l2).detach())
+        optimum = _lbfgs_minimum(x, y, keep, params, scale, inverse_l2)
         assert start - optimum < 0.01, (ratio, start, optimum)  # nats of penalised train loss
         with torch.no_grad():
             ours_val = F.cross_entropy(fit.logits(x_val, r), y_val)
