@@ -48,6 +48,8 @@ INVERSE_L2 = 0.03
 # own cosine schedule: each concept's weights learn only from the images that keep it.
 SPARSE_KEEP_FRACTION = 0.1
 SPARSE_EPOCH_FACTOR = 2
+# Rows shorter than this take softmax_last's written-out path.
+SHORT_ROW = 16
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
@@ -141,11 +143,25 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
         (summed over the ``L`` rates; only used with ``L = 1``).
     """
     heads, batch = weight.shape[0], labels.shape[0]
-    residual = torch.baddbmm(bias, inputs, weight).view(heads, batch, -1, num_classes).softmax(dim=-1)
+    residual = softmax_last(torch.baddbmm(bias, inputs, weight).view(heads, batch, -1, num_classes))
     residual[:, torch.arange(batch), :, labels] -= 1.0
     residual = residual.view(heads, batch, -1).div_(batch)
     d_inputs = torch.bmm(residual, weight.transpose(1, 2))
     return torch.bmm(inputs.transpose(1, 2), residual), residual.sum(dim=1, keepdim=True), d_inputs
+
+
+def softmax_last(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, any shape.
+
+    torch's CPU softmax takes a slow path on rows shorter than a SIMD vector: 10 classes cost 8x
+    more per element than 20 (benchmarks/README.md, "Head trainer"), and the demo's datasets have
+    10. There the exp is written out; longer rows keep torch's kernel, which is faster for them.
+    """
+    if logits.shape[-1] >= SHORT_ROW:
+        return logits.softmax(dim=-1)
+    out = logits - logits.amax(dim=-1, keepdim=True)
+    out.exp_()
+    return out.div_(out.sum(dim=-1, keepdim=True))
 
 
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
