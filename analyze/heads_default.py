@@ -42,7 +42,7 @@ STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # Concept heads train one head per C of the grid and keep, per ratio, the C best on val: the best C
 # differs between ratios and workloads by more than a point of top-1 (benchmarks/README.md, "L2
 # strength"). The standard head keeps one C and chooses its learning rate on val instead.
-CONCEPT_INVERSE_L2 = (1e-4, 1e-3, 1e-2)
+CONCEPT_INVERSE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.
