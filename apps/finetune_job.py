@@ -20,7 +20,7 @@ import pandas as pd
 from iis.analyze import tables
 from iis.analyze.pipeline import ClusterOptions, analyze_stores, model_keys
 from iis.analyze.store import StoreError, open_feature_store
-from iis.apps.finetune import element_images, finetune_arms, loss_library_members, split_elements
+from iis.apps.finetune import FinetuneArm, element_images, finetune_arms, loss_library_members, split_elements
 from iis.apps.finetune_tables import Comparison, arm_rows, delta_rows
 from iis.extract.backbones import create_backbone
 from iis.extract.datasets import ImageDataset
@@ -29,6 +29,8 @@ from iis.extract.runner import ExtractOptions, extract_store
 from iis.extract.train import TrainOptions
 
 log = logging.getLogger(__name__)
+
+ARM_RESULTS = "finetune"  # the arms' own results folder, under the pipeline's
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,91 @@ def _complete(path: Path) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PreparedArms:
+    """The trained and extracted arms of one comparison, before they are analysed.
+
+    Attributes:
+        arms: every arm at every seed (:class:`~iis.apps.finetune.FinetuneArm`).
+        names: ``{(λ, seed): model name}``.
+        stores: each arm's store, in ``arms`` order.
+        fresh: the stores extracted by this call (absent or unfinished before): their rows, if the
+            tables hold any under the same key, come from an earlier store, so they are analysed
+            again rather than skipped.
+    """
+
+    arms: list[FinetuneArm]
+    names: dict[tuple[float, int], str]
+    stores: list[Path]
+    fresh: list[Path]
+
+
+def prepare_arms(
+    *,
+    dataset: ImageDataset,
+    plans: Sequence[ElementPlan],
+    elements_config: dict,
+    start: StartingModel,
+    settings: FinetuneSettings,
+    store_path: Callable[[str], Path],
+    checkpoint_dir: Callable[[str], Path],
+    pipeline: str,
+    extract_options: ExtractOptions,
+    num_concepts: int,
+    project_version: str = "0",
+) -> PreparedArms:
+    """Train both arms at every seed and extract each into a store of its own; what exists with the
+    same settings (checkpoints, complete stores) is reused. Arguments as :func:`compare_finetuning`.
+
+    The loss's library (``num_concepts`` elements per seed) comes from the held-out source images
+    (:func:`~iis.apps.finetune.split_elements`); the arms' stores hold the other elements only.
+    """
+    base_store = open_feature_store(store_path(start.name))
+    elements = base_store.read_elements()
+    if len(plans) != len(elements) or not np.array_equal(elements.source_ids, [p.source_id for p in plans]):
+        raise ValueError(f"{base_store.path}: its visual elements are not the pipeline's ({len(elements)} stored, "
+                         f"{len(plans)} planned); extract it again")
+    split = split_elements(elements.labels, elements.source_ids, holdout=settings.holdout, seed=settings.split_seed)
+    log.info("fine-tune %s: %d of %d visual elements reserved for the loss's library, %d score the arms",
+             start.name, split.loss.size, len(elements), split.scoring.size)
+    backbone = create_backbone(backbone=start.backbone, weights=start.weights, img_size=start.img_size,
+                               seed=start.seed)
+    budget = f"e{settings.epochs}" + (f"-n{settings.steps}" if settings.steps is not None else "")
+    arms = []
+    for seed in settings.seeds:
+        members = loss_library_members(elements, split.loss, num_concepts=num_concepts,
+                                       num_classes=base_store.num_classes, seed=seed)
+        train = TrainOptions(epochs=settings.epochs, checkpoints=(settings.epochs,), lr=settings.lr, seed=seed,
+                             device=settings.device, max_steps=settings.steps,
+                             **({"batch_size": settings.batch_size} if settings.batch_size is not None else {}))
+        arms += finetune_arms(
+            dataset=dataset, backbone=start.backbone, weights=start.weights, img_size=start.img_size,
+            init_seed=start.seed, images=element_images(dataset, plans, members, backbone.data_config),
+            lam=settings.lam, ratio=settings.ratio, options=train, refresh_every=settings.refresh_every,
+            out_root=checkpoint_dir(f"{start.name}+finetune-seed{seed}-{budget}"), library_elements=members)
+    names = {(arm.lam, arm.seed): arm_name(start.name, arm.lam, arm.seed) for arm in arms}
+    # The arms' stores hold the scoring elements only: every library built from them (prototype
+    # at any seed, cluster, end2end) is built after fine-tuning and never holds a loss element.
+    scoring_plans = [plans[i] for i in split.scoring]
+    scoring_config = {**elements_config, "finetune_holdout": {
+        "share": settings.holdout, "seed": settings.split_seed, "reserved_elements": int(split.loss.size),
+        "reserved_sources": sorted({str(elements.source_ids[i]) for i in split.loss})}}
+    stores, fresh = [], []
+    for arm in arms:
+        name = names[(arm.lam, arm.seed)]
+        path = store_path(name)
+        stores.append(path)
+        if _complete(path):
+            continue
+        fresh.append(path)
+        tuned = create_backbone(backbone=start.backbone, weights=str(arm.checkpoint), img_size=start.img_size,
+                                seed=start.seed)
+        extract_store(path, dataset=dataset, backbone=tuned, model_name=name, element_plans=scoring_plans,
+                      elements_config=scoring_config, options=extract_options, pipeline=pipeline,
+                      project_version=project_version)
+    return PreparedArms(arms=arms, names=names, stores=stores, fresh=fresh)
+
+
 def compare_finetuning(
     *,
     dataset: ImageDataset,
@@ -123,7 +210,8 @@ def compare_finetuning(
         settings: the comparison.
         store_path: model name -> its store.
         checkpoint_dir: a folder name -> where checkpoints go (both arms of a seed under one folder).
-        results: the results folder; every table is upserted there.
+        results: the results folder: the fine-tuning tables are upserted there, the arms' analysis
+            tables under ``results / "finetune"`` (same formats), apart from the pipeline's models.
         pipeline, dataset_label: key columns of the rows.
         extract_options: how each arm's checkpoint is extracted.
         libraries, num_concepts, ratios, analysis_seeds, bootstrap, options: the analysis every
@@ -135,69 +223,35 @@ def compare_finetuning(
     Returns:
         ``{"finetune": …, "finetune_delta": …}`` as written.
     """
-    k = num_concepts
-    base_store = open_feature_store(store_path(start.name))
-    elements = base_store.read_elements()
-    if len(plans) != len(elements) or not np.array_equal(elements.source_ids, [p.source_id for p in plans]):
-        raise ValueError(f"{base_store.path}: its visual elements are not the pipeline's ({len(elements)} stored, "
-                         f"{len(plans)} planned); extract it again")
-    split = split_elements(elements.labels, elements.source_ids, holdout=settings.holdout, seed=settings.split_seed)
-    log.info("fine-tune %s: %d of %d visual elements reserved for the loss's library, %d score the arms",
-             start.name, split.loss.size, len(elements), split.scoring.size)
-    backbone = create_backbone(backbone=start.backbone, weights=start.weights, img_size=start.img_size,
-                               seed=start.seed)
-    budget = f"e{settings.epochs}" + (f"-n{settings.steps}" if settings.steps is not None else "")
-    arms = []
-    for seed in settings.seeds:
-        members = loss_library_members(elements, split.loss, num_concepts=k, num_classes=base_store.num_classes,
-                                       seed=seed)
-        train = TrainOptions(epochs=settings.epochs, checkpoints=(settings.epochs,), lr=settings.lr, seed=seed,
-                             device=settings.device, max_steps=settings.steps,
-                             **({"batch_size": settings.batch_size} if settings.batch_size is not None else {}))
-        arms += finetune_arms(
-            dataset=dataset, backbone=start.backbone, weights=start.weights, img_size=start.img_size,
-            init_seed=start.seed, images=element_images(dataset, plans, members, backbone.data_config),
-            lam=settings.lam, ratio=settings.ratio, options=train, refresh_every=settings.refresh_every,
-            out_root=checkpoint_dir(f"{start.name}+finetune-seed{seed}-{budget}"), library_elements=members)
-    names = {(arm.lam, arm.seed): arm_name(start.name, arm.lam, arm.seed) for arm in arms}
-    # The arms' stores hold the scoring elements only: every library built from them (prototype
-    # at any seed, cluster, end2end) is built after fine-tuning and never holds a loss element.
-    scoring_plans = [plans[i] for i in split.scoring]
-    scoring_config = {**elements_config, "finetune_holdout": {
-        "share": settings.holdout, "seed": settings.split_seed, "reserved_elements": int(split.loss.size),
-        "reserved_sources": sorted({str(elements.source_ids[i]) for i in split.loss})}}
-    fresh, kept = [], [store_path(start.name)]
-    for arm in arms:
-        tuned = create_backbone(backbone=start.backbone, weights=str(arm.checkpoint), img_size=start.img_size,
-                                seed=start.seed)
-        name = names[(arm.lam, arm.seed)]
-        (kept if _complete(store_path(name)) else fresh).append(store_path(name))
-        extract_store(store_path(name), dataset=dataset, backbone=tuned, model_name=name,
-                      element_plans=scoring_plans, elements_config=scoring_config, options=extract_options,
-                      pipeline=pipeline, project_version=project_version)
-    analysis = dict(results=results, pipeline=pipeline, libraries=list(libraries), num_concepts=k, ratios=ratios,
+    prepared = prepare_arms(dataset=dataset, plans=plans, elements_config=elements_config, start=start,
+                            settings=settings, store_path=store_path, checkpoint_dir=checkpoint_dir,
+                            pipeline=pipeline, extract_options=extract_options, num_concepts=num_concepts,
+                            project_version=project_version)
+    analysis = dict(pipeline=pipeline, libraries=list(libraries), num_concepts=num_concepts, ratios=ratios,
                     seeds=list(analysis_seeds), bootstrap=bootstrap, cluster=cluster or ClusterOptions(),
-                    clip_store=clip_store, options=dict(options or {}))
-    # A store extracted now may replace one of the same name made from other elements (another
-    # holdout) with the same checkpoint, whose rows the tables still hold under the same key:
-    # analyse it again rather than skip it. Stores that were complete already are skipped when
-    # their rows are there.
-    if fresh:
-        analyze_stores(fresh, skip_complete=False, **analysis)
-    analyze_stores(kept, skip_complete=True, **analysis)
+                    clip_store=clip_store, options=dict(options or {}), skip_complete=True)
+    # "Before" is the start model as the pipeline's own analysis scores it (done already, as a rule).
+    analyze_stores([store_path(start.name)], results=results, **analysis)
+    # The arms get a results folder of their own: six near-copies of one model in the pipeline's
+    # tables would weigh in its correlation across models and its ranking as six models.
+    arm_results = Path(results) / ARM_RESULTS
+    analyze_stores(prepared.stores, results=arm_results, redo=prepared.fresh, **analysis)
+    names = prepared.names
     comparison = Comparison(
         pipeline=pipeline, dataset=dataset_label, start=start.name, lam=settings.lam, arms=names,
-        libraries=list(libraries), num_concepts=k, grid=tables.grid_key(ratios), library_seeds=list(analysis_seeds),
+        libraries=list(libraries), num_concepts=num_concepts, grid=tables.grid_key(ratios),
+        library_seeds=list(analysis_seeds),
         settings={"epochs": settings.epochs, "steps": settings.steps, "ratio": settings.ratio,
                   "loss_library": settings.library, "holdout": settings.holdout},
         weights={name: model_keys(store_path(name), pipeline=pipeline)["weights"]
                  for name in [start.name, *names.values()]})
     with tables.results_lock(results):
-        iis = tables.read_table(results, "iis")
+        iis = pd.concat([tables.read_table(results, "iis"), tables.read_table(arm_results, "iis")],
+                        ignore_index=True)
         out = {"finetune": tables.merge(results, "finetune", pd.DataFrame(arm_rows(
-                   iis, comparison, {(a.lam, a.seed): a.result.seconds for a in arms}))),
+                   iis, comparison, {(a.lam, a.seed): a.result.seconds for a in prepared.arms}))),
                "finetune_delta": tables.merge(results, "finetune_delta", pd.DataFrame(delta_rows(
-                   iis, comparison, results=results, n_resamples=bootstrap)))}
+                   iis, comparison, results=arm_results, n_resamples=bootstrap)))}
         tables.commit(results, out, run={"command": "finetune", "pipeline": pipeline, "model": start.name,
                                          "lambda": settings.lam, "seeds": list(settings.seeds)})
     return out

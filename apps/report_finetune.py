@@ -46,8 +46,8 @@ def delta_figure(delta: pd.DataFrame) -> bytes:
         has = np.isfinite(low) & np.isfinite(high)
         ax.axvline(0.0, color="0.5", lw=1, ls="--")
         ax.errorbar(point[has], ys[has], xerr=[point[has] - low[has], high[has] - point[has]], fmt="o",
-                    color="#3b6fb6", ecolor="#3b6fb6", capsize=3, ms=5, label="mean, 95% interval")
-        ax.scatter(point[~has], ys[~has], color="#9aa6b8", s=30, zorder=3, label="mean, no interval")
+                    color="#3b6fb6", ecolor="#3b6fb6", capsize=3, ms=5)
+        ax.scatter(point[~has], ys[~has], color="#9aa6b8", s=30, zorder=3)  # no interval computed
         ax.set_title(title, fontsize=10)
         ax.set_ylim(-0.7, len(delta) - 0.3)
         ax.grid(axis="x", alpha=0.25)
