@@ -4,8 +4,9 @@ write ``finetune.parquet`` and ``finetune_delta.parquet``.
 :mod:`iis.apps.finetune` trains the arms; this module splits the visual elements between the
 loss's library and the scoring libraries, extracts each arm's checkpoint as a model of its own
 (``<model>+ft<λ>-s<seed>``) with the scoring elements only, analyses it with the pipeline's
-libraries and analysis seeds, and tabulates (:mod:`iis.apps.finetune_tables`). It takes explicit
-arguments, never a pipeline config (``iis.jobs`` unpacks one).
+libraries and analysis seeds into a results folder of its own (``<results>/finetune``), and
+tabulates (:mod:`iis.apps.finetune_tables`). It takes explicit arguments, never a pipeline
+config (``iis.jobs`` unpacks one).
 """
 
 from __future__ import annotations
