@@ -239,6 +239,7 @@ def analyze_stores(
     options: dict[str, dict] | None = None,
     groups: Mapping[str, str] | None = None,
     elements_stores: Mapping[str, Path] | None = None,
+    redo: Sequence[Path] = (),
 ) -> dict[str, pd.DataFrame]:
     """Analyse every store and write ``accuracy``, ``iis``, ``correlation``, ``ranking`` and ``concepts``.
 
@@ -258,6 +259,8 @@ def analyze_stores(
         bootstrap: resamples for confidence intervals (0: none).
         pipeline: the pipeline's name for the tables (default: the store's attribute).
         cluster: where the tasks run.
+        redo: stores analysed even when ``skip_complete`` would leave them out: stores just
+            (re)made under a name whose rows the tables may hold from an earlier store.
         skip_complete: leave out (model, seed) pairs whose rows (this grid, this bootstrap) are
             in every table already; with nothing left to do, nothing is written.
         clip_store: the CLIP store (image and concept-word features), needed by the text library.
@@ -306,7 +309,9 @@ def analyze_stores(
     if skip_complete:
         with tables.results_lock(results):
             current = {name: tables.read_table(results, name) for name in ANALYSIS_TABLES}
-        specs = _incomplete(specs, keys, current, num_concepts=num_concepts, grid=grid, bootstrap=bootstrap)
+        again = {str(Path(r)) for r in redo}
+        todo = _incomplete(specs, keys, current, num_concepts=num_concepts, grid=grid, bootstrap=bootstrap)
+        specs = [s for s in specs if s in todo or s.store in again]
         if (not specs and _correlation_current(current["iis"], current["correlation"])
                 and ranking_current(current["iis"], current["ranking"])):
             log.info("analyze: every table row is already there (grid %s); nothing to do", grid)

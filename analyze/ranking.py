@@ -126,6 +126,21 @@ def iis_bootstrap(standard: Sequence[np.ndarray], heads: Sequence[np.ndarray], r
     Returns:
         ``(B, M)`` float64: model ``m``'s IIS (mean over its resampled seeds) in resample ``b``.
     """
+    return bootstrap_scores(standard, heads, ratios, n_resamples=n_resamples, seed=seed)[1]
+
+
+def bootstrap_scores(standard: Sequence[np.ndarray], heads: Sequence[np.ndarray], ratios: Sequence[float], *,
+                     n_resamples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's standard top-1 and IIS in every resample of test images and seeds.
+
+    Arguments as :func:`iis_bootstrap`. Models with the same number of seeds draw the same seed
+    positions in a resample, and every model the same images: a difference of two models'
+    samples is a paired bootstrap of their difference.
+
+    Returns:
+        ``(top1, iis)``, each ``(B, M)`` float64: model ``m``'s standard-head test top-1 and its
+        IIS, means over its resampled seeds, in resample ``b``.
+    """
     if len(standard) != len(heads) or not standard:
         raise ValueError(f"need one standard and one head array per model, got {len(standard)} and {len(heads)}")
     grid = np.asarray(ratios, dtype=np.float64)
@@ -142,6 +157,7 @@ def iis_bootstrap(standard: Sequence[np.ndarray], heads: Sequence[np.ndarray], r
     rng = np.random.default_rng(seed)
     seed_draws = rng.random((n_resamples, max(s for _, s in spans)))
     out = np.empty((n_resamples, len(spans)))
+    top1 = np.empty((n_resamples, len(spans)))
     chunk = max(1, min(n_resamples, _CELLS // max(1, n)))
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
@@ -153,7 +169,8 @@ def iis_bootstrap(standard: Sequence[np.ndarray], heads: Sequence[np.ndarray], r
                 score = trapezoid(block[:, :, 1:] / block[:, :, :1], grid, axis=-1)  # (b, S_m)
             picks = np.floor(seed_draws[start:stop, :s] * s).astype(np.int64)
             out[start:stop, m] = np.take_along_axis(score, picks, axis=1).mean(axis=1)
-    return out
+            top1[start:stop, m] = np.take_along_axis(block[:, :, 0], picks, axis=1).mean(axis=1)
+    return top1, out
 
 
 def exceed_probability(samples: np.ndarray, first: int, second: int) -> float:

@@ -42,6 +42,9 @@ MODEL_KEYS = ["pipeline", "dataset", "model", "backbone", "weights"]
 # the pooled pre-logit features) and its `depth` in [0, 1]. Values, not keys: the model name of a
 # layer's store already carries the layer (`r10@stages.1`).
 LAYER_COLUMNS = [("layer", pa.string()), ("depth", pa.float64())]
+# Fine-tuning settings that both fine-tuning tables carry as values: the optimizer steps per arm
+# (null: whole epochs), the loss's library and the share of element source images held out for it.
+_FINETUNE_SETTINGS = [("steps", pa.int64()), ("loss_library", pa.string()), ("holdout", pa.float64())]
 # `library_source` (a key): the store whose visual elements built the library (`analysis.library_from`);
 # null for the store's own elements.
 
@@ -114,7 +117,19 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("seed", pa.int64()), ("epochs", pa.int64()), ("ratio", pa.float64()), ("library", pa.string()),
         ("num_concepts", pa.int64()), ("standard_top1_before", pa.float64()), ("standard_top1_after", pa.float64()),
         ("iis_before", pa.float64()), ("iis_after", pa.float64()), ("finetuned_model", pa.string()),
-        ("seconds", pa.float64()),
+        ("seconds", pa.float64()), *_FINETUNE_SETTINGS, ("grid", pa.string()),
+        ("library_seeds", pa.list_(pa.int64())),
+    ]),
+    "finetune_delta": pa.schema([
+        ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()), ("lambda", pa.float64()),
+        ("epochs", pa.int64()), ("ratio", pa.float64()), *_FINETUNE_SETTINGS, ("library", pa.string()),
+        ("num_concepts", pa.int64()), ("grid", pa.string()), ("seeds", pa.list_(pa.int64())),
+        ("library_seeds", pa.list_(pa.int64())), ("n_pairs", pa.int64()), ("n_test", pa.int64()),
+        ("top1_lambda", pa.float64()), ("top1_zero", pa.float64()), ("top1_delta", pa.float64()),
+        ("top1_delta_ci_low", pa.float64()), ("top1_delta_ci_high", pa.float64()),
+        ("iis_lambda", pa.float64()), ("iis_zero", pa.float64()), ("iis_delta", pa.float64()),
+        ("iis_delta_ci_low", pa.float64()), ("iis_delta_ci_high", pa.float64()),
+        ("bootstrap", pa.int64()), ("confidence", pa.float64()),
     ]),
 }
 
@@ -126,7 +141,9 @@ KEYS: dict[str, list[str]] = {
     "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept",
                  "library_source"],
     "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
-    "finetune": ["pipeline", "model", "lambda", "seed", "epochs"],
+    # `library` is the scoring library (`loss_library` the one the loss trained with).
+    "finetune": ["pipeline", "model", "lambda", "seed", "epochs", "library"],
+    "finetune_delta": ["pipeline", "model", "lambda", "epochs", "library"],
 }
 
 

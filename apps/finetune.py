@@ -5,18 +5,26 @@ the activations of a prototype library that the *current* backbone re-embeds eve
 and ``g`` is a linear head on ``g_s(a)`` learned jointly. The same budget and seed with λ = 0
 is the control. Both results are ordinary checkpoints, so stage 1 and stage 2 measure them
 like any other model.
+
+The loss's library must not be among the libraries that score the result: a prototype draw
+depends only on the labels and the seed, so scoring with the loss's own seed would measure the
+very elements the backbone was trained to separate. :func:`split_elements` reserves the
+elements of some source images per class for the loss (:func:`loss_library_members` draws from
+them); the scoring libraries are built from the rest only.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from iis.analyze.activations import concept_activations, sparsify
+from iis.analyze.libraries import ElementSet, LibraryInputs, build_library
 from iis.extract.backbones import element_transform
 from iis.extract.datasets import ImageDataset
 from iis.extract.elements import ElementPlan, render_element
@@ -92,10 +100,79 @@ def element_images(dataset: ImageDataset, plans: Sequence[ElementPlan], indices:
 
 
 @dataclass(frozen=True)
+class ElementSplit:
+    """The visual elements split by source image: the loss library's pool and the scoring pool.
+
+    Attributes:
+        loss: ``(E_l,)`` int64 ascending element indices reserved for the loss's library.
+        scoring: ``(E_s,)`` int64 ascending indices of every other element. No element and no
+            source image is in both.
+    """
+
+    loss: np.ndarray
+    scoring: np.ndarray
+
+
+def split_elements(labels: np.ndarray, sources: np.ndarray, *, holdout: float, seed: int) -> ElementSplit:
+    """Reserve the elements of a share ``holdout`` of each class's source images for the loss.
+
+    Whole source images are reserved, not single crops, so a scoring library never holds another
+    crop of an image the loss trained on.
+
+    Args:
+        labels: ``(E,)`` int class of each element.
+        sources: ``(E,)`` source image of each element (its train index or id).
+        holdout: share of each class's source images reserved, in (0, 1); rounded, and at least
+            one image per class is reserved and at least one left.
+        seed: seeds the choice (a local ``np.random.Generator``).
+
+    Raises:
+        ValueError: a class whose elements come from fewer than two source images.
+    """
+    labels, sources = np.asarray(labels), np.asarray(sources)
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must lie in (0, 1), got {holdout}")
+    rng = np.random.default_rng(seed)
+    reserved = np.zeros(labels.shape[0], dtype=bool)
+    for cls in np.unique(labels):
+        mine = labels == cls
+        images = np.unique(sources[mine])
+        if images.size < 2:
+            raise ValueError(f"class {cls} has visual elements from {images.size} source image(s); the loss's "
+                             "library and the scoring libraries need different ones (elements.images_per_class >= 2)")
+        count = min(images.size - 1, max(1, round(holdout * images.size)))
+        reserved |= mine & np.isin(sources, rng.choice(images, size=count, replace=False))
+    return ElementSplit(loss=np.flatnonzero(reserved), scoring=np.flatnonzero(~reserved))
+
+
+def loss_library_members(elements: ElementSet, pool: np.ndarray, *, num_concepts: int, num_classes: int,
+                         seed: int) -> np.ndarray:
+    """The loss's prototype library: ``num_concepts`` elements of ``pool``, drawn by the prototype
+    builder (stratified over classes, seeded).
+
+    Args:
+        elements: every visual element (``E`` rows).
+        pool: ``(E_l,)`` indices the draw is limited to (:attr:`ElementSplit.loss`).
+
+    Returns:
+        ``(K,)`` int64 ascending indices into ``elements``, all in ``pool``.
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    if num_concepts > pool.size:
+        raise ValueError(f"the loss's library needs {num_concepts} elements but finetune.holdout reserves only "
+                         f"{pool.size}; raise finetune.holdout or elements.images_per_class")
+    held = ElementSet(*(getattr(elements, f.name)[pool] for f in fields(ElementSet)))
+    library = build_library("prototype", LibraryInputs(elements=held, num_classes=num_classes),
+                            num_concepts=num_concepts, seed=seed)
+    return pool[np.array([int(m[0]) for m in library.members], dtype=np.int64)]
+
+
+@dataclass(frozen=True)
 class FinetuneArm:
-    """One arm of the comparison: its λ and the checkpoint it produced."""
+    """One arm of the comparison at one training seed: its λ and the checkpoint it produced."""
 
     lam: float
+    seed: int
     checkpoint: Path
     result: TrainResult
 
@@ -113,6 +190,7 @@ def finetune_arms(
     options: TrainOptions,
     refresh_every: int,
     out_root: Path,
+    library_elements: Sequence[int] = (),
 ) -> list[FinetuneArm]:
     """Fine-tune from ``weights`` with λ and with λ = 0, on the same budget and seed.
 
@@ -120,6 +198,8 @@ def finetune_arms(
         images: ``(K, 3, H, W)`` the prototype library's element crops (see :func:`element_images`).
         options: epochs, lr, seed…; ``options.checkpoints`` must hold ``options.epochs``.
         out_root: each arm writes under ``out_root / f"lam{λ:g}"``.
+        library_elements: the ``K`` element indices behind ``images``, recorded in the λ arm's
+            ``train.json`` (its provenance; another draw trains again).
 
     Returns:
         The λ arm, then the λ = 0 arm.
@@ -135,10 +215,12 @@ def finetune_arms(
             dataset=dataset, backbone=backbone, weights=weights, img_size=img_size, init_seed=init_seed,
             options=options, out_dir=out_dir, extra_loss=loss, extra_params=loss.params if loss else (),
             extra_config={"lambda": arm_lam, "ratio": ratio, "library_size": int(images.shape[0]),
+                          "library_elements": [int(i) for i in library_elements],
                           "refresh_every": refresh_every, "start": str(weights)},
             on_train_start=loss.attach if loss else None,
         )
-        log.info("fine-tune lambda=%g: train loss %s, val top-1 %s", arm_lam,
+        log.info("fine-tune lambda=%g seed %d: train loss %s, val top-1 %s", arm_lam, options.seed,
                  [round(v, 4) for v in result.train_loss], [round(v, 4) for v in result.val_top1])
-        arms.append(FinetuneArm(lam=arm_lam, checkpoint=result.checkpoints[options.epochs], result=result))
+        arms.append(FinetuneArm(lam=arm_lam, seed=options.seed, checkpoint=result.checkpoints[options.epochs],
+                                result=result))
     return arms

@@ -19,6 +19,7 @@ from iis.analyze.summary import direction
 from iis.analyze.tables import read_table, table_path
 from iis.apps import report_plots as plots
 from iis.apps.report_depth import depth_section
+from iis.apps.report_finetune import finetune_section
 
 from iis.store_format import atomic_file
 
@@ -38,7 +39,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
     """Write ``results/report.html`` (or ``out``) from the tables in ``results`` and return its path.
 
     Reads ``accuracy``, ``iis``, ``correlation`` and ``concepts.parquet`` (absent ones count as
-    empty) and, when present, ``explanations`` and ``finetune.parquet``. ``dataset`` supplies the
+    empty) and, when present, ``explanations``, ``finetune`` and ``finetune_delta.parquet``. ``dataset`` supplies the
     pixels of explained test images and of concept source crops; without it the cards show no
     pictures. At most ``max_cards`` explanation cards, alternating correct and wrong predictions.
     """
@@ -47,7 +48,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
     iis = read_table(results, "iis")
     iis = iis.loc[iis["ratios"].map(lambda r: r is not None and len(r) > 0).astype(bool)].reset_index(drop=True)
     corr, acc, concepts, ranking = (read_table(results, n) for n in ("correlation", "accuracy", "concepts", "ranking"))
-    expl, finetune = (_optional(results, n) for n in ("explanations", "finetune"))
+    expl, finetune, delta = (_optional(results, n) for n in ("explanations", "finetune", "finetune_delta"))
     vary = plots.varying_keys(iis, corr)
     if title is None:
         names = sorted({*iis["pipeline"].dropna(), *acc["pipeline"].dropna()})
@@ -64,7 +65,7 @@ def write_report(*, results: Path, out: Path | None = None, dataset: ImageDatase
         _section("table", "Every IIS row", _iis_table(iis)),
         *([_section("depth", "IIS and standard top-1 against depth", depth)] if (depth := depth_section(iis)) else []),
         _section("explanations", "4 · Explained test predictions", _cards(expl, dataset, max_cards)),
-        _section("finetune", "5 · Fine-tuning with interpretability maximisation", _finetune(finetune)),
+        _section("finetune", "5 · Fine-tuning with interpretability maximisation", finetune_section(finetune, delta)),
         _section("concepts", "Concept libraries built", _concepts(concepts)),
     ]
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
@@ -318,27 +319,6 @@ def _card(r: dict, pictures: plots.Pictures) -> str:
             f"<div class='small'>{where}</div><div class='small'>{_e(r['image_id'])} · logit "
             f"{_num(r.get('logit'))} (bias {_num(r.get('bias'))})</div></div></div>"
             f"<ol class='concepts'>{''.join(items) or '<li>no concepts kept</li>'}</ol></article>")
-
-
-def _finetune(ft: pd.DataFrame | None) -> str:
-    if ft is None or ft.empty:
-        return _none("No finetune.parquet: run the fine-tuning application to compare λ > 0 with λ = 0.")
-    cols = ["standard_top1_before", "standard_top1_after", "iis_before", "iis_after"]
-    agg = ft.groupby(["model", "lambda"], sort=True).agg(
-        **{c: (c, "mean") for c in cols}, seeds=("seed", "nunique"), epochs=("epochs", "max")).reset_index()
-    rows = []
-    for r in agg.to_dict("records"):
-        top1, iis = (r[f"{w}_after"] - r[f"{w}_before"] for w in ("standard_top1", "iis"))
-        rows.append(f"<tr class='row'>{_td(r['model'])}{_td(r['lambda'], text=format(r['lambda'], 'g'))}"
-                    f"{_td(r['seeds'], 0)}{_td(r['epochs'], 0)}{_td(r['standard_top1_before'])}"
-                    f"{_td(r['standard_top1_after'])}{_td(top1, signed=True)}{_td(r['iis_before'])}"
-                    f"{_td(r['iis_after'])}{_td(iis, signed=True)}</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("model", "λ", "seeds", "epochs", "top-1 before", "top-1 after",
-                                              "Δ top-1", "IIS before", "IIS after", "Δ IIS"))
-    return (_img(plots.finetune_figure(agg), "plot", "fine-tuning before and after") +
-            _caption("Means over seeds. λ = 0 is plain fine-tuning on the same budget and seed; the paper's "
-                     "claim is that λ > 0 raises the standard head's accuracy.") +
-            f"<div class='scroll'><table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _concepts(concepts: pd.DataFrame) -> str:

@@ -232,10 +232,12 @@ def iis_figure(points: pd.DataFrame, colours: dict[str, tuple], captions: dict[s
 
 
 def finetune_figure(ft: pd.DataFrame) -> bytes:
-    """Before → after of standard top-1 and IIS, one row per (model, λ): arrows, so a zoomed axis
-    cannot exaggerate a change the way a truncated bar would."""
-    labels = [f"{short_name(m, 26)}  λ={lam:g}" if ft["model"].nunique() > 1 else f"λ={lam:g}"
-              for m, lam in zip(ft["model"], ft["lambda"])]
+    """Before → after of standard top-1 and IIS, one row per (model, λ, scoring library when there
+    is a ``library`` column): arrows, so a zoomed axis cannot exaggerate a change the way a
+    truncated bar would."""
+    libraries = ft["library"].astype(str).tolist() if "library" in ft else [""] * len(ft)
+    labels = [(f"{short_name(m, 26)}  λ={lam:g}" if ft["model"].nunique() > 1 else f"λ={lam:g}")
+              + (f" · {lib}" if lib else "") for m, lam, lib in zip(ft["model"], ft["lambda"], libraries)]
     width = 7.0 + 0.065 * max(len(label) for label in labels)
     fig = Figure(figsize=(width, max(2.4, 1.3 + 0.38 * len(ft))), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)

@@ -61,6 +61,9 @@ class TrainOptions:
     batch_size: int = 128  # images per step; the last partial batch of an epoch is dropped
     seed: int = 0  # shuffling, augmentation and in-model randomness (dropout, drop-path)
     warmup_epochs: float = 0.0  # linear warmup length, in epochs (fractions allowed)
+    # Stop after this many optimizer steps: a budget below whole epochs (the last epoch is cut
+    # short and the schedule spans these steps). None: every step of every epoch.
+    max_steps: int | None = None
     num_workers: int = 0  # DataLoader workers; results do not depend on it
     device: str = "auto"  # cpu, cuda, cuda:N or auto
 
@@ -75,6 +78,8 @@ class TrainOptions:
             raise ValueError(f"checkpoints {outside} lie outside 0..epochs={self.epochs}")
         if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.warmup_epochs < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, batch_size >= 1, warmup_epochs >= 0: {self}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         object.__setattr__(self, "checkpoints", tuple(sorted(checkpoints)))
 
 
@@ -258,12 +263,15 @@ def _top1(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> f
 
 def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device,
-                 extra_loss: ExtraLoss | None, step: int, desc: str) -> tuple[float, int, int, int]:
-    """One pass over ``loader``. Returns (mean loss, images trained on, unreadable skipped, next step)."""
+                 extra_loss: ExtraLoss | None, step: int, desc: str, stop: int) -> tuple[float, int, int, int]:
+    """One pass over ``loader``, ended early at global step ``stop``. Returns (mean loss, images
+    trained on, unreadable skipped, next step)."""
     head = model.get_classifier()
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
     seen = skipped = 0
     for images, labels, unreadable in progress(loader, desc=desc, unit="batch", logger=log, final=False, leave=False):
+        if step >= stop:
+            break
         skipped += unreadable
         if len(labels) < 2:  # batch norm cannot train on a single sample
             continue
@@ -313,7 +321,9 @@ def _settings(*, dataset: ImageDataset, backbone: str, weights: str | Path, weig
     if extra_loss is not None:
         extra = dict(extra_config) if extra_config is not None else {
             "callable": getattr(extra_loss, "__qualname__", type(extra_loss).__qualname__)}
-    opts = {k: v for k, v in asdict(options).items() if k not in _RUNTIME_ONLY}
+    # max_steps unset is left out, so records written before it existed still match.
+    opts = {k: v for k, v in asdict(options).items()
+            if k not in _RUNTIME_ONLY and not (k == "max_steps" and v is None)}
     settings = {
         # A file is known by its digest, so a moved or re-spelled path still matches.
         "backbone": backbone, "weights": weights if weights in ("random", "pretrained") else "file",
@@ -432,11 +442,17 @@ def train_backbone(
 
     steps_per_epoch = len(train_loader)
     total_steps = max(1, options.epochs * steps_per_epoch)
+    if options.max_steps is not None:
+        if options.epochs and math.ceil(options.max_steps / max(1, steps_per_epoch)) < options.epochs:
+            raise ValueError(f"max_steps {options.max_steps} ends training before epoch {options.epochs} "
+                             f"({steps_per_epoch} steps per epoch); lower epochs or raise max_steps")
+        total_steps = min(total_steps, options.max_steps)
     optimizer = torch.optim.AdamW(_param_groups(model, extra_params, options.weight_decay), lr=options.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, round(options.warmup_epochs * steps_per_epoch)))
-    log.info("train %s on %s: %d images, %d steps/epoch x %d epochs, device %s, checkpoints %s -> %s",
-             backbone, dataset.name, len(train_rows), steps_per_epoch, options.epochs, device,
+    log.info("train %s on %s: %d images, %d steps/epoch x %d epochs%s, device %s, checkpoints %s -> %s",
+             backbone, dataset.name, len(train_rows), steps_per_epoch, options.epochs,
+             f" (stopping after {total_steps} steps)" if options.max_steps is not None else "", device,
              list(options.checkpoints), out_dir)
 
     written: dict[int, Path] = {}
@@ -464,7 +480,7 @@ def train_backbone(
             epoch_start = time.perf_counter()
             mean_loss, seen, skipped, step = _train_epoch(
                 model, train_loader, optimizer, scheduler, device=device, extra_loss=extra_loss, step=step,
-                desc=f"train {backbone} e{epoch}/{options.epochs}")
+                desc=f"train {backbone} e{epoch}/{options.epochs}", stop=total_steps)
             skipped_images += skipped
             if not math.isfinite(mean_loss):
                 raise RuntimeError(f"training {backbone}: epoch {epoch} mean loss is {mean_loss}")

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a model of the pipeline (default: the pipeline's finetune.model)")
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the interpretable-head loss")
     p.add_argument("--epochs", type=_count(1))
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=_csv(int), help="training seeds, comma-separated (default: finetune.seeds)")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
 
     p = sub.add_parser("run", help="the main job: extract, analyze, explain, fine-tune, report")
@@ -243,7 +243,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _pipeline(args)
     if cfg.finetune is None and (args.model is None or args.lam is None):
         raise ConfigError(f"pipeline {cfg.name!r} has no finetune: section; pass --model and --lambda")
-    finetune_pipeline(cfg, model=args.model, lam=args.lam, epochs=args.epochs, seed=args.seed, device=args.device)
+    finetune_pipeline(cfg, model=args.model, lam=args.lam, epochs=args.epochs, seeds=args.seeds,
+                      device=args.device)
     return 0
 
 

@@ -419,16 +419,43 @@ class ExplainConfig(_Frozen):
 
 
 class FinetuneConfig(_Frozen):
-    """One fine-tuning comparison that `iis run` makes (application 1): lambda vs 0."""
+    """The fine-tuning comparison that `iis run` makes (application 1): lambda vs 0, per seed.
+
+    The loss's prototype library is drawn from a held-out share of each class's element source
+    images; both arms are scored with the pipeline's libraries and analysis seeds, built after
+    fine-tuning from the other elements only, so no scoring library holds an element the loss saw.
+    """
 
     model: str  # a measured model (e.g. "r10@e8"): its weights are the starting point
     lambda_: float = Field(1.0, gt=0.0, alias="lambda")  # weight of the interpretable-head loss
     epochs: int = Field(2, ge=1)
+    # Optimizer steps per arm when fewer than `epochs` whole epochs (the last epoch is cut short);
+    # None: every step of every epoch.
+    steps: int | None = Field(None, ge=1)
     ratio: float = Field(0.9, ge=0.0, lt=1.0)  # sparsity of g_s inside the loss
     library: Literal["prototype"] = "prototype"  # re-embedded by the current backbone
     refresh_every: int = Field(20, ge=1)  # steps between re-embeddings of the library
     lr: float = Field(5e-4, gt=0)
-    seed: int = 0
+    # Training seeds: each trains both arms once, and seeds the loss library's draw.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Share of each class's element source images reserved for the loss's library (at least one
+    # image per class, and at least one left for the scoring libraries).
+    holdout: float = Field(0.3, gt=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_was_replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            raise ValueError(f"`seed` was replaced by `seeds`, a list of training seeds (default [0, 1, 2]); "
+                             f"write `seeds: [{data['seed']}, ...]`")
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds must be a non-empty list without repeats")
+        return value
 
 
 class PipelineConfig(_Frozen):
@@ -468,6 +495,9 @@ class PipelineConfig(_Frozen):
             raise ValueError(f"explain.library {self.explain.library!r} is not in analysis.libraries")
         if not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):
             raise ValueError(f"explain.ratio {self.explain.ratio} is not in analysis.ratios {self.analysis.ratios}")
+        if self.finetune is not None and self.elements.images_per_class < 2:
+            raise ValueError("finetune needs elements.images_per_class >= 2: the loss's library and the "
+                             "scoring libraries are drawn from different source images")
         return self
 
     def model(self, name: str) -> ModelConfig:

@@ -233,16 +233,32 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
 
 
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
-                      epochs: int | None = None, seed: int | None = None, device: str | None = None,
-                      workers: int | None = None, scheduler: str | None = None):
-    """Application 1: fine-tune a model with λ and with λ = 0, measure both, write ``finetune.parquet``.
+                      epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None,
+                      workers: int | None = None, scheduler: str | None = None) -> dict:
+    """Application 1: fine-tune a model with λ and with λ = 0 at every seed, measure every arm with
+    the pipeline's libraries and analysis seeds, write ``finetune`` and ``finetune_delta.parquet``.
 
     Command-line values override the pipeline's ``finetune:`` section.
     """
-    from iis.apps.finetune_job import FinetuneSettings, StartingModel, compare_finetuning
+    from iis.apps.finetune_job import compare_finetuning
+
+    common = _finetune_args(cfg, model=model, lam=lam, epochs=epochs, seeds=seeds, device=device)
+    a = cfg.analysis
+    return compare_finetuning(
+        **common, results=cfg.results, dataset_label=cfg.dataset.label, libraries=a.libraries, ratios=a.ratios,
+        analysis_seeds=a.seeds, bootstrap=a.bootstrap, options=a.options_by_library(),
+        cluster=_cluster(scheduler=scheduler, workers=workers), clip_store=cfg.clip_store)
+
+
+def _finetune_args(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
+                   epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None) -> dict:
+    """The keyword arguments :func:`~iis.apps.finetune_job.prepare_arms` takes (and
+    ``compare_finetuning`` with them), from the ``finetune:`` section and command-line overrides."""
+    from iis.apps.finetune_job import FinetuneSettings, StartingModel
 
     base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
-    ft = FinetuneConfig.model_validate({**base_cfg, **_given(model=model, epochs=epochs, seed=seed), **_given(**{"lambda": lam})})
+    ft = FinetuneConfig.model_validate({**base_cfg, **_given(model=model, epochs=epochs, seeds=seeds),
+                                        **_given(**{"lambda": lam})})
     base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
     if base is None:
         raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
@@ -251,18 +267,16 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
     # The trainer's batch size, when the pipeline trains a model; else TrainOptions's default.
     batch_size = next((m.train.batch_size for m in cfg.models if m.train), None)
     settings = FinetuneSettings(lam=ft.lambda_, epochs=ft.epochs, ratio=ft.ratio, library=ft.library,
-                                refresh_every=ft.refresh_every, lr=ft.lr, seed=ft.seed, batch_size=batch_size,
+                                refresh_every=ft.refresh_every, lr=ft.lr, seeds=ft.seeds, holdout=ft.holdout,
+                                split_seed=cfg.dataset.seed, steps=ft.steps, batch_size=batch_size,
                                 device=device or cfg.extract.device)
     start = StartingModel(name=base.name, backbone=base.backbone, weights=base.weights, img_size=base.img_size,
                           seed=base.seed)
-    a = cfg.analysis
-    return compare_finetuning(
-        dataset=dataset, plans=_plan_elements(cfg, dataset), elements_config=cfg.elements.model_dump(), start=start,
-        settings=settings, store_path=cfg.store_path, checkpoint_dir=cfg.checkpoint_dir, results=cfg.results,
-        pipeline=cfg.name, dataset_label=cfg.dataset.label, extract_options=_extract_options(cfg, device=device),
-        libraries=a.libraries, num_concepts=a.num_concepts, ratios=a.ratios, bootstrap=a.bootstrap,
-        options=a.options_by_library(), cluster=_cluster(scheduler=scheduler, workers=workers),
-        clip_store=cfg.clip_store, project_version=__version__)
+    return dict(dataset=dataset, plans=_plan_elements(cfg, dataset),
+                elements_config=cfg.elements.model_dump(), start=start, settings=settings,
+                store_path=cfg.store_path, checkpoint_dir=cfg.checkpoint_dir, pipeline=cfg.name,
+                extract_options=_extract_options(cfg, device=device), num_concepts=cfg.analysis.num_concepts,
+                project_version=__version__)
 
 
 def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: str | None = None,

@@ -162,6 +162,36 @@ def test_options_are_the_registry_classes_and_reach_the_builders(tmp_path):
     assert registry.get_library("end2end").make_options(plain["end2end"]) == given  # what a task rebuilds
 
 
+FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    finetune: FT")
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("{model: a, seed: 4}", r"pipelines\.p\.finetune: `seed` was replaced by `seeds`, a list of training seeds "
+                                r"\(default \[0, 1, 2\]\); write `seeds: \[4, \.\.\.\]`"),
+        ("{model: a, seeds: []}", r"pipelines\.p\.finetune\.seeds: seeds must be a non-empty list without repeats"),
+        ("{model: a, seeds: [1, 1]}", r"pipelines\.p\.finetune\.seeds: seeds must be a non-empty list without repeats"),
+        ("{model: a, seeds: [one]}", r"pipelines\.p\.finetune\.seeds\[0\]: Input should be a valid integer"),
+        ("{model: a, holdout: 1.0}", r"pipelines\.p\.finetune\.holdout: Input should be less than 1"),
+        ("{model: a, steps: 0}", r"pipelines\.p\.finetune\.steps: Input should be greater than or equal to 1"),
+        ("{model: a, library: cluster}", r"pipelines\.p\.finetune\.library: Input should be 'prototype'"),
+        ("{model: zz}", r"pipelines\.p: finetune\.model 'zz' is not a model of this pipeline"),
+    ],
+)
+def test_bad_finetune_section_names_key_and_reason(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline(_write(tmp_path, FINETUNE.replace("FT", section)), "p")
+
+
+def test_finetune_defaults_to_three_seeds_and_needs_two_images_per_class(tmp_path):
+    ft = load_pipeline(_write(tmp_path, FINETUNE.replace("FT", "{model: a}")), "p").finetune
+    assert ft.seeds == (0, 1, 2) and ft.holdout == 0.3 and ft.steps is None
+    one = FINETUNE.replace("FT", "{model: a}").replace("    store: cache/p", "    elements: {images_per_class: 1}\n    store: cache/p")
+    with pytest.raises(ConfigError, match=r"pipelines\.p: finetune needs elements\.images_per_class >= 2"):
+        load_pipeline(_write(tmp_path, one), "p")
+
+
 def test_the_config_asks_the_registry_which_libraries_need_text(tmp_path):
     @registry.register_library("words-test", needs_text=True)
     def build(inputs, *, num_concepts, seed, ratio=None, options=None):  # pragma: no cover - never built

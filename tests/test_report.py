@@ -106,9 +106,24 @@ def _explanations_frame(ds, *, words: bool = False) -> pd.DataFrame:
 
 def _finetune_frame() -> pd.DataFrame:
     return pd.DataFrame([
-        {"model": "r10", "lambda": lam, "seed": 0, "epochs": 2, "standard_top1_before": 0.8,
+        {"model": "r10", "lambda": lam, "seed": seed, "epochs": 2, "library": lib, "standard_top1_before": 0.8,
          "standard_top1_after": 0.85 + lam / 10, "iis_before": 0.5, "iis_after": 0.55 + lam / 10}
-        for lam in (0.0, 0.5)
+        for lam in (0.0, 0.5) for seed in (0, 1, 2) for lib in ("prototype", "cluster")
+    ])
+
+
+def _delta_frame() -> pd.DataFrame:
+    """λ = 0.5 against 0: top-1 rises beyond doubt on prototype; IIS is within noise; cluster's
+    intervals were not computed."""
+    common = {"pipeline": "demo", "dataset": "digits", "model": "r10", "lambda": 0.5, "epochs": 2,
+              "seeds": [0, 1, 2], "library_seeds": [0], "n_pairs": 3, "n_test": 100, "bootstrap": 200}
+    return pd.DataFrame([
+        {**common, "library": "prototype", "top1_lambda": 0.9, "top1_zero": 0.85, "top1_delta": 0.031,
+         "top1_delta_ci_low": 0.012, "top1_delta_ci_high": 0.047, "iis_lambda": 0.6, "iis_zero": 0.61,
+         "iis_delta": -0.011, "iis_delta_ci_low": -0.043, "iis_delta_ci_high": 0.021},
+        {**common, "library": "cluster", "top1_lambda": 0.9, "top1_zero": 0.85, "top1_delta": 0.031,
+         "top1_delta_ci_low": None, "top1_delta_ci_high": None, "iis_lambda": 0.7, "iis_zero": 0.6,
+         "iis_delta": 0.1, "iis_delta_ci_low": None, "iis_delta_ci_high": None, "bootstrap": 0},
     ])
 
 
@@ -120,6 +135,7 @@ def results(tmp_path, digits):
         write_atomic(df, out / f"{name}.parquet", SCHEMAS[name])
     _explanations_frame(digits).to_parquet(out / "explanations.parquet")
     _finetune_frame().to_parquet(out / "finetune.parquet")
+    write_atomic(_delta_frame(), out / "finetune_delta.parquet", SCHEMAS["finetune_delta"])
     return out
 
 
@@ -139,8 +155,8 @@ def test_report_is_one_file_of_valid_embedded_pngs(results, digits):
     page = path.read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == sum(len(v) for v in _images(page).values())
     images = _images(page)
-    # ARR curves, IIS against top-1, fine-tuning.
-    assert len(images["plot"]) == 3 and all(im.width >= 500 and im.height >= 250 for im in images["plot"])
+    # ARR curves, IIS against top-1, fine-tuning: λ - 0 with intervals, and before -> after.
+    assert len(images["plot"]) == 4 and all(im.width >= 500 and im.height >= 250 for im in images["plot"])
     # One test image per card; concepts 0..3 carry 1, 2, 3, 4 source crops, of which at most 3 are drawn.
     assert len(images["sample"]) == 4 and all(min(im.size) >= 64 for im in images["sample"])
     assert len(images["crop"]) == 4 * (1 + 2 + 3 + 3) and all(min(im.size) >= 24 for im in images["crop"])
@@ -178,12 +194,22 @@ def test_report_shows_models_numbers_table_and_cards(results, digits):
     expected = [expl.iloc[i] for i in (0, N_CORRECT, 1, N_CORRECT + 1)]
     assert truths == [r.true_name for r in expected] and preds == [r.pred_name for r in expected]
     assert "+1.500" in page and "-0.400" in page  # signed contributions
-    # Fine-tuning table: one row per lambda, with the change in top-1.
-    assert "+0.050" in page and "+0.100" in page
+    # Fine-tuning: the paired differences with their intervals, and what each lets one say.
+    section = page[page.index("id='finetune'"):page.index("id='concepts'")]
+    assert "[+0.012, +0.047]" in section and "[-0.043, +0.021]" in section
+    prototype = section[section.index("<td>prototype</td>"):]
+    prototype = prototype[:prototype.index("</tr>")]
+    assert "λ raises it: the interval excludes 0" in prototype and "the data cannot tell: the interval holds 0" in prototype
+    assert "3 × 1" in prototype and "+0.031" in prototype
+    cluster = section[section.index("<td>cluster</td>"):]
+    assert "no interval" in cluster[:cluster.index("</tr>")]
+    # Each arm against the start model, per library, means over its 3 seeds.
+    assert "+0.050" in section and "+0.100" in section
 
 
 def test_report_without_explanations_finetune_or_dataset(results, digits):
     (results / "finetune.parquet").unlink()
+    (results / "finetune_delta.parquet").unlink()
     _explanations_frame(digits, words=True).to_parquet(results / "explanations.parquet")
     page = write_report(results=results, dataset=None).read_text(encoding="utf-8")
     images = _images(page)
@@ -196,6 +222,14 @@ def test_report_without_explanations_finetune_or_dataset(results, digits):
     page = write_report(results=results, out=out, dataset=digits, title="My <report>").read_text(encoding="utf-8")
     assert "No explanations.parquet" in page and "<article" not in page
     assert "My &lt;report&gt;" in page
+
+
+def test_report_of_results_from_before_the_paired_comparison(results, digits):
+    (results / "finetune_delta.parquet").unlink()
+    # Written before: one row per (model, lambda, seed), without scoring libraries.
+    _finetune_frame().drop(columns="library").drop_duplicates().to_parquet(results / "finetune.parquet")
+    page = write_report(results=results, dataset=None).read_text(encoding="utf-8")
+    assert "No finetune_delta.parquet" in page and "+0.100" in page
 
 
 def test_report_survives_unloadable_pictures(results, digits):

@@ -13,10 +13,12 @@ import torch
 from iis.analyze.artifacts import load_library
 from iis.analyze.store import open_feature_store
 from iis.apps.explain import explain_features, explain_split
+from iis.extract.backbones import create_backbone
 
 from iis.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+TUNED = [f"r10-random+ft{lam}-s{seed}" for lam in (1, 0) for seed in (0, 1)]  # the smoke pipeline's arms
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +36,15 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     for name in ("accuracy", "iis", "correlation", "concepts", "explanations", "finetune"):
         assert (results / f"{name}.parquet").is_file(), name
     acc = pd.read_parquet(results / "accuracy.parquet")
-    # 2 models and 2 fine-tuned ones, each x (standard + 2 libraries x 3 ratios)
-    assert len(acc) == 4 * (1 + 2 * 3)
-    assert set(acc.model) == {"r10-random", "vit-random", "r10-random+ft1", "r10-random+ft0"}
+    # 2 models, each x (standard + 2 libraries x 3 ratios); the fine-tuned arms are measured in a
+    # results folder of their own, so they do not count as models of the pipeline.
+    assert len(acc) == 2 * (1 + 2 * 3)
+    assert set(acc.model) == {"r10-random", "vit-random"}
     assert set(acc.library) == {"standard", "prototype", "cluster"}
     iis = pd.read_parquet(results / "iis.parquet")
-    assert len(iis) == 8 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 8).all()
+    assert len(iis) == 4 and iis.ratios.map(list).eq([[0.0, 0.5, 0.9]] * 4).all()
+    arms = pd.read_parquet(results / "finetune" / "iis.parquet")
+    assert sorted(arms.model) == sorted(TUNED * 2) and set(arms.library) == {"prototype", "cluster"}
     # ARR is the ratio of the table's own accuracies, and IIS their trapezoid.
     row = iis.iloc[0]
     lib = acc[(acc.model == row.model) & (acc.library == row.library)].sort_values("sparsity")
@@ -48,23 +53,78 @@ def test_run_smoke_writes_every_table_and_the_report(smoke):
     np.testing.assert_allclose(row.iis, np.trapezoid(row.arr, row.ratios))
     corr = pd.read_parquet(results / "correlation.parquet")
     overall = corr[corr.scope == "all"]
-    assert overall.set_index("library").n_models.to_dict() == {"prototype": 4, "cluster": 4}
-    # r10-random and its two fine-tuned copies are one group: a row along it, none across 2 groups.
-    assert sorted(corr.scope) == ["all", "all", "within", "within"] and set(corr.group.dropna()) == {"r10-random"}
-    # Application 1: both arms, same start, each measured like any other model.
-    ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
-    assert sorted(ft.index) == [0.0, 1.0] and (ft.model == "r10-random").all()
-    base = iis[(iis.model == "r10-random") & (iis.library == "prototype")].iloc[0]
-    assert (ft.iis_before == base.iis).all() and (ft.standard_top1_before == base.standard_top1).all()
-    tuned = iis[(iis.model == "r10-random+ft1") & (iis.library == "prototype")].iloc[0]
-    assert ft.loc[1.0, "iis_after"] == tuned.iis and ft.loc[1.0, "standard_top1_after"] == tuned.standard_top1
+    assert overall.set_index("library").n_models.to_dict() == {"prototype": 2, "cluster": 2}
+    assert sorted(corr.scope) == ["all", "all"]
+    # Application 1: both arms at both seeds, same start, each measured like any other model, by
+    # every library of the pipeline.
+    ft = pd.read_parquet(results / "finetune.parquet")
+    assert len(ft) == 2 * 2 * 2 and (ft.model == "r10-random").all() and set(ft.finetuned_model) == set(TUNED)
+    assert all(libs == ["cluster", "prototype"] for libs in ft.groupby(["lambda", "seed"]).library.apply(sorted))
+    for r in ft.itertuples():
+        base = iis[(iis.model == "r10-random") & (iis.library == r.library)].iloc[0]
+        tuned = arms[(arms.model == r.finetuned_model) & (arms.library == r.library)].iloc[0]
+        assert (r.iis_before, r.standard_top1_before) == (base.iis, base.standard_top1)
+        assert (r.iis_after, r.standard_top1_after) == (tuned.iis, tuned.standard_top1)
+    # The paired difference λ - 0 per library, over 2 training seeds x 1 library seed, with intervals.
+    delta = pd.read_parquet(results / "finetune_delta.parquet").set_index("library")
+    assert sorted(delta.index) == ["cluster", "prototype"] and (delta.n_pairs == 2).all()
+    for lib, d in delta.iterrows():
+        arms = ft[ft.library == lib].pivot_table(index="seed", columns="lambda", values="iis_after")
+        assert d.iis_delta == pytest.approx((arms[1.0] - arms[0.0]).mean())
+        assert d.iis_delta_ci_low <= d.iis_delta <= d.iis_delta_ci_high and d.bootstrap == 200
     html = (results / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 4 and "r10-random" in html
+    assert html.count("data:image/png;base64,") >= 4 and "r10-random" in html and "Δ IIS" in html
     # A second run skips what is complete and leaves the tables as they were.
     before = {n: pd.read_parquet(results / f"{n}.parquet") for n in ("accuracy", "iis")}
     assert main(["run", "smoke", "--config", str(smoke / "pipelines.yaml")]) == 0
     for name, frame in before.items():
         pd.testing.assert_frame_equal(pd.read_parquet(results / f"{name}.parquet"), frame)
+
+
+def _identity(elements, i: int) -> tuple:
+    """A visual element as itself, whichever store holds it: its source image, box, kind, segment."""
+    return (str(elements.source_ids[i]), tuple(int(v) for v in elements.boxes[i]), str(elements.kinds[i]),
+            int(elements.segments[i]))
+
+
+@pytest.mark.slow
+def test_finetune_scores_with_unseen_library_seeds(smoke):
+    """Issue 11: no element of the loss's library (nor another crop of its source images) is among
+    the elements of any library that scores "IIS after", and every scoring library was built after
+    fine-tuning, from the fine-tuned model's own features."""
+    results, cache = smoke / "results" / "smoke", smoke / "cache" / "smoke"
+    base = open_feature_store(cache / "r10-random.zarr")
+    base_elements = base.read_elements()
+    loss, loss_sources = set(), set()
+    for model in TUNED:
+        checkpoint = Path(open_feature_store(cache / f"{model}.zarr").attrs["weights"].removeprefix("file:"))
+        record = json.loads((checkpoint.parent / "train.json").read_text())["settings"]["extra_loss"]
+        if "+ft0-" in model:
+            assert record is None  # plain fine-tuning has no library
+            continue
+        members = record["library_elements"]  # indices into the start model's elements
+        assert len(members) == 16
+        loss |= {_identity(base_elements, i) for i in members}
+        loss_sources |= {str(base_elements.source_ids[i]) for i in members}
+    assert len(loss) > 16  # each training seed draws its own library
+    concepts = pd.read_parquet(results / "finetune" / "concepts.parquet")
+    for model in TUNED:
+        store = open_feature_store(cache / f"{model}.zarr")
+        elements = store.read_elements()
+        scoring = {_identity(elements, i) for i in range(len(elements))}
+        # The store holds no loss element and no crop of a loss image, so no library built from it
+        # can, at any seed; it holds every other element of the pipeline.
+        assert not scoring & loss and not set(elements.source_ids) & loss_sources
+        rest = {_identity(base_elements, i) for i in range(len(base_elements))} - scoring
+        assert rest >= loss and {src for src, *_ in rest} == {src for src in loss_sources}
+        built = concepts[concepts.model == model]
+        assert set(built.library) == {"prototype", "cluster"} and built.library_source.isna().all()
+        for row in built.itertuples():
+            assert not {_identity(elements, i) for i in row.element_index} & loss
+            assert not set(row.source_id) & loss_sources
+        # Built after fine-tuning: the store holds the fine-tuned weights' features.
+        tuned = create_backbone(backbone="resnet10t", weights=store.attrs["weights"].removeprefix("file:"), img_size=32)
+        assert store.attrs["weights_sha256"] == tuned.weights_sha256 != base.attrs["weights_sha256"]
 
 
 @pytest.mark.slow
@@ -129,16 +189,19 @@ def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_pa
         config.write_text(text.replace("ratios: [0, 0.5, 0.9]", "ratios: [0, 0.5, 0.7, 0.9]"))
         assert main(["run", "smoke", "--config", str(config)]) == 0
         iis = pd.read_parquet(results / "iis.parquet")
-        assert iis.groupby("grid").size().to_dict() == {"0,0.5,0.7,0.9": 8, "0,0.5,0.9": 8}
+        assert iis.groupby("grid").size().to_dict() == {"0,0.5,0.7,0.9": 4, "0,0.5,0.9": 4}
         corr = pd.read_parquet(results / "correlation.parquet")
         corr = corr[corr.scope == "all"]
-        assert sorted(corr.grid) == ["0,0.5,0.7,0.9"] * 2 + ["0,0.5,0.9"] * 2 and (corr.n_models == 4).all()
+        assert sorted(corr.grid) == ["0,0.5,0.7,0.9"] * 2 + ["0,0.5,0.9"] * 2 and (corr.n_models == 2).all()
         acc = pd.read_parquet(results / "accuracy.parquet")
         assert set(acc[acc.grid == "0,0.5,0.7,0.9"].sparsity.dropna()) == {0.0, 0.5, 0.7, 0.9}
         # Fine-tuning is measured on the new grid's rows.
-        ft = pd.read_parquet(results / "finetune.parquet").set_index("lambda")
-        tuned = iis[(iis.model == "r10-random+ft1") & (iis.library == "prototype") & (iis.grid == "0,0.5,0.7,0.9")]
-        assert ft.loc[1.0, "iis_after"] == tuned.iis.item()
+        ft = pd.read_parquet(results / "finetune.parquet")
+        ft = ft[(ft["lambda"] == 1.0) & (ft.seed == 0) & (ft.library == "prototype")]
+        arms = pd.read_parquet(results / "finetune" / "iis.parquet")
+        tuned = arms[(arms.model == "r10-random+ft1-s0") & (arms.library == "prototype") & (arms.grid == "0,0.5,0.7,0.9")]
+        assert ft.grid.item() == "0,0.5,0.7,0.9" and ft.iis_after.item() == tuned.iis.item()
+        assert set(pd.read_parquet(results / "finetune_delta.parquet").grid) == {"0,0.5,0.7,0.9"}
         analysed = ("accuracy", "concepts", "iis", "correlation", "ranking")
         stamps = {n: (results / f"{n}.parquet").stat().st_mtime_ns for n in analysed}
         assert main(["run", "smoke", "--config", str(config)]) == 0

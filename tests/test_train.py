@@ -186,6 +186,27 @@ def test_extra_loss_sees_pre_logits_and_trains_the_backbone(small, small_plain, 
     assert record["settings"]["extra_loss"] == {"kind": "shrink", "weight": 10.0}
 
 
+def test_max_steps_cuts_the_last_epoch_short_and_is_recorded(small, small_plain, tmp_path):
+    """A budget below one epoch (fine-tuning's `steps`): exactly that many steps, the checkpoint of
+    the cut epoch is written, and the record tells it apart from a whole epoch."""
+    _, plain_dir = small_plain
+    steps: list[int] = []
+
+    def count(z, y, step):
+        steps.append(step)
+        return z.sum() * 0.0
+
+    options = TrainOptions(epochs=1, checkpoints=(1,), batch_size=16, lr=1e-2, max_steps=3)
+    result = _train(small, tmp_path, options=options, extra_loss=count)
+    assert steps == [0, 1, 2] and result.checkpoints[1].is_file()
+    assert result.checkpoints[1].read_bytes() != checkpoint_path(plain_dir, 1).read_bytes()
+    assert json.loads((tmp_path / "train.json").read_text())["settings"]["options"]["max_steps"] == 3
+    # An unset budget is left out of the record, so records from before it existed still match.
+    assert "max_steps" not in json.loads((plain_dir / "train.json").read_text())["settings"]["options"]
+    with pytest.raises(ValueError, match="max_steps 3 ends training before epoch 2"):
+        _train(small, tmp_path / "two", options=replace(options, epochs=2, checkpoints=(2,)))
+
+
 def test_rerun_with_the_same_settings_does_not_train(trained, digits):
     result, out, _, options = trained
     mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -246,6 +267,8 @@ def test_options_are_checked_and_normalised():
         TrainOptions(epochs=2, checkpoints=(1, 1))
     with pytest.raises(ValueError, match="lr"):
         TrainOptions(epochs=2, checkpoints=(1,), lr=0)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        TrainOptions(epochs=1, checkpoints=(1,), max_steps=0)
 
 
 def test_train_transform_never_flips_and_makes_grayscale_rgb():
