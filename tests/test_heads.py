@@ -102,10 +102,8 @@ def test_sparsest_heads_train_longer_and_order_does_not_matter(monkeypatch):
     assert not torch.allclose(short.weight[2], together.weight[2])
 
 
-def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
-    """Every ratio trains one head per C of the grid; the one kept has the best val top-1 of its
-    ratio's heads (ties: the first, the strongest penalty), and its penalty is scaled by the
-    fraction of concepts the ratio keeps."""
+def _spy_on_val_evaluations(monkeypatch) -> list[torch.Tensor]:
+    """Record every ``(H, L)`` val top-1 tensor the default protocol computes."""
     seen: list[torch.Tensor] = []
     original = default._val_top1
 
@@ -115,6 +113,14 @@ def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
         return out
 
     monkeypatch.setattr(default, "_val_top1", spy)
+    return seen
+
+
+def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
+    """Every ratio trains one head per C of the grid; the one kept has the best val top-1 of its
+    ratio's heads (ties: the first, the strongest penalty), and its penalty is scaled by the
+    fraction of concepts the ratio keeps."""
+    seen = _spy_on_val_evaluations(monkeypatch)
     grid = (1e-4, 1e-2, 1e2)  # a 10^6 spread: the heads of a ratio differ
     monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
@@ -151,15 +157,7 @@ def _overfitting_splits():
 def test_default_protocol_regularises_to_the_end_and_looks_at_val_once(monkeypatch):
     """No early stopping: the L2 penalty keeps 40 noisy labels from being memorised, every head
     keeps its final state, and val is evaluated once, to choose the learning rate."""
-    seen: list[torch.Tensor] = []
-    original = default._val_top1
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(default, "_val_top1", spy)
+    seen = _spy_on_val_evaluations(monkeypatch)
     epochs = 60
     fit = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
     assert len(seen) == 1 and seen[0].shape == (1, len(default.STANDARD_LRS))
