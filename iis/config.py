@@ -46,6 +46,13 @@ DEFAULT_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+
+def _distinct_seeds(value: tuple[int, ...]) -> tuple[int, ...]:
+    """A ``seeds`` list (analysis or fine-tuning): non-empty, no repeats."""
+    if not value or len(set(value)) != len(value):
+        raise ValueError("seeds must be a non-empty list without repeats")
+    return value
+
 class ConfigError(ValueError):
     """A pipelines.yaml that cannot be used; the message lists every problem by key path."""
 
@@ -369,9 +376,7 @@ class AnalysisConfig(_Frozen):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("seeds must be a non-empty list without repeats")
-        return value
+        return _distinct_seeds(value)
 
 
 class ClipConfig(_Frozen):
@@ -453,9 +458,7 @@ class FinetuneConfig(_Frozen):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("seeds must be a non-empty list without repeats")
-        return value
+        return _distinct_seeds(value)
 
 
 class PipelineConfig(_Frozen):
