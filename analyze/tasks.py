@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from iis.analyze.allocator import reuse_freed_memory
 from iis.analyze.artifacts import save_library
 from iis.analyze.heads import HeadFit, fit_heads
 from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
@@ -215,6 +216,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
     The activations are computed once per (model, library, seed) and all ratios' heads are
     fitted together; a per-ratio library (end2end) is built and fitted once per ratio.
     """
+    reuse_freed_memory()  # a Dask worker's malloc settings would double the heads' CPU time (allocator.py)
     torch.manual_seed(spec.seed)
     with threadpool_limits(limits=spec.threads):
         previous = torch.get_num_threads()
