@@ -87,7 +87,7 @@ def magnitude_ranks(activations: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def keep_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool = False) -> torch.Tensor:
     """Which entries ``g_s`` keeps: the ``keep`` largest magnitudes of each row, ties to the lower index.
 
     Equal to ``magnitude_ranks(values) < keep``, without ranking every entry: one sort gives each
@@ -98,9 +98,12 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
     Args:
         values: ``(N, K)``, or ``(H, N, K)`` for a stack of heads (``H = 1`` shared by all heads).
         keep: an int, or ``(H,)`` int64: each head's ``k(s)``, in ``[1, K]``.
+        as_float: return float32 ones and zeros instead of bools. A trainer multiplies by the
+            mask: on CPU, a comparison into a bool tensor and a float-by-bool product each cost
+            5-10x their float counterparts (benchmarks/README.md, "Head trainer").
 
     Returns:
-        bool of the broadcast shape: ``(N, K)``, or ``(H, N, K)``.
+        bool (or float32) of the broadcast shape: ``(N, K)``, or ``(H, N, K)``.
     """
     flat = values.dim() == 2
     stacked = values.unsqueeze(0) if flat else values
@@ -111,7 +114,7 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
     position = (width - counts.clamp(1, width)).numpy().reshape(-1, 1, 1)
     threshold = torch.from_numpy(np.take_along_axis(
         np.broadcast_to(ascending, (heads, rows, width)), np.broadcast_to(position, (heads, rows, 1)), axis=-1))
-    mask = magnitude >= threshold
+    mask = torch.ge(magnitude, threshold, out=torch.empty(heads, rows, width)) if as_float else magnitude >= threshold
     wanted = counts.view(-1, 1)
     if not bool((mask.sum(dim=-1) == wanted).all()):
         # Some row has several entries tied at its threshold: keep those above it, then the tied
@@ -120,6 +123,7 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
         tied = magnitude == threshold
         missing = wanted.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
         mask = above | (tied & (tied.cumsum(dim=-1) <= missing))
+        mask = mask.float() if as_float else mask
     return mask[0] if flat and heads == 1 else mask
 
 

@@ -1,8 +1,8 @@
 """The default protocol: every head of a ratio grid trained together, every choice made on val.
 
-One ``(R, K, L*C)`` weight tensor holds the heads of ``R`` ratios times ``L`` learning rates (as
-DINOv2's ``setup_linear_classifiers`` trains a grid of linear heads in one pass), plus each ratio's
-per-concept ``(γ, β)``. Adam with an L2 penalty on the weights and a cosine decay to zero; every
+One ``(H, L*C, K)`` weight tensor (classes first) holds ``H`` heads (``R`` ratios times ``M`` L2
+strengths), each with ``L`` learning rates (as DINOv2's ``setup_linear_classifiers`` trains a grid of
+linear heads in one pass), plus each head's per-concept ``(γ, β)``. Adam with an L2 penalty on the weights and a cosine decay to zero; every
 head keeps its final state, and val is looked at once, at the end, to choose the learning rate.
 Test is never looked at here.
 
@@ -48,8 +48,6 @@ INVERSE_L2 = 0.03
 # own cosine schedule: each concept's weights learn only from the images that keep it.
 SPARSE_KEEP_FRACTION = 0.1
 SPARSE_EPOCH_FACTOR = 2
-# Rows shorter than this take softmax_last's written-out path.
-SHORT_ROW = 16
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
@@ -119,49 +117,54 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Te
         keep: ``(H,)`` int64 keep counts.
 
     Returns:
-        ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` bool (the kept entries).
+        ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
+        entries).
     """
-    tilde = x.unsqueeze(0) if scale is None else torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
-    mask = keep_mask(tilde, keep)
-    return tilde * mask, mask
+    if scale is None:
+        tilde = x.unsqueeze(0)
+        mask = keep_mask(tilde, keep, as_float=True)
+        return tilde * mask, mask
+    tilde = torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
+    mask = keep_mask(tilde, keep, as_float=True)
+    return tilde.mul_(mask), mask
+
+
+def class_major_logits(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Every head's logits, classes before images: ``(H, L*C, B)``.
+
+    The heads' parameters are held classes-first too (``weight (H, L*C, K)``, ``bias (H, L*C, 1)``),
+    so that every product of the trainer has B columns or B as its inner size: a batched matmul
+    with a few output columns (C = 10) is 3-5x slower on CPU than its transpose with B columns,
+    and Adam's elementwise updates stay on contiguous memory (benchmarks/README.md, "Head trainer").
+
+    Args:
+        inputs: ``(H, B, K)``; weight: ``(H, L*C, K)``; bias: ``(H, L*C, 1)``.
+    """
+    return torch.baddbmm(bias, weight, inputs.transpose(1, 2))
 
 
 def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the heads' summed mean softmax cross-entropies.
 
-    The closed form of multinomial logistic regression, ``X^T (softmax - onehot) / B``, skips
+    The closed form of multinomial logistic regression, ``(softmax - onehot)^T X / B``, skips
     autograd's bookkeeping. Summing the heads' losses keeps each head's gradient its own.
 
     Args:
         inputs: ``(H, B, K)`` float32, each head's ``g_s(ã)`` of the batch.
         labels: ``(B,)`` int64.
-        weight: ``(H, K, L*C)``; bias: ``(H, 1, L*C)``.
+        weight: ``(H, L*C, K)``; bias: ``(H, L*C, 1)`` (classes first: :func:`class_major_logits`).
 
     Returns:
-        ``d weight`` ``(H, K, L*C)``, ``d bias`` ``(H, 1, L*C)`` and ``d inputs`` ``(H, B, K)``
+        ``d weight`` ``(H, L*C, K)``, ``d bias`` ``(H, L*C, 1)`` and ``d inputs`` ``(H, B, K)``
         (summed over the ``L`` rates; only used with ``L = 1``).
     """
     heads, batch = weight.shape[0], labels.shape[0]
-    residual = softmax_last(torch.baddbmm(bias, inputs, weight).view(heads, batch, -1, num_classes))
-    residual[:, torch.arange(batch), :, labels] -= 1.0
-    residual = residual.view(heads, batch, -1).div_(batch)
-    d_inputs = torch.bmm(residual, weight.transpose(1, 2))
-    return torch.bmm(inputs.transpose(1, 2), residual), residual.sum(dim=1, keepdim=True), d_inputs
-
-
-def softmax_last(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, any shape.
-
-    torch's CPU softmax takes a slow path on rows shorter than a SIMD vector: 10 classes cost 8x
-    more per element than 20 (benchmarks/README.md, "Head trainer"), and the demo's datasets have
-    10. There the exp is written out; longer rows keep torch's kernel, which is faster for them.
-    """
-    if logits.shape[-1] >= SHORT_ROW:
-        return logits.softmax(dim=-1)
-    out = logits - logits.amax(dim=-1, keepdim=True)
-    out.exp_()
-    return out.div_(out.sum(dim=-1, keepdim=True))
+    residual = class_major_logits(inputs, weight, bias).view(heads, -1, num_classes, batch).softmax(dim=2)
+    residual[:, :, labels, torch.arange(batch)] -= 1.0
+    residual = residual.view(heads, -1, batch).div_(batch)  # (H, L*C, B)
+    d_inputs = torch.bmm(residual.transpose(1, 2), weight)
+    return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
 
 
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
@@ -211,9 +214,9 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         x_val = prep(x_val)
 
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.zeros(num_heads, num_inputs, num_rates * num_classes)
-    bias = torch.zeros(num_heads, 1, num_rates * num_classes)
-    per_column = rates.repeat_interleave(num_classes)
+    weight = torch.zeros(num_heads, num_rates * num_classes, num_inputs)  # classes first (class_major_logits)
+    bias = torch.zeros(num_heads, num_rates * num_classes, 1)
+    per_column = rates.repeat_interleave(num_classes).view(-1, 1)
     # A head's penalty scales with the fraction of concepts it keeps: a weight of a head that keeps
     # k of K concepts is used by about k/K of the images, so (k/K) ||W||^2 penalises the logits'
     # expected size as a dense head's ||W||^2 does, and one C grid brackets every ratio's optimum
@@ -266,7 +269,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     chosen = val_top1.view(num_ratios, num_penalties * num_rates).argmax(dim=1)
     head = torch.arange(num_ratios) * num_penalties + chosen // num_rates
     rate = chosen % num_rates
-    final_weight = weight.view(num_heads, num_inputs, num_rates, num_classes)[head, :, rate]
+    final_weight = weight.view(num_heads, num_rates, num_classes, num_inputs)[head, rate].transpose(1, 2).contiguous()
     final_bias = bias.view(num_heads, num_rates, num_classes)[head, rate]
     if standard:
         final_weight = final_weight * inv_scale
@@ -284,12 +287,12 @@ def _val_top1(weight: torch.Tensor, bias: torch.Tensor, affine: torch.Tensor | N
               prep_val: torch.Tensor, y_val: torch.Tensor, num_classes: int, standard: bool) -> torch.Tensor:
     """Val top-1 of every (head, learning rate): ``(R, L)`` float64."""
     num_heads = weight.shape[0]
-    correct = torch.zeros(num_heads, weight.shape[2] // num_classes, dtype=torch.float64)
+    correct = torch.zeros(num_heads, weight.shape[1] // num_classes, dtype=torch.float64)
     for start in range(0, prep_val.shape[0], EVAL_CHUNK):
         xb = prep_val[start : start + EVAL_CHUNK]
         inputs = xb.unsqueeze(0) if standard else head_grid_inputs(xb, affine, keep)[0]
-        logits = torch.baddbmm(bias, inputs, weight).view(num_heads, xb.shape[0], -1, num_classes)
-        correct += (logits.argmax(dim=-1) == y_val[start : start + EVAL_CHUNK].view(1, -1, 1)).sum(dim=1)
+        logits = class_major_logits(inputs, weight, bias).view(num_heads, -1, num_classes, xb.shape[0])
+        correct += (logits.argmax(dim=2) == y_val[start : start + EVAL_CHUNK]).sum(dim=-1)
     return correct / prep_val.shape[0]
 
 

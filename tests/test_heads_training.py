@@ -13,7 +13,7 @@ from iis.analyze.heads_default import Adam, cross_entropy_grads, head_grid_input
 from iis.analyze.planted import PlantedSpec, planted_concepts
 
 
-@pytest.mark.parametrize("classes", [5, 40])  # both of softmax_last's paths (rows shorter than SHORT_ROW)
+@pytest.mark.parametrize("classes", [5, 40])  # narrow and wide heads
 def test_closed_form_gradients_match_autograd(classes):
     g = torch.Generator().manual_seed(0)
     heads, batch, width = 3, 32, 12
@@ -25,7 +25,9 @@ def test_closed_form_gradients_match_autograd(classes):
     bias = torch.randn(heads, 1, classes, generator=g)
 
     inputs, mask = head_grid_inputs(x, scale, keep)
-    d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, y, weight, bias, classes)
+    d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, y, weight.transpose(1, 2).contiguous(),
+                                                     bias.transpose(1, 2).contiguous(), classes)
+    d_weight, d_bias = d_weight.transpose(1, 2), d_bias.transpose(1, 2)  # the trainer holds them classes-first
     d_tilde = d_inputs * mask
     d_scale = torch.stack([(d_tilde * x).sum(1), d_tilde.sum(1)], 1)
 
@@ -38,7 +40,7 @@ def test_closed_form_gradients_match_autograd(classes):
         torch.testing.assert_close(ours, reference.grad, atol=1e-5, rtol=1e-4)
     # The mask keeps exactly k(s) entries per row, the largest |γx + β|.
     assert mask.sum(-1).tolist() == [[12] * batch, [6] * batch, [2] * batch]
-    assert torch.equal(mask[2], tilde[2].detach().abs().topk(2, dim=1).indices.new_zeros(batch, width, dtype=torch.bool)
+    assert torch.equal(mask[2].bool(), tilde[2].detach().abs().topk(2, dim=1).indices.new_zeros(batch, width, dtype=torch.bool)
                        .scatter_(1, tilde[2].detach().abs().topk(2, dim=1).indices, True))
 
 
