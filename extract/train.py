@@ -156,7 +156,9 @@ class _Rows(Dataset):
         try:
             with torch.random.fork_rng(devices=[]):
                 random.seed(sample_seed)
-                torch.manual_seed(sample_seed)
+                # The CPU generator only: torch.manual_seed also queues a seed for every lazy
+                # accelerator module, formatting a stack trace each time (1 ms an image on CPU).
+                torch.random.default_generator.manual_seed(sample_seed)
                 return self.transform(image), int(self.labels[index])
         finally:
             random.setstate(state)
