@@ -295,10 +295,7 @@ def _train_epoch(model: torch.nn.Module, loader: DataLoader, optimizer: torch.op
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,9 +423,8 @@ def train_backbone(
         stale.unlink()
 
     device = resolve_device(options.device)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # Channels-last on every device (as extraction: on CPU a MobileNetV3 trains 2.4x faster).
+    model = model.to(device).to(memory_format=torch.channels_last)
     for p in extra_params:
         p.data = p.data.to(device)
 

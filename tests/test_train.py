@@ -121,6 +121,7 @@ def test_checkpoint_reloads_bit_exactly(trained):
     result, _, seen, _ = trained
     fresh = timm.create_model(NAME, num_classes=10).eval()
     load_checkpoint_into(fresh, result.checkpoints[3])
+    fresh = fresh.to(memory_format=torch.channels_last)  # as trained: the same layout gives the same bits
     state = fresh.state_dict()
     assert state.keys() == seen["state"].keys() and "fc.weight" in state
     assert all(torch.equal(state[k], seen["state"][k]) for k in state)
@@ -131,8 +132,8 @@ def test_checkpoint_reloads_bit_exactly(trained):
 def test_stage1_loads_a_checkpoint_as_the_trained_features(trained):
     result, _, seen, _ = trained
     backbone = create_backbone(backbone=NAME, weights=str(result.checkpoints[3]), img_size=SIZE, seed=99)
-    with torch.no_grad():
-        features = backbone.model(_probe())
+    with torch.no_grad():  # channels-last, as extraction runs it
+        features = backbone.model.to(memory_format=torch.channels_last)(_probe())
     assert features.shape == (4, backbone.feature_dim)
     assert torch.equal(features, seen["pre_logits"])
 
