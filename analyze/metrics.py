@@ -176,13 +176,13 @@ def correlation(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 9999, bootst
     tests = (
         ("pearson_p", first, lambda v, axis=-1: _pearson_against(v, second, axis), True),
         ("spearman_p", rank_first, lambda v, axis=-1: _pearson_against(v, rank_second, axis), True),
-        # kendalltau has no axis argument, so this one runs a statistic per resample.
-        ("kendall_p", first, lambda v: stats.kendalltau(v, second).statistic, False),
+        ("kendall_p", first, lambda v, axis=-1: kendall_tau_b(v, np.broadcast_to(second, v.shape), axis=axis), True),
     )
     for key, sample, statistic, vectorized in tests:
         result = stats.permutation_test(
             (sample,), statistic, permutation_type="pairings", vectorized=vectorized,
             n_resamples=n_resamples, alternative="two-sided", rng=np.random.default_rng(seed),
+            batch=_pair_batch(n),
         )
         out[key] = float(result.pvalue)
     if bootstrap > 0:
@@ -210,18 +210,16 @@ def correlation_ci(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2000, con
     def spearman(a, b, axis=-1):
         return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
 
-    def kendall(a, b):  # kendalltau has no axis argument: one call per resample
-        return stats.kendalltau(a, b).statistic
-
     out = {}
     alpha = (1 - confidence) / 2
-    for (name, _), statistic, vectorized in zip(CORRELATIONS, (pearson, spearman, kendall), (True, True, False)):
+    for (name, _), statistic in zip(CORRELATIONS, (pearson, spearman, kendall_tau_b)):
         with warnings.catch_warnings():
             # Degenerate resamples (a constant side) are expected and give NaN; counted below.
             warnings.simplefilter("ignore", (stats.ConstantInputWarning, RuntimeWarning))
             result = stats.bootstrap(
-                (first, second), statistic, paired=True, vectorized=vectorized, n_resamples=n_resamples,
+                (first, second), statistic, paired=True, vectorized=True, n_resamples=n_resamples,
                 confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+                batch=_pair_batch(len(first)),
             )
         values = np.asarray(result.bootstrap_distribution, dtype=np.float64)
         values = values[np.isfinite(values)]
@@ -231,6 +229,36 @@ def correlation_ci(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2000, con
             low, high = (float(v) for v in np.quantile(values, [alpha, 1 - alpha]))
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
     return out
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Kendall's τ-b of ``x`` against ``y`` along ``axis``, for many samples at once.
+
+    ``scipy.stats.kendalltau`` takes one pair of 1-D samples; a permutation test or bootstrap
+    called it once per resample, seconds for nine models. Over all pairs ``i, j``:
+    ``τ_b = Σ sign(x_i - x_j) sign(y_i - y_j) / sqrt(Σ |sign(x_i - x_j)| · Σ |sign(y_i - y_j)|)``,
+    which is scipy's τ-b (ties counted the same way); NaN where a sample is constant.
+
+    Args:
+        x, y: same shape ``(..., n, ...)``; the ``n`` models lie along ``axis``.
+
+    Returns:
+        The coefficients, ``axis`` removed.
+    """
+    a = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    b = np.moveaxis(np.asarray(y, dtype=np.float64), axis, -1)
+    sign_a = np.sign(a[..., :, None] - a[..., None, :])
+    sign_b = np.sign(b[..., :, None] - b[..., None, :])
+    concordance = (sign_a * sign_b).sum(axis=(-2, -1))
+    untied = np.abs(sign_a).sum(axis=(-2, -1)) * np.abs(sign_b).sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return concordance / np.sqrt(untied)
+
+
+def _pair_batch(n: int) -> int:
+    """Resamples per vectorised call, so that :func:`kendall_tau_b`'s ``n x n`` sign matrices stay
+    near 64 MB whatever the number of models."""
+    return max(1, (1 << 23) // (n * n))
 
 
 def _pearson_against(batch: np.ndarray, fixed: np.ndarray, axis: int) -> np.ndarray:

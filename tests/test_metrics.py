@@ -11,9 +11,11 @@ from iis.analyze.metrics import (
     accuracy_retention,
     correlation,
     interpretability_score,
+    kendall_tau_b,
     normalized_score,
     score_ci,
 )
+from scipy import stats
 
 # Hand-computed: 0.5 * (1 + 0.8) / 2 + 0.4 * (0.8 + 0.4) / 2 = 0.45 + 0.24.
 RATIOS = [0.0, 0.5, 0.9]
@@ -106,3 +108,21 @@ def test_correlation_is_nan_when_undefined(x, y):
     out = correlation(np.array(x), np.array(y))
     assert out["n_models"] == len(x)
     assert all(math.isnan(v) for k, v in out.items() if k != "n_models")
+
+
+def test_kendall_tau_b_matches_scipy_with_ties_and_batches():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, size=(50, 7)).astype(float)  # many ties
+    y = rng.integers(0, 4, size=(50, 7)).astype(float)
+    x[0] = 1.0  # a constant sample: undefined
+    ours = kendall_tau_b(x, y, axis=1)
+    for i in range(50):
+        expected = stats.kendalltau(x[i], y[i]).statistic
+        if np.isnan(expected):
+            assert np.isnan(ours[i])
+        else:
+            assert ours[i] == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(ours[0])
+    # Along another axis, and 1-D in, a scalar out.
+    np.testing.assert_allclose(kendall_tau_b(x.T, y.T, axis=0)[1:], ours[1:])
+    assert kendall_tau_b(np.arange(5.0), np.arange(5.0)[::-1]) == pytest.approx(-1.0)
