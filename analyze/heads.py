@@ -30,6 +30,8 @@ from iis.analyze.heads_reference import BATCH as REFERENCE_BATCH
 from iis.analyze.heads_reference import EPOCHS as REFERENCE_EPOCHS
 from iis.analyze.heads_reference import fit_reference
 
+from iis.store_format import check_labels
+
 __all__ = ["PROTOCOLS", "ChunkedRows", "HeadFit", "fit_heads"]
 
 logger = logging.getLogger(__name__)
@@ -118,8 +120,5 @@ def _check_split(name: str, split: Split, num_classes: int) -> Split:
 
 
 def _check_labels(name: str, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    y = y.long()
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        bad = y[(y < 0) | (y >= num_classes)][0]
-        raise ValueError(f"{name}: labels must lie in [0, {num_classes}), found {int(bad)}")
-    return y
+    """``y`` as int64 class indices in ``[0, num_classes)`` (the store's check: whole numbers only)."""
+    return torch.from_numpy(check_labels(torch.as_tensor(y).cpu().numpy(), num_classes, where=name))

@@ -216,8 +216,11 @@ def test_invalid_arguments_raise():
     splits = _splits()
     with pytest.raises(ValueError, match="protocol"):
         fit_heads(**splits, num_classes=4, ratios=None, seed=0, protocol="sklearn")
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="train: label 3 at row .* out of range for 3 classes"):
         fit_heads(**splits, num_classes=3, ratios=None, seed=0)
+    x_val, y_val = splits["val"]
+    with pytest.raises(ValueError, match="val: label 0.5 .* not a whole number"):  # refused, never truncated
+        fit_heads(**{**splits, "val": (x_val, y_val.double() + 0.5)}, num_classes=4, ratios=None, seed=0)
     with pytest.raises(ValueError):
         fit_heads(**splits, num_classes=4, ratios=[], seed=0)
 
