@@ -112,26 +112,44 @@ class PreparedArms:
     fresh: list[Path]
 
 
-def prepare_arms(
-    *,
-    dataset: ImageDataset,
-    plans: Sequence[ElementPlan],
-    elements_config: dict,
-    start: StartingModel,
-    settings: FinetuneSettings,
-    store_path: Callable[[str], Path],
-    checkpoint_dir: Callable[[str], Path],
-    pipeline: str,
-    extract_options: ExtractOptions,
-    num_concepts: int,
-    project_version: str = "0",
-) -> PreparedArms:
+@dataclass(frozen=True)
+class ArmsJob:
+    """What training and extracting the arms of one comparison needs.
+
+    Attributes:
+        dataset, plans, elements_config: the pipeline's data and visual elements.
+        start: the model to start from; its store must exist (``store_path(start.name)``) and hold
+            the elements of ``plans``.
+        settings: the comparison.
+        store_path: model name -> its store.
+        checkpoint_dir: a folder name -> where checkpoints go (both arms of a seed under one folder).
+        pipeline: the pipeline's name (a key column of the rows; recorded in the stores).
+        extract_options: how each arm's checkpoint is extracted.
+        num_concepts: ``K``, also the size of the loss's library.
+        project_version: recorded in the new stores.
+    """
+
+    dataset: ImageDataset
+    plans: Sequence[ElementPlan]
+    elements_config: dict
+    start: StartingModel
+    settings: FinetuneSettings
+    store_path: Callable[[str], Path]
+    checkpoint_dir: Callable[[str], Path]
+    pipeline: str
+    extract_options: ExtractOptions
+    num_concepts: int
+    project_version: str = "0"
+
+
+def prepare_arms(job: ArmsJob) -> PreparedArms:
     """Train both arms at every seed and extract each into a store of its own; what exists with the
-    same settings (checkpoints, complete stores) is reused. Arguments as :func:`compare_finetuning`.
+    same settings (checkpoints, complete stores) is reused.
 
     The loss's library (``num_concepts`` elements per seed) comes from the held-out source images
     (:func:`~iis.apps.finetune.split_elements`); the arms' stores hold the other elements only.
     """
+    dataset, plans, start, settings, store_path = job.dataset, job.plans, job.start, job.settings, job.store_path
     base_store = open_feature_store(store_path(start.name))
     elements = base_store.read_elements()
     if len(plans) != len(elements) or not np.array_equal(elements.source_ids, [p.source_id for p in plans]):
@@ -145,7 +163,7 @@ def prepare_arms(
     budget = f"e{settings.epochs}" + (f"-n{settings.steps}" if settings.steps is not None else "")
     arms = []
     for seed in settings.seeds:
-        members = loss_library_members(elements, split.loss, num_concepts=num_concepts,
+        members = loss_library_members(elements, split.loss, num_concepts=job.num_concepts,
                                        num_classes=base_store.num_classes, seed=seed)
         train = TrainOptions(epochs=settings.epochs, checkpoints=(settings.epochs,), lr=settings.lr, seed=seed,
                              device=settings.device, max_steps=settings.steps,
@@ -154,12 +172,12 @@ def prepare_arms(
             dataset=dataset, backbone=start.backbone, weights=start.weights, img_size=start.img_size,
             init_seed=start.seed, images=element_images(dataset, plans, members, backbone.data_config),
             lam=settings.lam, ratio=settings.ratio, options=train, refresh_every=settings.refresh_every,
-            out_root=checkpoint_dir(f"{start.name}+finetune-seed{seed}-{budget}"), library_elements=members)
+            out_root=job.checkpoint_dir(f"{start.name}+finetune-seed{seed}-{budget}"), library_elements=members)
     names = {(arm.lam, arm.seed): arm_name(start.name, arm.lam, arm.seed) for arm in arms}
     # The arms' stores hold the scoring elements only: every library built from them (prototype
     # at any seed, cluster, end2end) is built after fine-tuning and never holds a loss element.
     scoring_plans = [plans[i] for i in split.scoring]
-    scoring_config = {**elements_config, "finetune_holdout": {
+    scoring_config = {**job.elements_config, "finetune_holdout": {
         "share": settings.holdout, "seed": settings.split_seed, "reserved_elements": int(split.loss.size),
         "reserved_sources": sorted({str(elements.source_ids[i]) for i in split.loss})}}
     stores, fresh = [], []
@@ -173,61 +191,43 @@ def prepare_arms(
         tuned = create_backbone(backbone=start.backbone, weights=str(arm.checkpoint), img_size=start.img_size,
                                 seed=start.seed)
         extract_store(path, dataset=dataset, backbone=tuned, model_name=name, element_plans=scoring_plans,
-                      elements_config=scoring_config, options=extract_options, pipeline=pipeline,
-                      project_version=project_version)
+                      elements_config=scoring_config, options=job.extract_options, pipeline=job.pipeline,
+                      project_version=job.project_version)
     return PreparedArms(arms=arms, names=names, stores=stores, fresh=fresh)
 
 
 def compare_finetuning(
+    job: ArmsJob,
     *,
-    dataset: ImageDataset,
-    plans: Sequence[ElementPlan],
-    elements_config: dict,
-    start: StartingModel,
-    settings: FinetuneSettings,
-    store_path: Callable[[str], Path],
-    checkpoint_dir: Callable[[str], Path],
     results: Path,
-    pipeline: str,
     dataset_label: str,
-    extract_options: ExtractOptions,
     libraries: Sequence[str],
-    num_concepts: int,
     ratios: Sequence[float],
     analysis_seeds: Sequence[int],
     bootstrap: int,
     options: Mapping[str, dict] | None = None,
     cluster: ClusterOptions | None = None,
     clip_store: Path | None = None,
-    project_version: str = "0",
 ) -> dict[str, pd.DataFrame]:
-    """Fine-tune ``start`` with ``settings.lam`` and with 0 at every seed, measure every arm, and
-    upsert ``finetune.parquet`` and ``finetune_delta.parquet``.
+    """Fine-tune ``job.start`` with ``job.settings.lam`` and with 0 at every seed, measure every arm,
+    and upsert ``finetune.parquet`` and ``finetune_delta.parquet``.
 
     Args:
-        dataset, plans, elements_config: the pipeline's data and visual elements.
-        start: the model to start from; its store must exist (``store_path(start.name)``) and hold
-            the elements of ``plans``.
-        settings: the comparison.
-        store_path: model name -> its store.
-        checkpoint_dir: a folder name -> where checkpoints go (both arms of a seed under one folder).
+        job: the arms to train and extract (:func:`prepare_arms`).
         results: the results folder: the fine-tuning tables are upserted there, the arms' analysis
             tables under ``results / "finetune"`` (same formats), apart from the pipeline's models.
-        pipeline, dataset_label: key columns of the rows.
-        extract_options: how each arm's checkpoint is extracted.
-        libraries, num_concepts, ratios, analysis_seeds, bootstrap, options: the analysis every
-            arm gets (the pipeline's): every library scores every arm at every analysis seed.
+        dataset_label: a key column of the rows.
+        libraries, ratios, analysis_seeds, bootstrap, options: the analysis every arm gets (the
+            pipeline's, at ``job.num_concepts``): every library scores every arm at every analysis seed.
         cluster: where the analysis runs (None: ``ClusterOptions()``).
         clip_store: the CLIP store, for a text library.
-        project_version: recorded in the new stores.
 
     Returns:
         ``{"finetune": …, "finetune_delta": …}`` as written.
     """
-    prepared = prepare_arms(dataset=dataset, plans=plans, elements_config=elements_config, start=start,
-                            settings=settings, store_path=store_path, checkpoint_dir=checkpoint_dir,
-                            pipeline=pipeline, extract_options=extract_options, num_concepts=num_concepts,
-                            project_version=project_version)
+    prepared = prepare_arms(job)
+    pipeline, num_concepts, start, settings, store_path = (job.pipeline, job.num_concepts, job.start, job.settings,
+                                                           job.store_path)
     analysis = dict(pipeline=pipeline, libraries=list(libraries), num_concepts=num_concepts, ratios=ratios,
                     seeds=list(analysis_seeds), bootstrap=bootstrap, cluster=cluster or ClusterOptions(),
                     clip_store=clip_store, options=dict(options or {}), skip_complete=True)

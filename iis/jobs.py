@@ -242,19 +242,19 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
     """
     from iis.apps.finetune_job import compare_finetuning
 
-    common = _finetune_args(cfg, model=model, lam=lam, epochs=epochs, seeds=seeds, device=device)
+    job = _arms_job(cfg, model=model, lam=lam, epochs=epochs, seeds=seeds, device=device)
     a = cfg.analysis
     return compare_finetuning(
-        **common, results=cfg.results, dataset_label=cfg.dataset.label, libraries=a.libraries, ratios=a.ratios,
+        job, results=cfg.results, dataset_label=cfg.dataset.label, libraries=a.libraries, ratios=a.ratios,
         analysis_seeds=a.seeds, bootstrap=a.bootstrap, options=a.options_by_library(),
         cluster=_cluster(scheduler=scheduler, workers=workers), clip_store=cfg.clip_store)
 
 
-def _finetune_args(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
-                   epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None) -> dict:
-    """The keyword arguments :func:`~iis.apps.finetune_job.prepare_arms` takes (and
-    ``compare_finetuning`` with them), from the ``finetune:`` section and command-line overrides."""
-    from iis.apps.finetune_job import FinetuneSettings, StartingModel
+def _arms_job(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
+              epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None):
+    """The fine-tuning arms to train and extract (an :class:`~iis.apps.finetune_job.ArmsJob`), from
+    the ``finetune:`` section and command-line overrides."""
+    from iis.apps.finetune_job import ArmsJob, FinetuneSettings, StartingModel
 
     base_cfg = cfg.finetune.model_dump(by_alias=True) if cfg.finetune else {}
     ft = FinetuneConfig.model_validate({**base_cfg, **_given(model=model, epochs=epochs, seeds=seeds),
@@ -272,11 +272,11 @@ def _finetune_args(cfg: PipelineConfig, *, model: str | None = None, lam: float 
                                 device=device or cfg.extract.device)
     start = StartingModel(name=base.name, backbone=base.backbone, weights=base.weights, img_size=base.img_size,
                           seed=base.seed)
-    return dict(dataset=dataset, plans=_plan_elements(cfg, dataset),
-                elements_config=cfg.elements.model_dump(), start=start, settings=settings,
-                store_path=cfg.store_path, checkpoint_dir=cfg.checkpoint_dir, pipeline=cfg.name,
-                extract_options=_extract_options(cfg, device=device), num_concepts=cfg.analysis.num_concepts,
-                project_version=__version__)
+    return ArmsJob(dataset=dataset, plans=_plan_elements(cfg, dataset),
+                   elements_config=cfg.elements.model_dump(), start=start, settings=settings,
+                   store_path=cfg.store_path, checkpoint_dir=cfg.checkpoint_dir, pipeline=cfg.name,
+                   extract_options=_extract_options(cfg, device=device), num_concepts=cfg.analysis.num_concepts,
+                   project_version=__version__)
 
 
 def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: str | None = None,

@@ -153,7 +153,7 @@ def test_non_finite_inputs_and_out_of_range_labels_are_refused():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         fit_heads(train=(bad, y), val=splits["val"], test=splits["test"], num_classes=spec.classes, ratios=[0.5], seed=0)
-    with pytest.raises(ValueError, match="found -1"):
+    with pytest.raises(ValueError, match="train: label -1 at row .* is negative"):
         fit_heads(train=(x, torch.where(y == 0, -1, y)), val=splits["val"], test=splits["test"],
                   num_classes=spec.classes, ratios=[0.5], seed=0)
     assert np.isfinite(fit_heads(**splits, num_classes=spec.classes, ratios=[0.5], seed=0, max_epochs=1).test_top1).all()
