@@ -1,9 +1,10 @@
 """The default protocol: every head of a ratio grid trained together, every choice made on val.
 
 One ``(H, L*C, K)`` weight tensor (classes first) holds ``H`` heads (``R`` ratios times ``M`` L2
-strengths), each with ``L`` learning rates (as DINOv2's ``setup_linear_classifiers`` trains a grid of
-linear heads in one pass), plus each head's per-concept ``(γ, β)``. Adam with an L2 penalty on the weights and a cosine decay to zero; every
-head keeps its final state, and val is looked at once, at the end, to choose the learning rate.
+strengths), each with ``L`` learning rates (as DINOv2's ``setup_linear_classifiers`` trains a grid
+of linear heads in one pass), plus each head's per-concept ``(γ, β)``. Adam with an L2 penalty on
+the weights and a cosine decay to zero; every head keeps its final state, and val is looked at
+once, at the end, to choose the L2 strength and learning rate.
 Test is never looked at here.
 
 The constants below are measured, not guessed: benchmarks/README.md ("Head trainer") holds the
@@ -120,13 +121,9 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Te
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
         entries).
     """
-    if scale is None:
-        tilde = x.unsqueeze(0)
-        mask = keep_mask(tilde, keep, as_float=True)
-        return tilde * mask, mask
-    tilde = torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
+    tilde = x.unsqueeze(0) if scale is None else torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
     mask = keep_mask(tilde, keep, as_float=True)
-    return tilde.mul_(mask), mask
+    return tilde * mask, mask
 
 
 def class_major_logits(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
