@@ -92,7 +92,8 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
 
     Equal to ``magnitude_ranks(values) < keep``, without ranking every entry: one sort gives each
     row's ``keep``-th largest magnitude, entries above it are kept, and the tied ones at it are
-    taken in index order until the row holds exactly ``keep``. The sort is numpy's, which is about
+    taken in index order until the row holds exactly ``keep`` (the sorted rows tell whether any
+    row has such a tie). Heads that keep every entry are not sorted. The sort is numpy's, which is about
     30x faster than ``torch.sort`` on CPU for rows this short (benchmarks/README.md, "Head trainer").
 
     Args:
@@ -107,22 +108,34 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     """
     flat = values.dim() == 2
     stacked = values.unsqueeze(0) if flat else values
-    counts = torch.as_tensor(keep, dtype=torch.int64).reshape(-1)
+    counts = torch.as_tensor(keep, dtype=torch.int64).reshape(-1).clamp(1, stacked.shape[-1])
     heads, rows, width = max(stacked.shape[0], counts.shape[0]), stacked.shape[1], stacked.shape[2]
     magnitude = stacked.detach().abs()
-    ascending = np.sort(magnitude.numpy(), axis=-1)
-    position = (width - counts.clamp(1, width)).numpy().reshape(-1, 1, 1)
-    threshold = torch.from_numpy(np.take_along_axis(
-        np.broadcast_to(ascending, (heads, rows, width)), np.broadcast_to(position, (heads, rows, 1)), axis=-1))
+    counts = counts.expand(heads)
+    # Heads that keep every entry need no sort; their threshold is 0, which every |value| reaches.
+    partial = torch.nonzero(counts < width).view(-1)
+    threshold = torch.zeros(heads, rows, 1)
+    tied = False
+    if len(partial):
+        shared = magnitude.shape[0] == 1
+        # A sorted copy (fancy indexing copies; the sort is then in place).
+        ascending = magnitude.numpy()[[0] if shared else partial.numpy()]
+        ascending.sort(axis=-1)
+        position = (width - counts[partial]).numpy().reshape(-1, 1, 1)
+        ascending = np.broadcast_to(ascending, (len(partial), rows, width))
+        at = np.take_along_axis(ascending, np.broadcast_to(position, (len(partial), rows, 1)), axis=-1)
+        below = np.take_along_axis(ascending, np.broadcast_to(position - 1, (len(partial), rows, 1)), axis=-1)
+        # An entry below the threshold position equal to the threshold would be kept too: a tie.
+        tied = bool((below == at).any())
+        threshold[partial] = torch.from_numpy(at)
     mask = torch.ge(magnitude, threshold, out=torch.empty(heads, rows, width)) if as_float else magnitude >= threshold
-    wanted = counts.view(-1, 1)
-    if not bool((mask.sum(dim=-1) == wanted).all()):
+    if tied:
         # Some row has several entries tied at its threshold: keep those above it, then the tied
         # ones in index order until the row holds exactly k(s).
         above = magnitude > threshold
-        tied = magnitude == threshold
-        missing = wanted.unsqueeze(-1) - above.sum(dim=-1, keepdim=True)
-        mask = above | (tied & (tied.cumsum(dim=-1) <= missing))
+        at_threshold = magnitude == threshold
+        missing = counts.view(-1, 1, 1) - above.sum(dim=-1, keepdim=True)
+        mask = above | (at_threshold & (at_threshold.cumsum(dim=-1) <= missing))
         mask = mask.float() if as_float else mask
     return mask[0] if flat and heads == 1 else mask
 

@@ -121,9 +121,12 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Te
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
         entries).
     """
-    tilde = x.unsqueeze(0) if scale is None else torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
+    if scale is None:
+        mask = keep_mask(x.unsqueeze(0), keep, as_float=True)
+        return x * mask, mask
+    tilde = torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
     mask = keep_mask(tilde, keep, as_float=True)
-    return tilde * mask, mask
+    return tilde.mul_(mask), mask
 
 
 def class_major_logits(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -158,7 +161,7 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
     """
     heads, batch = weight.shape[0], labels.shape[0]
     residual = class_major_logits(inputs, weight, bias).view(heads, -1, num_classes, batch).softmax(dim=2)
-    residual[:, :, labels, torch.arange(batch)] -= 1.0
+    residual.sub_(torch.nn.functional.one_hot(labels, num_classes).T.float())  # (C, B), broadcast over heads and rates
     residual = residual.view(heads, -1, batch).div_(batch)  # (H, L*C, B)
     d_inputs = torch.bmm(residual.transpose(1, 2), weight)
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
@@ -234,28 +237,31 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     head_steps = torch.full((num_heads,), schedule.steps, dtype=torch.int64)
     if not standard:
         head_steps[keep <= SPARSE_KEEP_FRACTION * num_inputs] *= SPARSE_EPOCH_FACTOR
-    cosine_length = head_steps.double().view(-1, 1, 1)
+    # Every head's cosine factor at every step, (steps, H, 1, 1): one lookup a step.
+    progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
+    cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)
     active = torch.arange(num_heads)
+    heads, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
     step = 0
     while len(active):
         for xb, yb in epoch_batches(x_train, y_train, batch_size=schedule.batch_size, generator=generator):
-            heads = _as_slice(active)
             xb = prep(xb)
             if standard:
                 inputs, mask = xb.unsqueeze(0), None
             else:
-                inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], keep[active])
+                inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], active_keep)
             d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
             grads = [d_weight, d_bias]
             if affine is not None:
                 d_tilde = d_inputs.mul_(mask)
                 grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
-            progress = (step / cosine_length[heads]).clamp(max=1.0)
-            optimizer.step(grads, (0.5 * (1.0 + torch.cos(math.pi * progress))).float(), heads)
+            optimizer.step(grads, cosine[step, heads], heads)
             step += 1
-            active = active[head_steps[active] > step]  # heads whose schedule ended leave
-            if len(active) == 0:
-                break
+            if step in leave_at:  # heads whose schedule ended leave
+                active = active[head_steps[active] > step]
+                if len(active) == 0:
+                    break
+                heads, active_keep = _as_slice(active), keep[active]
 
     # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)
     # (ties: the first in the grids, i.e. the stronger penalty, the smaller rate). With the L2

@@ -59,6 +59,18 @@ def test_keep_mask_equals_ranks_and_breaks_ties_by_lower_index():
         assert (mask.sum(1) == keep).all()
 
 
+def test_keep_mask_of_stacked_heads_equals_ranks_per_head():
+    # Heads with their own values and counts, some keeping every entry (no sort), with exact ties.
+    g = torch.Generator().manual_seed(2)
+    values = torch.randint(-2, 3, (5, 300, 9), generator=g).float()
+    counts = torch.tensor([9, 4, 9, 1, 8])
+    for as_float in (False, True):
+        mask = keep_mask(values, counts, as_float=as_float)
+        assert mask.dtype == (torch.float32 if as_float else torch.bool)
+        expected = magnitude_ranks(values.view(-1, 9)).view(5, 300, 9) < counts.view(-1, 1, 1)
+        assert torch.equal(mask.bool(), expected)
+
+
 def test_adam_step_matches_torch_adam_with_l2():
     g = torch.Generator().manual_seed(1)
     param = torch.randn(2, 4, 3, generator=g)
