@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class ClusterOptions:
         memory_budget: bytes of float32 train features one task's standard head may hold in
             memory (beyond it, they stream from the store); None: a share of each worker's RAM
             (:data:`iis.analyze.tasks.MEMORY_FRACTION`).
+        shared: a LocalCluster that this and later analyses use, started on first use
+            (:func:`shared_cluster`); None: each analysis starts its own.
     """
 
     scheduler: str | None = None
@@ -47,6 +49,7 @@ class ClusterOptions:
     threads: int = 1
     synchronous: bool = False
     memory_budget: int | None = None
+    shared: SharedCluster | None = None  # a LocalCluster kept between analyses (shared_cluster)
 
     def __post_init__(self) -> None:
         # A LocalCluster of 0 workers waits for a worker forever; 0 threads is no torch setting.
@@ -61,22 +64,68 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
+def start_local_cluster(options: ClusterOptions) -> object:
+    """A new ``LocalCluster`` of ``options.workers`` single-threaded worker processes (close it)."""
+    import dask
+    from dask.distributed import LocalCluster
+
+    # forkserver, not spawn: a spawned worker exits through a full interpreter teardown (torch,
+    # zarr), which outlasts the nanny's 4 s close and gets it killed (a warning, a traceback).
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        return LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
+                            dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
+
+
+class SharedCluster:
+    """A LocalCluster that several analyses of one job share, started on first use.
+
+    Starting a cluster and warming its workers (imports) takes seconds; ``iis run`` analyses the
+    models and then the fine-tuning arms, and a resumed run may need no cluster at all.
+    """
+
+    def __init__(self, options: ClusterOptions) -> None:
+        self.options = options
+        self._cluster: object | None = None
+
+    @property
+    def address(self) -> str | None:
+        """The running scheduler's address; None before first use and after :meth:`close`."""
+        return None if self._cluster is None else self._cluster.scheduler_address
+
+    def resolve(self) -> ClusterOptions:
+        """Options naming a running scheduler (this one's, started now if need be)."""
+        if self._cluster is None:
+            self._cluster = start_local_cluster(self.options)
+        return replace(self.options, scheduler=self.address, shared=None)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+@contextlib.contextmanager
+def shared_cluster(options: ClusterOptions) -> Iterator[ClusterOptions]:
+    """``options`` whose local cluster, if any, is shared by every analysis in the ``with`` block."""
+    if options.scheduler or options.synchronous:
+        yield options
+        return
+    shared = SharedCluster(options)
+    try:
+        yield replace(options, shared=shared)
+    finally:
+        shared.close()
+
+
 @contextlib.contextmanager
 def dask_client(options: ClusterOptions) -> Iterator[object]:
     """A ``dask.distributed`` client: to ``options.scheduler``, or to a new LocalCluster."""
-    import dask
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
-    if options.scheduler:
-        client = Client(options.scheduler, timeout="30s")
-        cluster = None
-    else:
-        # forkserver, not spawn: a spawned worker exits through a full interpreter teardown (torch,
-        # zarr), which outlasts the nanny's 4 s close and gets it killed (a warning, a traceback).
-        with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-            cluster = LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                                   dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
-        client = Client(cluster)
+    if options.shared is not None:
+        options = options.shared.resolve()
+    cluster = None if options.scheduler else start_local_cluster(options)
+    client = Client(options.scheduler, timeout="30s") if options.scheduler else Client(cluster)
     log.info("Dask dashboard: %s", client.dashboard_link)
     try:
         yield client

@@ -446,6 +446,9 @@ class FinetuneConfig(_Frozen):
     # Share of each class's element source images reserved for the loss's library (at least one
     # image per class, and at least one left for the scoring libraries).
     holdout: float = Field(0.3, gt=0.0, lt=1.0)
+    # The libraries that score the arms, a subset of analysis.libraries; None: all of them. Each
+    # arm is analysed like a model, so every scoring library adds a task per arm and seed.
+    scoring_libraries: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -498,6 +501,10 @@ class PipelineConfig(_Frozen):
             raise ValueError(f"explain.library {self.explain.library!r} is not in analysis.libraries")
         if not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):
             raise ValueError(f"explain.ratio {self.explain.ratio} is not in analysis.ratios {self.analysis.ratios}")
+        stray = sorted(set(self.finetune.scoring_libraries or ()) - set(self.analysis.libraries)) if self.finetune else []
+        if stray:
+            raise ValueError(f"finetune.scoring_libraries {', '.join(stray)} not in analysis.libraries "
+                             f"({', '.join(self.analysis.libraries)})")
         if self.finetune is not None and self.elements.images_per_class < 2:
             raise ValueError("finetune needs elements.images_per_class >= 2: the loss's library and the "
                              "scoring libraries are drawn from different source images")

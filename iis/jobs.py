@@ -167,16 +167,21 @@ def _cluster(*, scheduler: str | None = None, workers: int | None = None, thread
 
 def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, workers: int | None = None,
                      threads: int | None = None, synchronous: bool = False, skip_complete: bool = False,
-                     memory_budget_mb: int | None = None, **overrides) -> dict:
-    """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's)."""
+                     memory_budget_mb: int | None = None, cluster=None, **overrides) -> dict:
+    """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's).
+
+    ``cluster`` (a :class:`~iis.analyze.pipeline.ClusterOptions`) replaces the scheduler and
+    worker arguments: ``iis run`` passes one whose LocalCluster every analysis of the run shares.
+    """
     from iis.analyze.pipeline import analyze_stores
 
     require_stores(cfg)
     args = _analysis_args(cfg.analysis, **overrides)
+    cluster = cluster or _cluster(scheduler=scheduler, workers=workers, threads=threads, synchronous=synchronous,
+                                  memory_budget_mb=memory_budget_mb)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
                           skip_complete=skip_complete, elements_stores=cfg.elements_stores() or None,
-                          cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
-                                           synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)
+                          cluster=cluster, **args)
 
 
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,
@@ -234,20 +239,23 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
 
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
                       epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None,
-                      workers: int | None = None, scheduler: str | None = None) -> dict:
+                      workers: int | None = None, scheduler: str | None = None, cluster=None) -> dict:
     """Application 1: fine-tune a model with λ and with λ = 0 at every seed, measure every arm with
     the pipeline's libraries and analysis seeds, write ``finetune`` and ``finetune_delta.parquet``.
 
-    Command-line values override the pipeline's ``finetune:`` section.
+    Command-line values override the pipeline's ``finetune:`` section; ``cluster`` replaces
+    ``workers`` and ``scheduler`` (:func:`analyze_pipeline`).
     """
     from iis.apps.finetune_job import compare_finetuning
 
     job = _arms_job(cfg, model=model, lam=lam, epochs=epochs, seeds=seeds, device=device)
     a = cfg.analysis
+    scoring = (cfg.finetune and cfg.finetune.scoring_libraries) or a.libraries
+    options = {name: value for name, value in a.options_by_library().items() if name in scoring}
     return compare_finetuning(
-        job, results=cfg.results, dataset_label=cfg.dataset.label, libraries=a.libraries, ratios=a.ratios,
-        analysis_seeds=a.seeds, bootstrap=a.bootstrap, options=a.options_by_library(),
-        cluster=_cluster(scheduler=scheduler, workers=workers), clip_store=cfg.clip_store)
+        job, results=cfg.results, dataset_label=cfg.dataset.label, libraries=scoring, ratios=a.ratios,
+        analysis_seeds=a.seeds, bootstrap=a.bootstrap, options=options,
+        cluster=cluster or _cluster(scheduler=scheduler, workers=workers), clip_store=cfg.clip_store)
 
 
 def _arms_job(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
@@ -286,20 +294,22 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     Work whose outputs are complete is skipped: finished stores are not recomputed, and
     (model, seed) pairs already in the tables are not refitted.
     """
+    from iis.analyze.pipeline import shared_cluster
     from iis.apps.explain_job import best_model
 
     start = time.perf_counter()
     extract_pipeline(cfg, device=device)
     log.info("run %s: extract done at %.0f s", cfg.name, time.perf_counter() - start)
-    analyze_pipeline(cfg, scheduler=scheduler, workers=workers, skip_complete=True)
-    log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
-    library = cfg.explain.library or cfg.analysis.libraries[0]
-    model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
-                                            models=[m.name for m in cfg.measured_models() if m.layer == "final"])
-    explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
-    if cfg.finetune is not None:
-        finetune_pipeline(cfg, device=device, workers=workers, scheduler=scheduler)
-        log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)
+    with shared_cluster(_cluster(scheduler=scheduler, workers=workers)) as cluster:
+        analyze_pipeline(cfg, skip_complete=True, cluster=cluster)
+        log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
+        library = cfg.explain.library or cfg.analysis.libraries[0]
+        model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
+                                                models=[m.name for m in cfg.measured_models() if m.layer == "final"])
+        explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
+        if cfg.finetune is not None:
+            finetune_pipeline(cfg, device=device, cluster=cluster)
+            log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)
     path = report_pipeline(cfg)
     log.info("run %s: finished in %.0f s; open %s", cfg.name, time.perf_counter() - start, path)
     return path

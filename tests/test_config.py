@@ -177,6 +177,8 @@ FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    f
         ("{model: a, steps: 0}", r"pipelines\.p\.finetune\.steps: Input should be greater than or equal to 1"),
         ("{model: a, library: cluster}", r"pipelines\.p\.finetune\.library: Input should be 'prototype'"),
         ("{model: zz}", r"pipelines\.p: finetune\.model 'zz' is not a model of this pipeline"),
+        ("{model: a, scoring_libraries: [text]}",
+         r"pipelines\.p: finetune\.scoring_libraries text not in analysis\.libraries \(prototype"),
     ],
 )
 def test_bad_finetune_section_names_key_and_reason(tmp_path, section, message):
@@ -186,7 +188,7 @@ def test_bad_finetune_section_names_key_and_reason(tmp_path, section, message):
 
 def test_finetune_defaults_to_three_seeds_and_needs_two_images_per_class(tmp_path):
     ft = load_pipeline(_write(tmp_path, FINETUNE.replace("FT", "{model: a}")), "p").finetune
-    assert ft.seeds == (0, 1, 2) and ft.holdout == 0.3 and ft.steps is None
+    assert ft.seeds == (0, 1, 2) and ft.holdout == 0.3 and ft.steps is None and ft.scoring_libraries is None
     one = FINETUNE.replace("FT", "{model: a}").replace("    store: cache/p", "    elements: {images_per_class: 1}\n    store: cache/p")
     with pytest.raises(ConfigError, match=r"pipelines\.p: finetune needs elements\.images_per_class >= 2"):
         load_pipeline(_write(tmp_path, one), "p")

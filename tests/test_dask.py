@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 import zarr
 from iis.analyze import tables
-from iis.analyze.pipeline import ClusterOptions, analyze_stores
+from iis.analyze.pipeline import ClusterOptions, analyze_stores, shared_cluster
 from iis.analyze.store import StoreError
 from iis.extract import store as st
 
@@ -277,9 +277,18 @@ _executing, _executed = _on_workers()
 
 @pytest.mark.slow
 def test_local_cluster_matches_synchronous_run(stores, reference, tmp_path):
-    results = tmp_path / "results"
-    analyze_stores(stores, results=results, cluster=ClusterOptions(workers=2, threads=1), **ANALYSIS)
-    _assert_same_tables(_snapshot(results), reference)
+    # Two analyses share one LocalCluster, as `iis run` shares it between the models and the
+    # fine-tuning arms; it starts on first use and is closed when the block ends.
+    with shared_cluster(ClusterOptions(workers=2, threads=1)) as cluster:
+        assert cluster.shared is not None and cluster.shared.address is None
+        analyze_stores(stores, results=tmp_path / "results", cluster=cluster, **ANALYSIS)
+        first = cluster.shared.address
+        analyze_stores(stores[:1], results=tmp_path / "again", cluster=cluster, **ANALYSIS)
+        assert first is not None and cluster.shared.address == first
+    assert cluster.shared.address is None
+    _assert_same_tables(_snapshot(tmp_path / "results"), reference)
+    again = _snapshot(tmp_path / "again")["accuracy"]
+    assert set(again["model"]) == {"m0"} and len(again) == (reference["accuracy"]["model"] == "m0").sum()
 
 
 @pytest.mark.slow

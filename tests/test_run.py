@@ -212,3 +212,22 @@ def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_pa
         config.write_text(text)
         shutil.rmtree(results)
         shutil.copytree(tmp_path / "results-before", results)
+
+
+def test_finetune_arms_are_scored_with_the_chosen_libraries_only(monkeypatch):
+    # The demo scores its arms with prototype alone (each scoring library is a task per arm).
+    import iis.apps.finetune_job
+
+    import iis.jobs
+    from iis.config import find_pipeline
+
+    cfg = find_pipeline("demo")
+    assert cfg.analysis.libraries == ("prototype", "cluster") and cfg.finetune.scoring_libraries == ("prototype",)
+    seen = {}
+    monkeypatch.setattr(iis.jobs, "_arms_job", lambda cfg, **kw: "job")
+    monkeypatch.setattr(iis.apps.finetune_job, "compare_finetuning", lambda job, **kw: seen.update(kw) or {})
+    iis.jobs.finetune_pipeline(cfg)
+    assert tuple(seen["libraries"]) == ("prototype",) and set(seen["options"]) == {"prototype"}
+    unscoped = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"scoring_libraries": None})})
+    iis.jobs.finetune_pipeline(unscoped)
+    assert tuple(seen["libraries"]) == ("prototype", "cluster") and set(seen["options"]) == {"prototype", "cluster"}
