@@ -431,7 +431,7 @@ class FinetuneConfig(_Frozen):
     fine-tuning from the other elements only, so no scoring library holds an element the loss saw.
     """
 
-    model: str  # a measured model (e.g. "r10@e8"): its weights are the starting point
+    model: str  # a measured model (e.g. "r10@e8"), not an inner layer: its weights are the starting point
     lambda_: float = Field(1.0, gt=0.0, alias="lambda")  # weight of the interpretable-head loss
     epochs: int = Field(2, ge=1)
     # Optimizer steps per arm when fewer than `epochs` whole epochs (the last epoch is cut short);
@@ -493,10 +493,15 @@ class PipelineConfig(_Frozen):
                              "`text:` section (concepts and clip)")
         if CLIP_STORE in names:
             raise ValueError(f"the model name {CLIP_STORE!r} is reserved for the CLIP store")
-        measured = {m.name for m in self.measured_models()}
+        measured = {m.name: m for m in self.measured_models()}
         for section, name in (("explain", self.explain.model), ("finetune", self.finetune and self.finetune.model)):
             if name and name not in measured:
                 raise ValueError(f"{section}.model {name!r} is not a model of this pipeline; known: {', '.join(sorted(measured))}")
+        inner = self.finetune and measured[self.finetune.model]
+        if inner and inner.layer != "final":
+            # Fine-tuning trains the whole backbone and scores its arms at the final layer.
+            raise ValueError(f"finetune.model {inner.name!r} is an inner layer ({inner.layer}); name the model "
+                             f"itself, {inner.base!r}")
         if self.explain.library and self.explain.library not in self.analysis.libraries:
             raise ValueError(f"explain.library {self.explain.library!r} is not in analysis.libraries")
         if not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):

@@ -162,7 +162,8 @@ def test_options_are_the_registry_classes_and_reach_the_builders(tmp_path):
     assert registry.get_library("end2end").make_options(plain["end2end"]) == given  # what a task rebuilds
 
 
-FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    finetune: FT")
+FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    finetune: FT").replace(
+    "{name: a, backbone: resnet10t}", "{name: a, backbone: resnet10t, layers: [stages.1, final]}")
 
 
 @pytest.mark.parametrize(
@@ -177,6 +178,8 @@ FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    f
         ("{model: a, steps: 0}", r"pipelines\.p\.finetune\.steps: Input should be greater than or equal to 1"),
         ("{model: a, library: cluster}", r"pipelines\.p\.finetune\.library: Input should be 'prototype'"),
         ("{model: zz}", r"pipelines\.p: finetune\.model 'zz' is not a model of this pipeline"),
+        ("{model: a@stages.1}", r"pipelines\.p: finetune\.model 'a@stages\.1' is an inner layer \(stages\.1\); "
+                                r"name the model itself, 'a'"),
         ("{model: a, scoring_libraries: [text]}",
          r"pipelines\.p: finetune\.scoring_libraries text not in analysis\.libraries \(prototype"),
     ],
