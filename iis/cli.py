@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="append", type=Path, help="explicit mode: a store (repeatable)")
     p.add_argument("--results", type=Path, help="explicit mode: where tables go")
     p.add_argument("--clip-store", type=Path, help="explicit mode: the CLIP store, for the text library")
+    p.add_argument("--library-from", type=Path, metavar="STORE",
+                   help="explicit mode: build every store's libraries from this store's visual elements "
+                        "(same backbone, weights and layer; as analysis.library_from: {store: ...})")
     p.add_argument("--libraries", type=_csv(str))
     p.add_argument("--num-concepts", type=_count(1))
     p.add_argument("--ratios", type=_csv(float))
@@ -208,8 +211,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if args.store:
         if args.pipeline or not args.results:
             raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")
-        analyze_explicit(stores=args.store, results=args.results, clip_store=args.clip_store, **options)
+        analyze_explicit(stores=args.store, results=args.results, clip_store=args.clip_store,
+                         library_from=args.library_from, **options)
     elif args.pipeline:
+        if args.library_from:
+            raise ConfigError("--library-from is for explicit mode (--store … --results …); a pipeline "
+                              "sets analysis.library_from")
         analyze_pipeline(_pipeline(args), **options)
     else:
         raise ConfigError("name a pipeline, or give --store … --results …")

@@ -185,12 +185,19 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
 
 
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,
-                     scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
-                     synchronous: bool = False, memory_budget_mb: int | None = None, **overrides) -> dict:
-    """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5)."""
+                     library_from: Path | None = None, scheduler: str | None = None, workers: int | None = None,
+                     threads: int | None = None, synchronous: bool = False, memory_budget_mb: int | None = None,
+                     **overrides) -> dict:
+    """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5).
+
+    ``library_from``: a store whose visual elements build every store's libraries (checked to
+    share their feature space before any fitting), as ``analysis.library_from: {store: ...}``.
+    """
     from iis.analyze.pipeline import analyze_stores
 
     args = _analysis_args(None, **overrides)
+    if library_from is not None:
+        args["elements_stores"] = {str(store): library_from for store in stores}
     return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
                           cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
                                            synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)

@@ -286,3 +286,20 @@ def test_report_has_a_depth_section_only_when_a_model_has_several_layers(tmp_pat
     single = tmp_path / "single"
     _analyze([stores[-1]], single)
     assert "id='depth'" not in write_report(results=single).read_text()
+
+
+def test_library_from_in_explicit_cli_mode(tmp_path, caplog):
+    mine = _write(tmp_path / "mine.zarr", depth=None, dataset="first", seed=0)
+    other = _write(tmp_path / "other.zarr", depth=None, dataset="second", seed=1)
+    common = ["analyze", "--store", str(mine), "--libraries", "prototype", "--num-concepts", str(K),
+              "--ratios", "0,0.5,0.9", "--seeds", "0", "--bootstrap", "0", "--synchronous"]
+    assert main([*common, "--results", str(tmp_path / "R"), "--library-from", str(other)]) == 0
+    iis = pd.read_parquet(tmp_path / "R" / "iis.parquet")
+    assert list(iis.library_source) == [str(other)]  # only the borrowed library: the store's own is not fitted
+    concepts = pd.read_parquet(tmp_path / "R" / "concepts.parquet")
+    assert len(concepts) == K and all(s[0].startswith("second/") for s in concepts.source_id)
+    # Another feature space is refused in one line naming it, before any table is written.
+    foreign = _write(tmp_path / "foreign.zarr", depth=None, backbone="another")
+    assert main([*common, "--results", str(tmp_path / "F"), "--library-from", str(foreign)]) != 0
+    assert "backbone 'another' != 'planted'" in caplog.text and str(foreign) in caplog.text
+    assert not (tmp_path / "F" / "iis.parquet").exists()
