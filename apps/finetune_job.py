@@ -12,6 +12,7 @@ config (``iis.jobs`` unpacks one).
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from iis.analyze.pipeline import ClusterOptions, analyze_stores, model_keys
 from iis.analyze.store import StoreError, open_feature_store
 from iis.apps.finetune import FinetuneArm, element_images, finetune_arms, loss_library_members, split_elements
 from iis.apps.finetune_tables import Comparison, arm_rows, delta_rows
-from iis.extract.backbones import create_backbone
+from iis.extract.backbones import create_backbone, file_sha256
 from iis.extract.datasets import ImageDataset
 from iis.extract.elements import ElementPlan
 from iis.extract.runner import ExtractOptions, extract_store
@@ -84,13 +85,22 @@ def arm_name(start: str, lam: float, seed: int) -> str:
     return f"{start}+ft{lam:g}-s{seed}"
 
 
-def _complete(path: Path) -> bool:
-    """Whether a complete feature store is at ``path``."""
+def _current(path: Path, checkpoint: Path) -> bool:
+    """Whether a complete feature store of ``checkpoint``'s weights is at ``path``.
+
+    A complete store of other weights (the arm was trained again, e.g. with another
+    ``finetune.lr``) is stale: the arm's name does not hold every training setting. It is removed
+    here, to be extracted anew, so no table row comes from the old weights.
+    """
     try:
-        open_feature_store(path)
+        store = open_feature_store(path)
     except StoreError:
         return False
-    return True
+    if store.attrs.get("weights_sha256") == file_sha256(checkpoint):
+        return True
+    log.warning("%s: extracted from an earlier training of this arm (other weights); extracting it anew", path)
+    shutil.rmtree(path)
+    return False
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,9 @@ class PreparedArms:
         arms: every arm at every seed (:class:`~iis.apps.finetune.FinetuneArm`).
         names: ``{(λ, seed): model name}``.
         stores: each arm's store, in ``arms`` order.
-        fresh: the stores extracted by this call (absent or unfinished before): their rows, if the
-            tables hold any under the same key, come from an earlier store, so they are analysed
-            again rather than skipped.
+        fresh: the stores extracted by this call (absent, unfinished or of other weights before):
+            their rows, if the tables hold any under the same key, come from an earlier store, so
+            they are analysed again rather than skipped.
     """
 
     arms: list[FinetuneArm]
@@ -185,7 +195,7 @@ def prepare_arms(job: ArmsJob) -> PreparedArms:
         name = names[(arm.lam, arm.seed)]
         path = store_path(name)
         stores.append(path)
-        if _complete(path):
+        if _current(path, arm.checkpoint):
             continue
         fresh.append(path)
         tuned = create_backbone(backbone=start.backbone, weights=str(arm.checkpoint), img_size=start.img_size,

@@ -214,6 +214,31 @@ def test_run_after_a_grid_change_adds_the_new_grid_and_never_mixes(smoke, tmp_pa
         shutil.copytree(tmp_path / "results-before", results)
 
 
+@pytest.mark.slow
+def test_retrained_arms_are_extracted_and_scored_again(smoke):
+    # The arms' names do not hold every training setting: after a change of finetune.lr the arms
+    # train again, and their complete stores of the old weights must not be reused.
+    from iis.extract.backbones import file_sha256
+
+    config, results, cache = smoke / "pipelines.yaml", smoke / "results" / "smoke", smoke / "cache" / "smoke"
+    text = config.read_text()
+    old_sha = {arm: open_feature_store(cache / f"{arm}.zarr").attrs["weights_sha256"] for arm in TUNED}
+    rows = len(pd.read_parquet(results / "finetune" / "iis.parquet"))
+    changed = text.replace("finetune: {model: r10-random, lambda: 1.0,", "finetune: {model: r10-random, lambda: 1.0, lr: 0.002,")
+    assert changed != text
+    try:
+        config.write_text(changed)
+        assert main(["finetune", "smoke", "--config", str(config)]) == 0
+    finally:
+        config.write_text(text)
+    for arm in TUNED:
+        attrs = open_feature_store(cache / f"{arm}.zarr").attrs
+        assert attrs["weights_sha256"] != old_sha[arm]
+        assert attrs["weights_sha256"] == file_sha256(Path(attrs["weights"].removeprefix("file:")))
+    # The arms' rows were replaced, not kept from the old stores and not doubled.
+    assert len(pd.read_parquet(results / "finetune" / "iis.parquet")) == rows
+
+
 def test_finetune_arms_are_scored_with_the_chosen_libraries_only(monkeypatch):
     # The demo scores its arms with prototype alone (each scoring library is a task per arm).
     import iis.apps.finetune_job
