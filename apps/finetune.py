@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from iis.analyze.activations import concept_activations, sparsify
+from iis.analyze.heads_default import CONCEPT_LRS
 from iis.analyze.libraries import ElementSet, LibraryInputs, build_library
 from iis.extract.backbones import element_transform
 from iis.extract.datasets import ImageDataset
@@ -31,6 +32,12 @@ from iis.extract.elements import ElementPlan, render_element
 from iis.extract.train import TrainOptions, TrainResult, train_backbone
 
 log = logging.getLogger(__name__)
+
+# g and its (γ, β) learn from scratch while the backbone is only nudged (finetune.lr, 5e-4 by
+# default): at the backbone's rate g stayed at chance (loss ln C) through the demo's 8 steps, so the
+# λ term sent the backbone no class signal. They take the rate the default trainer gives concept
+# heads.
+HEAD_LR = CONCEPT_LRS[0]
 
 
 class InterpretabilityLoss:
@@ -214,6 +221,7 @@ def finetune_arms(
         result = train_backbone(
             dataset=dataset, backbone=backbone, weights=weights, img_size=img_size, init_seed=init_seed,
             options=options, out_dir=out_dir, extra_loss=loss, extra_params=loss.params if loss else (),
+            extra_lr=HEAD_LR if loss else None,
             extra_config={"lambda": arm_lam, "ratio": ratio, "library_size": int(images.shape[0]),
                           "library_elements": [int(i) for i in library_elements],
                           "refresh_every": refresh_every, "start": str(weights)},

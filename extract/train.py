@@ -217,11 +217,17 @@ def _build_model(*, backbone: str, weights: str | Path, img_size: int | None, in
     return model, made.data_config, made.weights_sha256
 
 
-def _param_groups(model: torch.nn.Module, extra: Sequence[torch.nn.Parameter], weight_decay: float) -> list:
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra)
+def _param_groups(model: torch.nn.Module, extra: Sequence[torch.nn.Parameter], weight_decay: float,
+                  extra_lr: float | None = None) -> list:
+    """AdamW groups: weight decay on matrices only; ``extra`` in a group of its own at ``extra_lr``
+    (no decay) when that is given, else with the model's parameters."""
+    params = [p for p in model.parameters() if p.requires_grad] + (list(extra) if extra_lr is None else [])
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if extra_lr is not None and extra:
+        groups.append({"params": list(extra), "weight_decay": 0.0, "lr": extra_lr})
+    return groups
 
 
 def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -314,12 +320,15 @@ def _dataset_digest(dataset: ImageDataset) -> str:
 
 def _settings(*, dataset: ImageDataset, backbone: str, weights: str | Path, weights_sha256: str,
               img_size: int | None, init_seed: int, options: TrainOptions,
-              extra_config: Mapping[str, Any] | None, extra_loss: ExtraLoss | None) -> dict:
+              extra_config: Mapping[str, Any] | None, extra_loss: ExtraLoss | None,
+              extra_lr: float | None = None) -> dict:
     """Everything that determines the checkpoints' values; a rerun with equal settings is skipped."""
     extra = None
     if extra_loss is not None:
         extra = dict(extra_config) if extra_config is not None else {
             "callable": getattr(extra_loss, "__qualname__", type(extra_loss).__qualname__)}
+        if extra_lr is not None:  # unset is left out, so records written before it existed still match
+            extra["extra_lr"] = extra_lr
     # max_steps unset is left out, so records written before it existed still match.
     opts = {k: v for k, v in asdict(options).items()
             if k not in _RUNTIME_ONLY and not (k == "max_steps" and v is None)}
@@ -376,6 +385,7 @@ def train_backbone(
     out_dir: Path,
     extra_loss: ExtraLoss | None = None,
     extra_params: Sequence[torch.nn.Parameter] = (),
+    extra_lr: float | None = None,
     extra_config: Mapping[str, Any] | None = None,
     on_train_start: Callable[[torch.nn.Module], None] | None = None,
     on_epoch_end: Callable[[int, torch.nn.Module], None] | None = None,
@@ -397,6 +407,9 @@ def train_backbone(
             ``out_dir`` are removed first.
         extra_loss: called inside the forward pass (under autocast on CUDA) with the global step,
             counted from 0.
+        extra_lr: peak learning rate of ``extra_params`` (their own group, no weight decay, the
+            same schedule); None: ``options.lr``, as the model's. A head learnt from scratch
+            beside a fine-tuned backbone needs a larger rate than the backbone's.
         extra_config: a JSON-able description of ``extra_loss`` (e.g. its weight), recorded and
             compared on a rerun; by default the callable's qualified name.
         on_train_start: called once with the model (train mode, on the device) before the first
@@ -413,7 +426,7 @@ def train_backbone(
         num_classes=len(dataset.classes))
     settings = _settings(dataset=dataset, backbone=backbone, weights=weights, weights_sha256=weights_sha256,
                          img_size=img_size, init_seed=init_seed, options=options,
-                         extra_config=extra_config, extra_loss=extra_loss)
+                         extra_config=extra_config, extra_loss=extra_loss, extra_lr=extra_lr)
     reused = _reuse(out_dir, settings, options.checkpoints)
     if reused is not None:
         return reused
@@ -445,7 +458,7 @@ def train_backbone(
             raise ValueError(f"max_steps {options.max_steps} ends training before epoch {options.epochs} "
                              f"({steps_per_epoch} steps per epoch); lower epochs or raise max_steps")
         total_steps = min(total_steps, options.max_steps)
-    optimizer = torch.optim.AdamW(_param_groups(model, extra_params, options.weight_decay), lr=options.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, extra_params, options.weight_decay, extra_lr), lr=options.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(total_steps, round(options.warmup_epochs * steps_per_epoch)))
     log.info("train %s on %s: %d images, %d steps/epoch x %d epochs%s, device %s, checkpoints %s -> %s",

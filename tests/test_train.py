@@ -16,6 +16,7 @@ from iis.extract.backbones import create_backbone, state_dict_sha256
 from iis.extract.datasets import ImageDataset, Split, load_dataset
 from iis.extract.train import (
     TrainOptions,
+    _param_groups,
     checkpoint_path,
     load_checkpoint_into,
     train_backbone,
@@ -287,3 +288,19 @@ def test_loaded_state_has_no_foreign_keys(trained):
     result, _, _, _ = trained
     keys = set(load_file(str(result.checkpoints[0])))
     assert keys == set(timm.create_model(NAME, num_classes=10).state_dict())
+
+
+def test_extra_params_get_their_own_rate_and_no_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    head = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(2))]
+    shared = _param_groups(model, head, weight_decay=0.05)
+    assert [len(g["params"]) for g in shared] == [2, 4]  # matrices decay, vectors do not: head included
+    groups = _param_groups(model, head, weight_decay=0.05, extra_lr=1e-2)
+    assert [len(g["params"]) for g in groups] == [1, 3, 2]
+    assert groups[2]["lr"] == 1e-2 and groups[2]["weight_decay"] == 0.0 and "lr" not in groups[0]
+    optimizer = torch.optim.AdamW(groups, lr=5e-4)
+    for p in (*model.parameters(), *head):
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # Adam's first step moves each entry by about its group's rate
+    assert torch.allclose(head[0], torch.full((2, 3), -1e-2), atol=1e-6)
+    assert torch.allclose(model[1].bias, torch.full((3,), -5e-4), atol=1e-6)
