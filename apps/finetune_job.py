@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.pipeline import ClusterOptions, analyze_stores, model_keys
-from iis.analyze.store import StoreError, open_feature_store
+from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.apps.finetune import FinetuneArm, element_images, finetune_arms, loss_library_members, split_elements
 from iis.apps.finetune_tables import Comparison, arm_rows, delta_rows
 from iis.extract.backbones import create_backbone, file_sha256
@@ -85,22 +85,12 @@ def arm_name(start: str, lam: float, seed: int) -> str:
     return f"{start}+ft{lam:g}-s{seed}"
 
 
-def _current(path: Path, checkpoint: Path) -> bool:
-    """Whether a complete feature store of ``checkpoint``'s weights is at ``path``.
-
-    A complete store of other weights (the arm was trained again, e.g. with another
-    ``finetune.lr``) is stale: the arm's name does not hold every training setting. It is removed
-    here, to be extracted anew, so no table row comes from the old weights.
-    """
+def _complete_store(path: Path) -> FeatureStore | None:
+    """The complete feature store at ``path``, or None."""
     try:
-        store = open_feature_store(path)
+        return open_feature_store(path)
     except StoreError:
-        return False
-    if store.attrs.get("weights_sha256") == file_sha256(checkpoint):
-        return True
-    log.warning("%s: extracted from an earlier training of this arm (other weights); extracting it anew", path)
-    shutil.rmtree(path)
-    return False
+        return None
 
 
 @dataclass(frozen=True)
@@ -195,8 +185,15 @@ def prepare_arms(job: ArmsJob) -> PreparedArms:
         name = names[(arm.lam, arm.seed)]
         path = store_path(name)
         stores.append(path)
-        if _current(path, arm.checkpoint):
+        store = _complete_store(path)
+        if store is not None and store.attrs.get("weights_sha256") == file_sha256(arm.checkpoint):
             continue
+        if store is not None:
+            # The arm was trained again (e.g. with another finetune.lr: its name does not hold every
+            # setting), so this complete store holds the old weights: extracted anew, rows refitted.
+            log.warning("%s: extracted from an earlier training of this arm (other weights); extracting it anew",
+                        path)
+            shutil.rmtree(path)
         fresh.append(path)
         tuned = create_backbone(backbone=start.backbone, weights=str(arm.checkpoint), img_size=start.img_size,
                                 seed=start.seed)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iis import __version__
 from iis.config import AnalysisConfig, ConfigError, FinetuneConfig, MeasuredModel, PipelineConfig
 from iis.store_format import StoreError
+
+if TYPE_CHECKING:  # the analysis stack (torch, dask) is imported by the commands that use it
+    from iis.analyze.pipeline import ClusterOptions
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +171,8 @@ def _cluster(*, scheduler: str | None = None, workers: int | None = None, thread
 
 def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, workers: int | None = None,
                      threads: int | None = None, synchronous: bool = False, skip_complete: bool = False,
-                     memory_budget_mb: int | None = None, cluster=None, **overrides) -> dict:
+                     memory_budget_mb: int | None = None, cluster: ClusterOptions | None = None,
+                     **overrides) -> dict:
     """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's).
 
     ``cluster`` (a :class:`~iis.analyze.pipeline.ClusterOptions`) replaces the scheduler and
@@ -246,7 +251,8 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: fl
 
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
                       epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None,
-                      workers: int | None = None, scheduler: str | None = None, cluster=None) -> dict:
+                      workers: int | None = None, scheduler: str | None = None,
+                      cluster: ClusterOptions | None = None) -> dict:
     """Application 1: fine-tune a model with λ and with λ = 0 at every seed, measure every arm with
     the pipeline's libraries and analysis seeds, write ``finetune`` and ``finetune_delta.parquet``.
 
