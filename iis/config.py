@@ -47,10 +47,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 
-def _distinct_seeds(value: tuple[int, ...]) -> tuple[int, ...]:
-    """A ``seeds`` list (analysis or fine-tuning): non-empty, no repeats."""
+def _distinct(value: tuple, what: str) -> tuple:
+    """A list of ``what`` (seeds, libraries): non-empty, no repeats."""
     if not value or len(set(value)) != len(value):
-        raise ValueError("seeds must be a non-empty list without repeats")
+        raise ValueError(f"{what} must be a non-empty list without repeats")
     return value
 
 class ConfigError(ValueError):
@@ -331,9 +331,7 @@ class AnalysisConfig(_Frozen):
         for name in value:
             if name not in known:
                 raise ValueError(f"unknown library {name!r}; known: {', '.join(known)}")
-        if len(set(value)) != len(value) or not value:
-            raise ValueError("libraries must be a non-empty list without repeats")
-        return value
+        return _distinct(value, "libraries")
 
     @model_validator(mode="after")
     def _options_for_listed_libraries(self) -> AnalysisConfig:
@@ -376,7 +374,7 @@ class AnalysisConfig(_Frozen):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        return _distinct_seeds(value)
+        return _distinct(value, "seeds")
 
 
 class ClipConfig(_Frozen):
@@ -461,7 +459,13 @@ class FinetuneConfig(_Frozen):
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        return _distinct_seeds(value)
+        return _distinct(value, "seeds")
+
+    @field_validator("scoring_libraries")
+    @classmethod
+    def _scoring_libraries(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # An empty list would silently mean "all": absent (None) says that.
+        return None if value is None else _distinct(value, "scoring_libraries")
 
 
 class PipelineConfig(_Frozen):

@@ -180,6 +180,8 @@ FINETUNE = GOOD.replace("    results: results/p", "    results: results/p\n    f
         ("{model: zz}", r"pipelines\.p: finetune\.model 'zz' is not a model of this pipeline"),
         ("{model: a@stages.1}", r"pipelines\.p: finetune\.model 'a@stages\.1' is an inner layer \(stages\.1\); "
                                 r"name the model itself, 'a'"),
+        ("{model: a, scoring_libraries: []}",
+         r"pipelines\.p\.finetune\.scoring_libraries: scoring_libraries must be a non-empty list without repeats"),
         ("{model: a, scoring_libraries: [text]}",
          r"pipelines\.p: finetune\.scoring_libraries text not in analysis\.libraries \(prototype"),
     ],
