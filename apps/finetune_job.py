@@ -225,7 +225,8 @@ def compare_finetuning(
             tables under ``results / "finetune"`` (same formats), apart from the pipeline's models.
         dataset_label: a key column of the rows.
         libraries, ratios, analysis_seeds, bootstrap, options: the analysis every arm gets (the
-            pipeline's, at ``job.num_concepts``): every library scores every arm at every analysis seed.
+            pipeline's, at ``job.num_concepts``; ``libraries`` may be a subset of the pipeline's,
+            ``finetune.scoring_libraries``): every library scores every arm at every analysis seed.
         cluster: where the analysis runs (None: ``ClusterOptions()``).
         clip_store: the CLIP store, for a text library.
 

@@ -254,7 +254,8 @@ def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: flo
                       workers: int | None = None, scheduler: str | None = None,
                       cluster: ClusterOptions | None = None) -> dict:
     """Application 1: fine-tune a model with λ and with λ = 0 at every seed, measure every arm with
-    the pipeline's libraries and analysis seeds, write ``finetune`` and ``finetune_delta.parquet``.
+    the pipeline's libraries (or ``finetune.scoring_libraries``) and analysis seeds, write
+    ``finetune`` and ``finetune_delta.parquet``.
 
     Command-line values override the pipeline's ``finetune:`` section; ``cluster`` replaces
     ``workers`` and ``scheduler`` (:func:`analyze_pipeline`).
