@@ -162,15 +162,20 @@ class ModelConfig(_Frozen):
     # None: `final` only. Each layer but `final` is a model of its own, `<name>@<layer>`.
     layers: tuple[str, ...] | None = None
     seed: int = 0  # seeds random weights
+    # The run this model belongs to, for the correlation within and across groups (models of one
+    # group are not independent). Default: the name before the first `@` or `+`, so a trained
+    # model's checkpoints share one; name it to tie separate entries together (the same backbone
+    # under several weights files, say). A trained entry's checkpoints all take it.
+    group: str | None = None
     train: TrainConfig | None = None
     # With `train:`, the checkpoints (epochs) whose layers are extracted; default: every one.
     layers_at: tuple[Annotated[int, Field(ge=0)], ...] | None = None
 
-    @field_validator("name")
+    @field_validator("name", "group")
     @classmethod
-    def _name_ok(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(f"model names use letters, digits, '.', '_' and '-', got {value!r}")
+    def _name_ok(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"model {info.field_name}s use letters, digits, '.', '_' and '-', got {value!r}")
         return value
 
     @field_validator("backbone")
@@ -536,17 +541,21 @@ class PipelineConfig(_Frozen):
         for m in self.models:
             if m.train is None:
                 base = MeasuredModel(name=m.name, backbone=m.backbone, weights=m.weights,
-                                     img_size=m.img_size, seed=m.seed, parent=m.name, base=m.name)
+                                     img_size=m.img_size, seed=m.seed, parent=m.name, base=m.name, group=m.group)
                 out += _with_layers(base, m.layers)
                 continue
             for epoch in sorted(m.train.checkpoints):
                 ckpt = self.checkpoint_dir(m.name) / f"e{epoch}.safetensors"
                 name = f"{m.name}@e{epoch}"
                 base = MeasuredModel(name=name, backbone=m.backbone, weights=str(ckpt), img_size=m.img_size,
-                                     seed=m.seed, parent=m.name, epoch=epoch, base=name)
+                                     seed=m.seed, parent=m.name, epoch=epoch, base=name, group=m.group)
                 at = m.layers_at if m.layers_at is not None else m.train.checkpoints
                 out += _with_layers(base, m.layers if epoch in at else None)
         return out
+
+    def groups(self) -> dict[str, str]:
+        """``{model: group}`` for the measured models whose entry names a ``group:``."""
+        return {m.name: m.group for m in self.measured_models() if m.group}
 
     @property
     def clip_store(self) -> Path | None:
@@ -579,6 +588,7 @@ class MeasuredModel(_Frozen):
     base: str = ""  # the model whose extraction writes this store (its name without the layer)
     layer: str = "final"  # the layer this store holds
     layers: tuple[str, ...] | None = None  # on the base's entries: every layer its one pass extracts
+    group: str | None = None  # the entry's `group:`; None: the default group (from the name)
 
 
 def _with_layers(base: MeasuredModel, layers: tuple[str, ...] | None) -> list[MeasuredModel]:

@@ -186,7 +186,7 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
                                   memory_budget_mb=memory_budget_mb)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
                           skip_complete=skip_complete, elements_stores=cfg.elements_stores() or None,
-                          cluster=cluster, **args)
+                          groups=cfg.groups() or None, cluster=cluster, **args)
 
 
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,

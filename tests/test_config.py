@@ -106,6 +106,8 @@ def test_frozen_configs_hold_tuples(tmp_path):
         (("{source: builtin, name: digits}", "{source: imagefolder, root: nowhere}"),
          r"pipelines\.p\.dataset\.root: directory not found: .*nowhere"),
         (("    store: cache/p\n", ""), r"pipelines\.p\.store: Field required"),
+        (("{name: a, backbone: resnet10t}", "{name: a, backbone: resnet10t, group: 'my run'}"),
+         r"pipelines\.p\.models\[0\]\.group: model groups use letters, digits"),
     ],
 )
 def test_malformed_yaml_names_key_and_reason(tmp_path, edit, message):
@@ -113,6 +115,30 @@ def test_malformed_yaml_names_key_and_reason(tmp_path, edit, message):
     assert old in GOOD
     with pytest.raises(ConfigError, match=message):
         load_pipelines(_write(tmp_path, GOOD.replace(old, new)))
+
+
+def test_group_key_reaches_the_correlation_of_every_checkpoint(tmp_path, monkeypatch):
+    """A `group:` ties separate entries into one run for the correlation; a trained entry's
+    checkpoints all take it; entries without one are left to the default (their name)."""
+    text = GOOD.replace("{name: a, backbone: resnet10t}",
+                        "{name: a, backbone: resnet10t, group: shared, train: {epochs: 2, checkpoints: [0, 2]}}")
+    text = text.replace("img_size: 32}", "img_size: 32, group: shared}")
+    text = text.replace("      - {name: b,", "      - {name: c, backbone: resnet10t}\n      - {name: b,")
+    cfg = load_pipeline(_write(tmp_path, text), "p")
+    assert cfg.groups() == {"a@e0": "shared", "a@e2": "shared", "b": "shared"}
+
+    import iis.analyze.pipeline as pipeline
+
+    import iis.jobs as jobs
+
+    seen = {}
+    monkeypatch.setattr(jobs, "require_stores", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "analyze_stores", lambda stores, **kw: seen.update(kw))
+    jobs.analyze_pipeline(cfg, synchronous=True)
+    assert seen["groups"] == {"a@e0": "shared", "a@e2": "shared", "b": "shared"}
+    from iis.analyze.summary import model_groups
+
+    assert model_groups(["a@e0", "b", "c"], seen["groups"]) == {"a@e0": "shared", "b": "shared", "c": "c"}
 
 
 def test_every_problem_is_listed_at_once(tmp_path):
