@@ -83,6 +83,8 @@ class HeadFit:
         inverse_l2: ``(R,)`` float64, the L2 strength (scikit-learn's C) each head was fitted
             with, chosen on val by the default protocol; NaN where none applies (reference).
         learning_rate: ``(R,)`` float64, each head's learning rate (chosen on val by default).
+        epoch_top1: ``(R, E, 2)`` float64, val and test top-1 after each of the ``E`` epochs
+            (reference protocol only; None otherwise): how much its selection on test flatters it.
     """
 
     ratios: list[float] | None
@@ -100,6 +102,7 @@ class HeadFit:
     protocol: str = "default"
     inverse_l2: np.ndarray | None = None
     learning_rate: np.ndarray | None = None
+    epoch_top1: np.ndarray | None = None
     _keep: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
