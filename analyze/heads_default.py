@@ -31,8 +31,9 @@ BATCH = 256
 # Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
 # inputs like signal on a few hundred images).
 MIN_BATCHES_PER_EPOCH = 8
-# Learning-rate grids, chosen on val per ratio. Concept activations are standardised per image, so
-# one rate serves every library; raw features vary more between backbones.
+# Learning rates. Concept activations are standardised per image, so one base rate serves every
+# library (scaled per L2 strength: CONCEPT_LR_FACTORS); raw features vary more between backbones,
+# so the standard head's rate is chosen on val from a grid.
 CONCEPT_LRS = (1e-2,)
 STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # L2 penalty on the weights as scikit-learn's inverse strength C: the loss is mean cross-entropy
@@ -47,6 +48,13 @@ STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # measured on the demo's stores: "The grid's weak end"). The standard head keeps one C and chooses
 # its learning rate on val instead.
 CONCEPT_INVERSE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1)
+# A concept head's learning rate is CONCEPT_LRS[0] times a factor of its C: 1 up to C = 3e-3, 3 at
+# 1e-2 and 10 at 1e-1 (log-linear between, flat beyond). A weak penalty's optimum lies far from
+# the origin and Adam moves a weight about one learning rate a step, so at the base rate those
+# heads stopped short (on the demo's stores, +5.6 points of test top-1 on held-out stores from the
+# faster rates); the strong penalties' heads are noise-limited on large noisy train sets, where a
+# faster rate loses (benchmarks/README.md, "Learning rate per penalty").
+CONCEPT_LR_FACTORS = ((3e-3, 1.0), (1e-2, 3.0), (1e-1, 10.0))
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.
@@ -54,6 +62,13 @@ SPARSE_KEEP_FRACTION = 0.1
 SPARSE_EPOCH_FACTOR = 2
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
+
+
+def concept_lr_factor(inverse_l2: float) -> float:
+    """The multiple of ``CONCEPT_LRS[0]`` a concept head of L2 strength ``inverse_l2`` trains at
+    (``CONCEPT_LR_FACTORS``, interpolated in log C)."""
+    strengths, factors = zip(*CONCEPT_LR_FACTORS)
+    return float(np.interp(math.log10(inverse_l2), np.log10(strengths), factors))
 
 
 @dataclass(frozen=True)
@@ -243,6 +258,11 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     # Every head's cosine factor at every step, (steps, H, 1, 1): one lookup a step.
     progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
     cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)
+    # Each concept head's own rate (CONCEPT_LR_FACTORS) rides on its schedule factor.
+    lr_factor = torch.ones(num_heads, dtype=torch.float64)
+    if not standard:
+        lr_factor = torch.tensor([concept_lr_factor(float(c)) for c in penalties], dtype=torch.float64).repeat(num_ratios)
+        cosine *= lr_factor.float().view(1, num_heads, 1, 1)
     active = torch.arange(num_heads)
     heads, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
     step = 0
@@ -283,7 +303,8 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     fit = empty_fit(ratios, final_weight, final_bias, None if affine is None else affine[head],
                     ((head_steps[head] - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
     fit.inverse_l2 = penalties[chosen // num_rates].numpy()
-    fit.learning_rate = rates[rate].double().numpy()
+    fit.learning_rate = (torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS, dtype=torch.float64)[rate]
+                         * lr_factor[head]).numpy()
     evaluate(fit, splits["val"], splits["test"])
     return fit
 

@@ -3,6 +3,7 @@ and the learnt per-concept scale that lets a sparse head choose its concepts (ME
 
 from __future__ import annotations
 
+import iis.analyze.heads_default as default
 import numpy as np
 import pytest
 import torch
@@ -142,7 +143,29 @@ def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
     ratios = [0.0, 0.5, 0.9]
     fit = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0,
                     protocol="default" if learn_scale else "fixed-scale")
+    for ratio, gap, ours_val, best_val in _distance_to_lbfgs(fit, splits, spec, ratios):
+        assert gap < 0.01, (ratio, gap)  # nats of penalised train loss
+        assert ours_val < best_val + 0.01, (ratio, ours_val, best_val)
+
+
+def test_weakly_penalised_heads_reach_their_optimum_too(monkeypatch):
+    """A weak penalty's optimum lies far from the origin: at the strong penalties' learning rate
+    the C = 0.1 heads stopped 0.004-0.007 nats short of it on this workload (and several points
+    of top-1 short on trained networks' stores). Their own, faster rate gets them there."""
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", (0.1,))
+    splits, spec = _planted_activations(seed=1)
+    ratios = [0.0, 0.5, 0.9]
+    fit = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0)
+    assert fit.learning_rate.tolist() == [default.CONCEPT_LRS[0] * default.concept_lr_factor(0.1)] * 3
+    for ratio, gap, _, _ in _distance_to_lbfgs(fit, splits, spec, ratios):
+        assert gap < 0.002, (ratio, gap)
+
+
+def _distance_to_lbfgs(fit, splits, spec, ratios):
+    """Per head: ``(ratio, train objective above its L-BFGS optimum, its val loss, the optimum's
+    val loss)``, the optimum taken with (γ, β) and so the kept concepts as the head learnt them."""
     (x, y), (x_val, y_val) = splits["train"], splits["val"]
+    out = []
     for r, ratio in enumerate(ratios):
         keep = keep_count(ratio, spec.concepts)
         scale = None if fit.input_scale is None else fit.input_scale[r].clone()
@@ -150,12 +173,12 @@ def test_default_heads_reach_the_lbfgs_optimum_of_their_objective(learn_scale):
         inverse_l2 = float(fit.inverse_l2[r])  # the head's own penalty, chosen on val
         start = float(_objective(x, y, keep, *params[:2], scale, len(y), inverse_l2).detach())
         optimum = _lbfgs_minimum(x, y, keep, params, scale, inverse_l2)
-        assert start - optimum < 0.01, (ratio, start, optimum)  # nats of penalised train loss
         with torch.no_grad():
             ours_val = F.cross_entropy(fit.logits(x_val, r), y_val)
             inputs = head_grid_inputs(x_val, None if scale is None else scale.unsqueeze(0), torch.tensor([keep]))[0][0]
             best_val = F.cross_entropy(inputs @ params[0] + params[1], y_val)
-        assert float(ours_val) < float(best_val) + 0.01, (ratio, float(ours_val), float(best_val))
+        out.append((ratio, start - optimum, float(ours_val), float(best_val)))
+    return out
 
 
 def test_non_finite_inputs_and_out_of_range_labels_are_refused():
