@@ -259,10 +259,9 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
     cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)
     # Each concept head's own rate (CONCEPT_LR_FACTORS) rides on its schedule factor.
-    lr_factor = torch.ones(num_heads, dtype=torch.float64)
-    if not standard:
-        lr_factor = torch.tensor([concept_lr_factor(float(c)) for c in penalties], dtype=torch.float64).repeat(num_ratios)
-        cosine *= lr_factor.float().view(1, num_heads, 1, 1)
+    lr_factor = torch.tensor([1.0 if standard else concept_lr_factor(float(c)) for c in penalties],
+                             dtype=torch.float64).repeat(num_ratios)
+    cosine *= lr_factor.float().view(1, num_heads, 1, 1)
     active = torch.arange(num_heads)
     heads, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
     step = 0

@@ -6,10 +6,13 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import iis.analyze.pipeline as pipeline
 import pydantic
 import pytest
 from iis.analyze import libraries as registry
+from iis.analyze.summary import model_groups
 
+import iis.jobs as jobs
 from iis.catalog import write_starter
 from iis.config import (
     ConfigError,
@@ -127,17 +130,11 @@ def test_group_key_reaches_the_correlation_of_every_checkpoint(tmp_path, monkeyp
     cfg = load_pipeline(_write(tmp_path, text), "p")
     assert cfg.groups() == {"a@e0": "shared", "a@e2": "shared", "b": "shared"}
 
-    import iis.analyze.pipeline as pipeline
-
-    import iis.jobs as jobs
-
     seen = {}
     monkeypatch.setattr(jobs, "require_stores", lambda cfg: None)
     monkeypatch.setattr(pipeline, "analyze_stores", lambda stores, **kw: seen.update(kw))
     jobs.analyze_pipeline(cfg, synchronous=True)
     assert seen["groups"] == {"a@e0": "shared", "a@e2": "shared", "b": "shared"}
-    from iis.analyze.summary import model_groups
-
     assert model_groups(["a@e0", "b", "c"], seen["groups"]) == {"a@e0": "shared", "b": "shared", "c": "c"}
 
 
