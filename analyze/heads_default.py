@@ -213,7 +213,8 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     # longest, come last (so the heads still training are a contiguous range: views, not copies).
     keep = keep_per_ratio.repeat_interleave(num_penalties)
     num_heads = len(keep)
-    rates = torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS)
+    rate_grid = torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS, dtype=torch.float64)  # exact, for the record
+    rates = rate_grid.float()
     num_rates = len(rates)
     with_scale = learn_scale and not standard
 
@@ -302,8 +303,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     fit = empty_fit(ratios, final_weight, final_bias, None if affine is None else affine[head],
                     ((head_steps[head] - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
     fit.inverse_l2 = penalties[chosen // num_rates].numpy()
-    fit.learning_rate = (torch.tensor(STANDARD_LRS if standard else CONCEPT_LRS, dtype=torch.float64)[rate]
-                         * lr_factor[head]).numpy()
+    fit.learning_rate = (rate_grid[rate] * lr_factor[head]).numpy()
     evaluate(fit, splits["val"], splits["test"])
     return fit
 
