@@ -43,18 +43,19 @@ STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # Adam steps does not walk that far, and the linear part is converged given the learnt selection.)
 # Concept heads train one head per C of the grid and keep, per ratio, the C best on val: the best C
 # differs between ratios and workloads by more than a point of top-1 (benchmarks/README.md, "L2
-# strength"). Half decades from 1e-4, where noisy planted workloads choose, to 1e-2, and one decade
-# further to 1e-1, which trained networks on small train sets choose at low sparsity (the weak end,
-# measured on the demo's stores: "The grid's weak end"). The standard head keeps one C and chooses
+# strength"). Noisy planted workloads choose from 1e-4 to 1e-2; trained networks on small train sets
+# choose 1e-1 and 1 at low sparsity (the weak end, measured on the demo's stores: "The grid's weak
+# end"). Half decades from 1e-4 to 1e-2, without 1e-3 (its neighbours stand in for it at no measured
+# cost, and its place pays for C = 1), then decades to 1. The standard head keeps one C and chooses
 # its learning rate on val instead.
-CONCEPT_INVERSE_L2 = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1)
+CONCEPT_INVERSE_L2 = (1e-4, 3e-4, 3e-3, 1e-2, 1e-1, 1.0)
 # A concept head's learning rate is CONCEPT_LRS[0] times a factor of its C: 1 up to C = 3e-3, 3 at
-# 1e-2 and 10 at 1e-1 (log-linear between, flat beyond). A weak penalty's optimum lies far from
-# the origin and Adam moves a weight about one learning rate a step, so at the base rate those
+# 1e-2, 10 at 1e-1 and 30 at 1 (log-linear between, flat beyond). A weak penalty's optimum lies far
+# from the origin and Adam moves a weight about one learning rate a step, so at the base rate those
 # heads stopped short (on the demo's stores, +5.6 points of test top-1 on held-out stores from the
 # faster rates); the strong penalties' heads are noise-limited on large noisy train sets, where a
 # faster rate loses (benchmarks/README.md, "Learning rate per penalty").
-CONCEPT_LR_FACTORS = ((3e-3, 1.0), (1e-2, 3.0), (1e-1, 10.0))
+CONCEPT_LR_FACTORS = ((3e-3, 1.0), (1e-2, 3.0), (1e-1, 10.0), (1.0, 30.0))
 INVERSE_L2 = 0.03
 # Heads that keep at most this fraction of the concepts train this many times the steps, on their
 # own cosine schedule: each concept's weights learn only from the images that keep it.

@@ -40,7 +40,7 @@ from workloads import QUICK, WORKLOADS, make  # noqa: E402
 RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 HEAD_NAMES = ["standard", *[f"s={r:g}" for r in RATIOS]]
 CEILING_C = (0.01, 0.03, 0.1)
-CEILING_CONCEPT_C = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # holds the default grid
+CEILING_CONCEPT_C = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # holds the default grid
 CEILING_EPOCH_FACTOR = 4
 SPEED_AIM = 30.0
 REFERENCE_AIM = -0.5  # points of test top-1, ours minus reference
