@@ -118,16 +118,20 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     tied = False
     if len(partial):
         shared = magnitude.shape[0] == 1
-        # A sorted copy (fancy indexing copies; the sort is then in place).
-        ascending = magnitude.numpy()[[0] if shared else partial.numpy()]
-        ascending.sort(axis=-1)
-        position = (width - counts[partial]).numpy().reshape(-1, 1, 1)
-        ascending = np.broadcast_to(ascending, (len(partial), rows, width))
-        at = np.take_along_axis(ascending, np.broadcast_to(position, (len(partial), rows, 1)), axis=-1)
-        below = np.take_along_axis(ascending, np.broadcast_to(position - 1, (len(partial), rows, 1)), axis=-1)
+        first, last = int(partial[0]), int(partial[-1])
+        # The usual case is a range of heads (the dense heads come first in a trainer's grid): views.
+        heads_at = slice(first, last + 1) if last - first + 1 == len(partial) else partial.numpy()
+        chosen = magnitude.numpy()[:1] if shared else magnitude.numpy()[heads_at]
+        ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
+        # Each (head, row)'s threshold sits at position K - k(s) of its sorted row; one flat gather
+        # for all of them (cheaper than take_along_axis, which builds broadcast index grids).
+        row_starts = np.arange(rows) * width
+        head_starts = 0 if shared else (np.arange(len(partial)) * rows * width)[:, None]
+        index = head_starts + row_starts[None, :] + (width - counts[partial].numpy())[:, None]
+        at = ascending[index]
         # An entry below the threshold position equal to the threshold would be kept too: a tie.
-        tied = bool((below == at).any())
-        threshold[partial] = torch.from_numpy(at)
+        tied = bool((ascending[index - 1] == at).any())
+        threshold[heads_at] = torch.from_numpy(at).unsqueeze(-1)
     mask = torch.ge(magnitude, threshold, out=torch.empty(heads, rows, width)) if as_float else magnitude >= threshold
     if tied:
         # Some row has several entries tied at its threshold: keep those above it, then the tied
