@@ -93,11 +93,13 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     Equal to ``magnitude_ranks(values) < keep``, without ranking every entry: one sort gives each
     row's ``keep``-th largest magnitude, entries above it are kept, and the tied ones at it are
     taken in index order until the row holds exactly ``keep`` (the sorted rows tell whether any
-    row has such a tie). Heads that keep every entry are not sorted. The sort is numpy's, which is about
-    30x faster than ``torch.sort`` on CPU for rows this short (benchmarks/README.md, "Head trainer").
+    row has such a tie). Heads that keep every entry are not sorted. On CPU the sort is numpy's, which
+    is about 30x faster than ``torch.sort`` for rows this short (benchmarks/README.md, "Head
+    trainer"); on other devices (fine-tuning on CUDA) it is torch's, where the values are.
 
     Args:
-        values: ``(N, K)``, or ``(H, N, K)`` for a stack of heads (``H = 1`` shared by all heads).
+        values: ``(N, K)``, or ``(H, N, K)`` for a stack of heads (``H = 1`` shared by all heads);
+            any float dtype, any device.
         keep: an int, or ``(H,)`` int64: each head's ``k(s)``, in ``[1, K]``.
         as_float: return float32 ones and zeros instead of bools. A trainer multiplies by the
             mask: on CPU, a comparison into a bool tensor and a float-by-bool product each cost
@@ -114,34 +116,48 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     counts = counts.expand(heads)
     # Heads that keep every entry need no sort; their threshold is 0, which every |value| reaches.
     partial = torch.nonzero(counts < width).view(-1)
-    threshold = torch.zeros(heads, rows, 1)
+    # Thresholds in the values' own dtype and device: a float64 k-th magnitude rounded to float32
+    # could land above itself and drop out.
+    threshold = torch.zeros(heads, rows, 1, dtype=magnitude.dtype, device=magnitude.device)
     tied = False
     if len(partial):
         shared = magnitude.shape[0] == 1
         first, last = int(partial[0]), int(partial[-1])
         # The usual case is a range of heads (the dense heads come first in a trainer's grid): views.
-        heads_at = slice(first, last + 1) if last - first + 1 == len(partial) else partial.numpy()
-        chosen = magnitude.numpy()[:1] if shared else magnitude.numpy()[heads_at]
-        ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
-        # Each (head, row)'s threshold sits at position K - k(s) of its sorted row; one flat gather
-        # for all of them (cheaper than take_along_axis, which builds broadcast index grids).
-        row_starts = np.arange(rows) * width
-        head_starts = 0 if shared else (np.arange(len(partial)) * rows * width)[:, None]
-        index = head_starts + row_starts[None, :] + (width - counts[partial].numpy())[:, None]
-        at = ascending[index]
+        heads_at = slice(first, last + 1) if last - first + 1 == len(partial) else partial
+        positions = width - counts[partial]  # (P,) each head's threshold position in its sorted rows
+        if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
+            chosen = magnitude.numpy()[:1] if shared else magnitude.numpy()[_numpy_index(heads_at)]
+            ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
+            # One flat gather for every (head, row)'s threshold (cheaper than take_along_axis,
+            # which builds broadcast index grids).
+            row_starts = np.arange(rows) * width
+            head_starts = 0 if shared else (np.arange(len(partial)) * rows * width)[:, None]
+            index = head_starts + row_starts[None, :] + positions.numpy()[:, None]
+            at, below = torch.from_numpy(ascending[index]), torch.from_numpy(ascending[index - 1])
+        else:  # CUDA, or a dtype numpy lacks: torch's sort where the values are
+            ascending = torch.sort(magnitude[:1] if shared else magnitude[heads_at], dim=-1).values
+            ascending = ascending.expand(len(partial), rows, width)
+            index = positions.to(magnitude.device).view(-1, 1, 1).expand(len(partial), rows, 1)
+            at, below = torch.gather(ascending, -1, index)[..., 0], torch.gather(ascending, -1, index - 1)[..., 0]
         # An entry below the threshold position equal to the threshold would be kept too: a tie.
-        tied = bool((ascending[index - 1] == at).any())
-        threshold[heads_at] = torch.from_numpy(at).unsqueeze(-1)
-    mask = torch.ge(magnitude, threshold, out=torch.empty(heads, rows, width)) if as_float else magnitude >= threshold
+        tied = bool((below == at).any())
+        threshold[heads_at] = at.unsqueeze(-1)
+    out = torch.empty(heads, rows, width, device=magnitude.device) if as_float else None
+    mask = torch.ge(magnitude, threshold, out=out) if as_float else magnitude >= threshold
     if tied:
         # Some row has several entries tied at its threshold: keep those above it, then the tied
         # ones in index order until the row holds exactly k(s).
         above = magnitude > threshold
         at_threshold = magnitude == threshold
-        missing = counts.view(-1, 1, 1) - above.sum(dim=-1, keepdim=True)
+        missing = counts.to(magnitude.device).view(-1, 1, 1) - above.sum(dim=-1, keepdim=True)
         mask = above | (at_threshold & (at_threshold.cumsum(dim=-1) <= missing))
         mask = mask.float() if as_float else mask
     return mask[0] if flat and heads == 1 else mask
+
+
+def _numpy_index(heads: slice | torch.Tensor) -> slice | np.ndarray:
+    return heads if isinstance(heads, slice) else heads.numpy()
 
 
 def sparsify(activations: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -72,6 +72,28 @@ def test_keep_mask_of_stacked_heads_equals_ranks_per_head():
         assert torch.equal(mask.bool(), expected)
 
 
+def test_keep_mask_in_float64_keeps_its_own_threshold():
+    # 0.3 is the largest magnitude; rounded to float32 it would compare above itself and drop out.
+    values = torch.tensor([[0.1, 0.3, 0.2]], dtype=torch.float64)
+    assert keep_mask(values, 1).tolist() == [[False, True, False]]
+    assert keep_mask(values, 2).tolist() == [[False, True, True]]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-values", "shared-values"])
+def test_keep_mask_torch_path_equals_numpy_path(shared):
+    """Values numpy cannot sort (bfloat16 here; CUDA tensors in fine-tuning) take torch's sort on
+    their device; the mask is the same, ties included (bfloat16 rounds many values together)."""
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(1 if shared else 4, 200, 16, generator=g).bfloat16()
+    counts = torch.tensor([3, 16, 1, 9])  # a dense head in the middle: the sorted heads are not a range
+    as_float = keep_mask(values, counts, as_float=True)
+    assert as_float.dtype == torch.float32
+    expected = keep_mask(values.float(), counts)
+    assert torch.equal(keep_mask(values, counts), expected)
+    assert torch.equal(as_float.bool(), expected)
+    assert (expected.sum(-1) == counts.view(-1, 1)).all()
+
+
 def test_adam_step_matches_torch_adam_with_l2():
     g = torch.Generator().manual_seed(1)
     param = torch.randn(2, 4, 3, generator=g)
