@@ -312,7 +312,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
 @torch.no_grad()
 def _val_top1(weight: torch.Tensor, bias: torch.Tensor, affine: torch.Tensor | None, keep: torch.Tensor, *,
               prep_val: torch.Tensor, y_val: torch.Tensor, num_classes: int, standard: bool) -> torch.Tensor:
-    """Val top-1 of every (head, learning rate): ``(R, L)`` float64."""
+    """Val top-1 of every (head, learning rate): ``(H, L)`` float64, ``H = R * M`` heads."""
     num_heads = weight.shape[0]
     correct = torch.zeros(num_heads, weight.shape[1] // num_classes, dtype=torch.float64)
     for start in range(0, prep_val.shape[0], EVAL_CHUNK):
