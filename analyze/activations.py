@@ -127,7 +127,8 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
         heads_at = slice(first, last + 1) if last - first + 1 == len(partial) else partial
         positions = width - counts[partial]  # (P,) each head's threshold position in its sorted rows
         if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float32, torch.float64):
-            chosen = magnitude.numpy()[:1] if shared else magnitude.numpy()[_numpy_index(heads_at)]
+            rows_of = heads_at if isinstance(heads_at, slice) else heads_at.numpy()
+            chosen = magnitude.numpy()[:1] if shared else magnitude.numpy()[rows_of]
             ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
             # One flat gather for every (head, row)'s threshold (cheaper than take_along_axis,
             # which builds broadcast index grids).
@@ -154,10 +155,6 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
         mask = above | (at_threshold & (at_threshold.cumsum(dim=-1) <= missing))
         mask = mask.float() if as_float else mask
     return mask[0] if flat and heads == 1 else mask
-
-
-def _numpy_index(heads: slice | torch.Tensor) -> slice | np.ndarray:
-    return heads if isinstance(heads, slice) else heads.numpy()
 
 
 def sparsify(activations: torch.Tensor, ratio: float) -> torch.Tensor:
