@@ -81,9 +81,8 @@ class HeadFit:
         protocol: ``"default"``, ``"fixed-scale"`` or ``"reference"``; decides how :meth:`logits`
             treats its input.
         inverse_l2: ``(R,)`` float64, the L2 strength (scikit-learn's C) each head was fitted
-            with: chosen on val for concept heads, fixed for the standard head; NaN where none
-            applies (reference).
-        learning_rate: ``(R,)`` float64, each head's learning rate: chosen on val for the
+            with, chosen on val; NaN where none applies (reference).
+        learning_rate: ``(R,)`` float64, each head's learning rate: chosen on val with C for the
             standard head, set by the chosen C for concept heads.
         epoch_top1: ``(R, E, 2)`` float64, val and test top-1 after each of the ``E`` epochs
             (reference protocol only; None otherwise): how much its selection on test flatters it.

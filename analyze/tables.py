@@ -60,8 +60,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("caveat", pa.string()), ("grid", pa.string()), ("bootstrap", pa.int64()),
         *LAYER_COLUMNS, ("library_source", pa.string()),
         # The head's L2 strength (scikit-learn's C) and learning rate (concept heads: C chosen on
-        # val, the rate set by it; the standard head: C fixed, the rate chosen on val); null for
-        # the reference protocol, which fixes neither this way.
+        # val, the rate set by it; the standard head: the pair chosen on val); null for the
+        # reference protocol, which fixes neither this way.
         ("inverse_l2", pa.float64()), ("learning_rate", pa.float64()),
     ]),
     "iis": pa.schema([

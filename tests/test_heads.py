@@ -160,13 +160,45 @@ def test_default_protocol_regularises_to_the_end_and_looks_at_val_once(monkeypat
     seen = _spy_on_val_evaluations(monkeypatch)
     epochs = 60
     fit = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
-    assert len(seen) == 1 and seen[0].shape == (1, len(default.STANDARD_LRS))
+    assert len(seen) == 1 and seen[0].shape == (1, len(default.STANDARD_INVERSE_L2) * len(default.STANDARD_LRS))
     assert fit.best_epoch.tolist() == [epochs - 1]
     assert fit.val_top1[0] == pytest.approx(float(seen[0].max()), abs=1.5 / 400)  # the val-chosen rate
     assert fit.test_top1[0] > 0.88
-    monkeypatch.setattr(default, "INVERSE_L2", 1e9)  # (almost) no penalty: the noise is learnt
+    monkeypatch.setattr(default, "STANDARD_INVERSE_L2", (1e9,))  # (almost) no penalty: the noise is learnt
     unregularised = fit_heads(**_overfitting_splits(), num_classes=2, ratios=None, seed=0, max_epochs=epochs)
     assert unregularised.test_top1[0] < fit.test_top1[0] - 0.05
+
+
+def _quiet_signal_splits(classes: int = 5, signal: int = 8, nuisance: int = 56):
+    """Raw features like a trained network's: the classes differ along a few quiet dimensions
+    (std 0.1), beside loud class-blind ones (std 3). Telling them apart takes large weights on the
+    quiet dimensions, which a strong L2 penalty forbids."""
+    means = torch.randn(classes, signal, generator=torch.Generator().manual_seed(0)) * 0.15
+
+    def make(seed: int, n: int):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, classes, (n,), generator=g)
+        quiet = means[y] + 0.1 * torch.randn(n, signal, generator=g)
+        return torch.cat([quiet, 3.0 * torch.randn(n, nuisance, generator=g)], dim=1), y
+
+    return {"train": make(1, 1000), "val": make(2, 500), "test": make(3, 500)}
+
+
+def test_standard_head_chooses_its_penalty_and_rate_on_val(monkeypatch):
+    """Every (C, rate) pair of the standard head's grids trains; val picks the weak penalty where
+    the signal needs large weights, and its rate carries that penalty's factor. One C of 0.03, as
+    the standard head had before, stays near chance here."""
+    seen = _spy_on_val_evaluations(monkeypatch)
+    splits = _quiet_signal_splits()
+    fit = fit_heads(**splits, num_classes=5, ratios=None, seed=0)
+    options = [(c, lr * default.standard_lr_factor(c)) for c in default.STANDARD_INVERSE_L2 for lr in default.STANDARD_LRS]
+    assert seen[0].shape == (1, len(options))
+    best = int(seen[0][0].argmax())
+    assert (fit.inverse_l2[0], fit.learning_rate[0]) == pytest.approx(options[best])
+    assert fit.inverse_l2[0] > 0.03 and fit.test_top1[0] > 0.8
+    monkeypatch.setattr(default, "STANDARD_INVERSE_L2", (0.03,))
+    strong = fit_heads(**splits, num_classes=5, ratios=None, seed=0)
+    assert strong.test_top1[0] < 0.4
 
 
 @pytest.mark.parametrize("protocol", ["default", "reference"])
