@@ -14,6 +14,8 @@ measurements behind each.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +87,24 @@ def standard_lr_factor(inverse_l2: float) -> float:
 def _lr_factor(inverse_l2: float, table: tuple[tuple[float, float], ...]) -> float:
     strengths, factors = zip(*table)
     return float(np.interp(math.log10(inverse_l2), np.log10(strengths), factors))
+
+
+@contextmanager
+def denormals_flushed() -> Iterator[bool]:
+    """Flush subnormal floats to zero on CPU while the heads train; yields whether the CPU can.
+
+    A confident head's softmax holds probabilities below float32's smallest normal number
+    (``exp(-88)``), and a matmul fed such subnormals runs several times slower on x86 (the two
+    gradient matmuls took 3x the forward one's time; benchmarks/README.md, "Subnormal floats").
+    Flushed, they become zeros: a change of under 1e-38 in a gradient entry. torch offers no
+    getter for the mode, so on leaving it is set back to torch's default, off.
+    """
+    supported = torch.set_flush_denormal(True)
+    try:
+        yield supported
+    finally:
+        if supported:
+            torch.set_flush_denormal(False)
 
 
 @dataclass(frozen=True)
@@ -293,26 +313,27 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     cosine *= head_factor.float().view(1, num_heads, 1, 1)
     active = torch.arange(num_heads)
     heads, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
-    step = 0
-    while len(active):
-        for xb, yb in epoch_batches(x_train, y_train, batch_size=schedule.batch_size, generator=generator):
-            xb = prep(xb)
-            if standard:
-                inputs, mask = xb.unsqueeze(0), None
-            else:
-                inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], active_keep)
-            d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
-            grads = [d_weight, d_bias]
-            if affine is not None:
-                d_tilde = d_inputs.mul_(mask)
-                grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
-            optimizer.step(grads, cosine[step, heads], heads)
-            step += 1
-            if step in leave_at:  # heads whose schedule ended leave
-                active = active[head_steps[active] > step]
-                if len(active) == 0:
-                    break
-                heads, active_keep = _as_slice(active), keep[active]
+    with denormals_flushed():
+        step = 0
+        while len(active):
+            for xb, yb in epoch_batches(x_train, y_train, batch_size=schedule.batch_size, generator=generator):
+                xb = prep(xb)
+                if standard:
+                    inputs, mask = xb.unsqueeze(0), None
+                else:
+                    inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], active_keep)
+                d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
+                grads = [d_weight, d_bias]
+                if affine is not None:
+                    d_tilde = d_inputs.mul_(mask)
+                    grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
+                optimizer.step(grads, cosine[step, heads], heads)
+                step += 1
+                if step in leave_at:  # heads whose schedule ended leave
+                    active = active[head_steps[active] > step]
+                    if len(active) == 0:
+                        break
+                    heads, active_keep = _as_slice(active), keep[active]
 
     # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)
     # (ties: the first in the grids, i.e. the stronger penalty, the smaller rate). With the L2

@@ -206,6 +206,33 @@ def _distance_to_lbfgs(fit, splits, spec, ratios):
     return out
 
 
+def _subnormals_flushed() -> bool:
+    """Whether float32 arithmetic on this thread flushes subnormals (1e-40 is one) to zero."""
+    return float((torch.tensor([1e-40]) * 1.0).item()) == 0.0
+
+
+def test_trainer_flushes_subnormals_while_it_trains_and_restores_the_default(monkeypatch):
+    """A confident head's softmax holds subnormal probabilities, which slow its gradient matmuls
+    several times on x86 (benchmarks/README.md, "Subnormal floats"): the trainer flushes them
+    while it trains, and leaves torch's default (off) behind."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    assert not _subnormals_flushed()
+    seen = []
+    grads = default.cross_entropy_grads
+
+    def probe(*args, **kwargs):
+        seen.append(_subnormals_flushed())
+        return grads(*args, **kwargs)
+
+    monkeypatch.setattr(default, "cross_entropy_grads", probe)
+    splits, spec = _planted_activations()
+    fit_heads(**splits, num_classes=spec.classes, ratios=[0.0, 0.9], seed=0, max_epochs=1)
+    fit_heads(**splits, num_classes=spec.classes, ratios=None, seed=0, max_epochs=1)  # the standard head too
+    assert seen and all(seen)
+    assert not _subnormals_flushed()
+
+
 def test_non_finite_inputs_and_out_of_range_labels_are_refused():
     splits, spec = _planted_activations()
     x, y = splits["train"]
