@@ -95,7 +95,7 @@ def denormals_flushed() -> Iterator[bool]:
 
     A confident head's softmax holds probabilities below float32's smallest normal number
     (``exp(-88)``), and a matmul fed such subnormals runs several times slower on x86 (the two
-    gradient matmuls took 3x the forward one's time; benchmarks/README.md, "Subnormal floats").
+    gradient matmuls took 3x the forward one's time; benchmarks/README.md, "subnormals.py").
     Flushed, they become zeros: a change of under 1e-38 in a gradient entry. torch offers no
     getter for the mode, so on leaving it is set back to torch's default, off.
     """

@@ -213,7 +213,7 @@ def _subnormals_flushed() -> bool:
 
 def test_trainer_flushes_subnormals_while_it_trains_and_restores_the_default(monkeypatch):
     """A confident head's softmax holds subnormal probabilities, which slow its gradient matmuls
-    several times on x86 (benchmarks/README.md, "Subnormal floats"): the trainer flushes them
+    several times on x86 (benchmarks/README.md, "subnormals.py"): the trainer flushes them
     while it trains, and leaves torch's default (off) behind."""
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
