@@ -179,3 +179,36 @@ def evaluate(fit: HeadFit, val: tuple[torch.Tensor, torch.Tensor], test: tuple[t
     fit.val_top1, fit.test_top1, fit.test_top5 = np.array(val_top1), np.array(test_top1), np.array(test_top5)
     fit.test_correct, fit.test_pred = np.stack(correct), np.stack(preds).astype(np.int64)
     fit.active_concepts = np.array(active, dtype=np.int64)
+
+
+def concat_fits(fits: list[HeadFit]) -> HeadFit:
+    """The heads of several fits of one library, as one fit with its ratios ascending.
+
+    The fits are parts of one ratio grid fitted apart (:mod:`iis.analyze.parts`): same library,
+    protocol and test images, disjoint ratios. Each field is concatenated along its ratio axis.
+    """
+    if not fits or any(f.ratios is None for f in fits):
+        raise ValueError("concat_fits joins interpretable heads (fits with ratios)")
+    if len({f.protocol for f in fits}) != 1:
+        raise ValueError("the parts of a ratio grid were fitted with different protocols")
+    ratios = [r for f in fits for r in f.ratios]
+    if len(set(ratios)) != len(ratios):
+        raise ValueError(f"the parts of a ratio grid overlap: {ratios}")
+    order = np.argsort(ratios, kind="stable")
+    index = torch.from_numpy(order)
+
+    def join(name: str) -> np.ndarray | None:
+        values = [getattr(f, name) for f in fits]
+        return None if values[0] is None else np.concatenate(values)[order]
+
+    def join_tensor(name: str) -> torch.Tensor | None:
+        values = [getattr(f, name) for f in fits]
+        return None if values[0] is None else torch.cat(values)[index].contiguous()
+
+    return HeadFit(
+        ratios=[float(ratios[i]) for i in order], weight=join_tensor("weight"), bias=join_tensor("bias"),
+        input_scale=join_tensor("input_scale"), val_top1=join("val_top1"), test_top1=join("test_top1"),
+        test_top5=join("test_top5"), test_correct=join("test_correct"), test_pred=join("test_pred"),
+        active_concepts=join("active_concepts"), best_epoch=join("best_epoch"),
+        fit_seconds=float(sum(f.fit_seconds for f in fits)), protocol=fits[0].protocol,
+        inverse_l2=join("inverse_l2"), learning_rate=join("learning_rate"), epoch_top1=join("epoch_top1"))

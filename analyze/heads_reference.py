@@ -24,6 +24,16 @@ LR = 1e-2
 GAMMA = 0.99  # ExponentialLR, stepped once per epoch
 
 
+def head_generator(seed: int, ratio: float | None) -> torch.Generator:
+    """The generator of one head's initialisation and batches, seeded by ``(seed, ratio)``: a head
+    does not depend on which other ratios are fitted, or in what order (a grid split over several
+    tasks fits the same heads: :mod:`iis.analyze.parts`)."""
+    if ratio is None:
+        return torch.Generator().manual_seed(seed)
+    entropy = np.random.SeedSequence([seed, round(float(ratio) * 1_000_000)]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(entropy))
+
+
 def fit_reference(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
                   ratios: list[float] | None, seed: int, epochs: int, batch_size: int,
                   learn_layer_norm: bool = True) -> HeadFit:
@@ -42,10 +52,10 @@ def fit_reference(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_c
     x_train = materialize(x_train).float()  # the reference is for comparison only: no memory tricks
     num_train, num_inputs = x_train.shape
     keep = torch.tensor([num_inputs]) if ratios is None else keep_counts(ratios, num_inputs)
-    generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(num_inputs)  # torch.nn.Linear's default initialisation
     layer_norms, weights, biases, best_epochs, history = [], [], [], [], []
     for r, k in enumerate(keep.tolist()):
+        generator = head_generator(seed, None if ratios is None else ratios[r])
         layer_norm = torch.stack([torch.ones(num_inputs), torch.zeros(num_inputs)]).requires_grad_(learn_layer_norm)
         weight = ((torch.rand(num_inputs, num_classes, generator=generator) * 2 - 1) * bound).requires_grad_()
         bias = ((torch.rand(num_classes, generator=generator) * 2 - 1) * bound).requires_grad_()

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
+from iis.analyze.parts import plan_parts, task_cost
 from iis.analyze.ranking import ranking_current, ranking_rows, save_correctness
 from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
-from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, run_task
+from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
 
 from iis.progress import progress
 
@@ -42,6 +43,9 @@ class ClusterOptions:
             (:data:`iis.analyze.tasks.MEMORY_FRACTION`).
         shared: a LocalCluster that this and later analyses use, started on first use
             (:func:`shared_cluster`); None: each analysis starts its own.
+        head_parts: tasks each library's ratio grid is split over (:mod:`iis.analyze.parts`);
+            None: enough to leave no task slot idle (only with fewer library tasks than slots);
+            1: never split. Ignored when ``synchronous``.
     """
 
     scheduler: str | None = None
@@ -50,11 +54,14 @@ class ClusterOptions:
     synchronous: bool = False
     memory_budget: int | None = None
     shared: SharedCluster | None = None  # a LocalCluster kept between analyses (shared_cluster)
+    head_parts: int | None = None
 
     def __post_init__(self) -> None:
         # A LocalCluster of 0 workers waits for a worker forever; 0 threads is no torch setting.
-        for name in ("workers", "threads"):
+        for name in ("workers", "threads", "head_parts"):
             value = getattr(self, name)
+            if name == "head_parts" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -148,40 +155,71 @@ def _naming_store(err: Exception, spec: TaskSpec) -> Exception:
 def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskResult]:
     """Run every task; results come back in the order of ``specs``.
 
-    A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised again with the
-    store and task named in its message.
+    On a cluster with more task slots than library tasks, a library's ratio grid is split over
+    several tasks (:mod:`iis.analyze.parts`) and merged back here: the results are those of the
+    whole task. A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised
+    again with the store and task named in its message.
     """
-    bar = progress(total=len(specs), desc="analyze", unit="task", logger=log)
     if options.synchronous:
         results = []
-        with bar:
+        with progress(total=len(specs), desc="analyze", unit="task", logger=log) as bar:
             for spec in specs:
-                try:
+                with _named_failures(spec):
                     results.append(run_task(spec))
-                except Exception as err:
-                    named = _naming_store(err, spec)
-                    if named is err:
-                        raise
-                    raise named from err
                 bar.update()
         return results
     from dask.distributed import as_completed
 
-    with dask_client(options) as client, bar:
-        futures = [client.submit(run_task, spec, key=spec.key, pure=False) for spec in specs]
-        index = {f.key: i for i, f in enumerate(futures)}
-        results: list[TaskResult | None] = [None] * len(specs)
-        for future in as_completed(futures):
-            i = index[future.key]
-            try:
-                results[i] = future.result()
-            except Exception as err:
-                named = _naming_store(err, specs[i])
-                if named is err:
-                    raise
-                raise named from err
-            bar.update()
-    return results  # type: ignore[return-value]
+    with dask_client(options) as client:
+        slots = sum(client.nthreads().values())
+        plan = plan_parts(specs, slots=slots, head_parts=options.head_parts)
+        if plan:
+            log.info("analyze: %d library tasks split in %s parts (%d task slots)", len(plan),
+                     "/".join(str(len(p)) for p in plan.values()), slots)
+        # Longest first (Dask runs higher priorities first): a short standard head then fills the
+        # gap a shorter part leaves, instead of delaying the longest part.
+        futures, owner, libraries = [], {}, {}
+        for i, spec in enumerate(specs):
+            if i not in plan:
+                futures.append(client.submit(run_task, spec, key=spec.key, pure=False, priority=task_cost(spec)))
+                owner[futures[-1].key] = (i, spec)
+                continue
+            # One build of the library, shared by the parts: k-means runs once, and every part
+            # projects on the same concepts.
+            libraries[i] = client.submit(build_task, spec, key=f"{spec.key}-library", pure=False,
+                                         priority=task_cost(spec))
+            for part in plan[i]:
+                part_spec = replace(spec, part=part)
+                futures.append(client.submit(run_part, part_spec, libraries[i], key=part_spec.key, pure=False,
+                                             priority=task_cost(part_spec)))
+                owner[futures[-1].key] = (i, part_spec)
+        done: dict[int, list[TaskResult]] = {}
+        with progress(total=len(futures), desc="analyze", unit="task", logger=log) as bar:
+            for future in as_completed(futures):
+                i, spec = owner[future.key]
+                with _named_failures(spec):
+                    done.setdefault(i, []).append(future.result())
+                bar.update()
+        results = []
+        for i, spec in enumerate(specs):
+            if i not in plan:
+                results.append(done[i][0])
+                continue
+            with _named_failures(spec):
+                results.append(merge_parts(spec, libraries[i].result(), done[i]))
+    return results
+
+
+@contextlib.contextmanager
+def _named_failures(spec: TaskSpec) -> Iterator[None]:
+    """Raise a task's expected failure again with its store and task named (:func:`_naming_store`)."""
+    try:
+        yield
+    except Exception as err:
+        named = _naming_store(err, spec)
+        if named is err:
+            raise
+        raise named from err
 
 
 def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = None,

@@ -6,9 +6,11 @@ graph stays tiny and a rescheduled task (after a worker dies) recomputes the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 from iis.analyze.allocator import reuse_freed_memory
 from iis.analyze.artifacts import save_library
 from iis.analyze.heads import HeadFit, fit_heads
+from iis.analyze.heads_model import concat_fits
 from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
 from iis.analyze.libraries.base import TextInputs
 from iis.analyze.metrics import accuracy_ci
@@ -62,6 +65,8 @@ class TaskSpec:
             (``MEMORY_FRACTION``) of this machine's RAM.
         elements_store: the store whose visual elements build the library (``analysis.library_from``;
             same backbone, weights and layer, checked), or None for this store's own.
+        part: the ratios (a part of ``ratios``) whose heads this task fits when the grid is split
+            over several tasks (:mod:`iis.analyze.parts`); None: every ratio.
     """
 
     store: str
@@ -77,11 +82,13 @@ class TaskSpec:
     options: dict | None = None
     memory_budget: int | None = None
     elements_store: str | None = None
+    part: tuple[float, ...] | None = None
 
     @property
     def key(self) -> str:
         """A readable, unique Dask key."""
-        return f"iis-{Path(self.store).stem}-{self.library}-K{self.num_concepts}-seed{self.seed}-{self.protocol}"
+        key = f"iis-{Path(self.store).stem}-{self.library}-K{self.num_concepts}-seed{self.seed}-{self.protocol}"
+        return key if self.part is None else f"{key}-s{'-'.join(f'{r:g}' for r in self.part)}"
 
 
 @dataclass
@@ -94,6 +101,8 @@ class TaskResult:
         concept_rows: rows of ``concepts.parquet`` without the model keys.
         test_correct: ``(R, N_test)`` bool; ``R = 1`` for the standard head.
         test_ids: ``(N_test,)`` str, to check that paired bootstraps pair the same images.
+        info: ``seconds`` (the task's wall time) and, for a merged result, ``parts``.
+        fit: the heads of a part of a split grid (:func:`run_part`), for :func:`merge_parts`; else None.
     """
 
     spec: TaskSpec
@@ -102,6 +111,7 @@ class TaskResult:
     test_correct: np.ndarray
     test_ids: np.ndarray
     info: dict = field(default_factory=dict)
+    fit: HeadFit | None = None
 
 
 def _ci(correct: np.ndarray, spec: TaskSpec) -> tuple[float, float]:
@@ -210,68 +220,38 @@ def clip_caveat(clip_store: str | None) -> str | None:
     return "random CLIP weights (random-for-tests): text concepts are meaningless" if attrs.get("random_weights") else None
 
 
-def run_task(spec: TaskSpec) -> TaskResult:
-    """Compute one (store, library, seed): build the library, project, fit every ratio's head.
-
-    The activations are computed once per (model, library, seed) and all ratios' heads are
-    fitted together; a per-ratio library (end2end) is built and fitted once per ratio.
-    """
+@contextlib.contextmanager
+def _task_context(spec: TaskSpec) -> Iterator[None]:
+    """What every task runs under: reused freed memory, its seed, ``spec.threads`` torch/BLAS threads."""
     reuse_freed_memory()  # a Dask worker's malloc settings would double the heads' CPU time (allocator.py)
     torch.manual_seed(spec.seed)
     with threadpool_limits(limits=spec.threads):
         previous = torch.get_num_threads()
         torch.set_num_threads(spec.threads)
         try:
-            return _run(spec)
+            yield
         finally:
             torch.set_num_threads(previous)
+
+
+def run_task(spec: TaskSpec) -> TaskResult:
+    """Compute one (store, library, seed): build the library, project, fit every ratio's head.
+
+    The activations are computed once per (model, library, seed) and all ratios' heads are
+    fitted together; a per-ratio library (end2end) is built and fitted once per ratio.
+    """
+    with _task_context(spec):
+        return _run(spec)
 
 
 def _run(spec: TaskSpec) -> TaskResult:
     start = time.perf_counter()
     store = open_feature_store(Path(spec.store))
-    num_classes = store.num_classes
     if spec.library == STANDARD:
-        # Train is held when its float32 features fit the budget: every epoch then draws batches
-        # from memory instead of decoding the store again (a 100k x 512 standard head spent most
-        # of its time there). Beyond the budget it streams chunk by chunk; val and test are read whole.
-        # Decided from the stored array's shape (every row, an upper bound on the usable ones), so
-        # that the split is decoded once, not scanned first to count its usable rows.
-        stored_rows, dim = store.group["train"]["features"].shape
-        held = 4 * stored_rows * dim <= memory_budget(spec.memory_budget)
-        if held:
-            train = store.read_split("train")
-            train_x, labels = train.x, train.labels
-        else:
-            train_x = store.chunked_split("train")
-            labels = train_x.labels
-        log.debug("%s standard head: train features %s", store.model, "held in memory" if held else "streamed")
-        val, test = store.read_split("val"), store.read_split("test")
-        sizes = {"train": len(labels), "val": len(val.labels), "test": len(test.labels)}
-        fit = fit_heads(train=(train_x, labels), val=(val.x, val.labels), test=(test.x, test.labels),
-                        num_classes=num_classes, ratios=None, seed=spec.seed, protocol=spec.protocol)
-        rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
-        log.info("%s standard head: test top-1 %.4f", store.model, fit.test_top1[0])
-        return TaskResult(spec, rows, [], fit.test_correct, test.ids,
-                          info={"seconds": time.perf_counter() - start})
-
-    lib_spec = get_library(spec.library)
-    source = store
-    if spec.elements_store is not None:
-        from iis.analyze.sources import check_source
-
-        source = open_feature_store(Path(spec.elements_store))
-        check_source(store, source)  # again here: a task may be submitted without analyze_stores
-    elements = source.read_elements()
-    inputs = LibraryInputs(elements=elements, num_classes=num_classes)
-    if lib_spec.supervised:
-        train_raw, val_raw = store.read_split("train"), store.read_split("val")
-        text = _text_inputs(spec, train_raw, val_raw) if lib_spec.needs_text else None
-        inputs = LibraryInputs(elements=elements, num_classes=num_classes,
-                               train_features=train_raw.x, train_labels=train_raw.labels,
-                               val_features=val_raw.x, val_labels=val_raw.labels, text=text)
+        return _run_standard(spec, store, start)
+    source, inputs = _library_inputs(spec, store)
     caveat = clip_caveat(spec.clip_store)
-    builds = [None] if not lib_spec.per_ratio else list(spec.ratios)
+    builds = [None] if not get_library(spec.library).per_ratio else list(spec.ratios)
     accuracy_rows: list[dict] = []
     concept_rows: list[dict] = []
     correct = []
@@ -279,21 +259,131 @@ def _run(spec: TaskSpec) -> TaskResult:
     for ratio in builds:
         lib = build_library(spec.library, inputs, num_concepts=spec.num_concepts, seed=spec.seed, ratio=ratio,
                             options=spec.options)
-        # Projection happens chunk by chunk inside the reader: N x K is held, never N x D.
-        splits = {s: store.read_split(s, transform=lib.activations) for s in ("train", "val", "test")}
-        sizes = {s: len(d.labels) for s, d in splits.items()}
         ratios = list(spec.ratios) if ratio is None else [ratio]
-        fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=num_classes, ratios=ratios, spec=spec)
-        # Rows carry the requested K: a text library may keep fewer concepts (K' <= K, filters),
-        # and the tables line libraries up by the K the user asked for.
-        accuracy_rows += _accuracy_rows(fit, spec, library=spec.library, num_concepts=spec.num_concepts,
-                                        ratios=ratios, sizes=sizes, caveat=caveat)
-        saved = save_library(lib, fit, library_dir=_library_dir(spec), model=store.model, seed=spec.seed,
-                             store=spec.store, num_concepts=spec.num_concepts)
-        concept_rows += _concept_rows(lib, source, spec, saved, caveat)
+        fit, rows, test_ids = _fit_library(spec, store, lib, ratios, caveat)
+        accuracy_rows += rows
+        concept_rows += _save_library(spec, store, source, lib, fit, caveat)
         correct.append(fit.test_correct)
-        test_ids = splits["test"].ids
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,
              len(spec.ratios), time.perf_counter() - start)
     return TaskResult(spec, accuracy_rows, concept_rows, np.concatenate(correct), test_ids,
                       info={"seconds": time.perf_counter() - start})
+
+
+def _run_standard(spec: TaskSpec, store: FeatureStore, start: float) -> TaskResult:
+    # Train is held when its float32 features fit the budget: every epoch then draws batches
+    # from memory instead of decoding the store again (a 100k x 512 standard head spent most
+    # of its time there). Beyond the budget it streams chunk by chunk; val and test are read whole.
+    # Decided from the stored array's shape (every row, an upper bound on the usable ones), so
+    # that the split is decoded once, not scanned first to count its usable rows.
+    stored_rows, dim = store.group["train"]["features"].shape
+    held = 4 * stored_rows * dim <= memory_budget(spec.memory_budget)
+    if held:
+        train = store.read_split("train")
+        train_x, labels = train.x, train.labels
+    else:
+        train_x = store.chunked_split("train")
+        labels = train_x.labels
+    log.debug("%s standard head: train features %s", store.model, "held in memory" if held else "streamed")
+    val, test = store.read_split("val"), store.read_split("test")
+    sizes = {"train": len(labels), "val": len(val.labels), "test": len(test.labels)}
+    fit = fit_heads(train=(train_x, labels), val=(val.x, val.labels), test=(test.x, test.labels),
+                    num_classes=store.num_classes, ratios=None, seed=spec.seed, protocol=spec.protocol)
+    rows = _accuracy_rows(fit, spec, library=STANDARD, num_concepts=None, ratios=[None], sizes=sizes)
+    log.info("%s standard head: test top-1 %.4f", store.model, fit.test_top1[0])
+    return TaskResult(spec, rows, [], fit.test_correct, test.ids, info={"seconds": time.perf_counter() - start})
+
+
+def _library_inputs(spec: TaskSpec, store: FeatureStore) -> tuple[FeatureStore, LibraryInputs]:
+    """The store whose elements build the library (this one, or ``spec.elements_store``) and the
+    library builder's inputs."""
+    source = store
+    if spec.elements_store is not None:
+        from iis.analyze.sources import check_source
+
+        source = open_feature_store(Path(spec.elements_store))
+        check_source(store, source)  # again here: a task may be submitted without analyze_stores
+    elements = source.read_elements()
+    inputs = LibraryInputs(elements=elements, num_classes=store.num_classes)
+    if get_library(spec.library).supervised:
+        train_raw, val_raw = store.read_split("train"), store.read_split("val")
+        text = _text_inputs(spec, train_raw, val_raw) if get_library(spec.library).needs_text else None
+        inputs = LibraryInputs(elements=elements, num_classes=store.num_classes,
+                               train_features=train_raw.x, train_labels=train_raw.labels,
+                               val_features=val_raw.x, val_labels=val_raw.labels, text=text)
+    return source, inputs
+
+
+def _fit_library(spec: TaskSpec, store: FeatureStore, lib: ConceptLibrary, ratios: list[float],
+                 caveat: str | None) -> tuple[HeadFit, list[dict], np.ndarray]:
+    """Project every split on ``lib`` and fit the heads of ``ratios``: the fit, its accuracy rows
+    and the test ids."""
+    # Projection happens chunk by chunk inside the reader: N x K is held, never N x D.
+    splits = {s: store.read_split(s, transform=lib.activations) for s in ("train", "val", "test")}
+    sizes = {s: len(d.labels) for s, d in splits.items()}
+    fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=store.num_classes, ratios=ratios, spec=spec)
+    # Rows carry the requested K: a text library may keep fewer concepts (K' <= K, filters),
+    # and the tables line libraries up by the K the user asked for.
+    rows = _accuracy_rows(fit, spec, library=spec.library, num_concepts=spec.num_concepts, ratios=ratios,
+                          sizes=sizes, caveat=caveat)
+    return fit, rows, splits["test"].ids
+
+
+def _save_library(spec: TaskSpec, store: FeatureStore, source: FeatureStore, lib: ConceptLibrary, fit: HeadFit,
+                  caveat: str | None) -> list[dict]:
+    """Save ``lib`` with its heads; its ``concepts.parquet`` rows, which name the file."""
+    saved = save_library(lib, fit, library_dir=_library_dir(spec), model=store.model, seed=spec.seed,
+                         store=spec.store, num_concepts=spec.num_concepts)
+    return _concept_rows(lib, source, spec, saved, caveat)
+
+
+# --------------------------------------------------------------------------------------------------
+# One library's ratio grid split over several tasks (iis.analyze.parts plans the split)
+
+
+def build_task(spec: TaskSpec) -> ConceptLibrary:
+    """Build the library of a task whose ratio grid is split (one build shared by every part)."""
+    if spec.library == STANDARD or get_library(spec.library).per_ratio:
+        raise ValueError(f"{spec.library!r}: only a library built once for every ratio is shared by parts")
+    with _task_context(spec):
+        store = open_feature_store(Path(spec.store))
+        _, inputs = _library_inputs(spec, store)
+        return build_library(spec.library, inputs, num_concepts=spec.num_concepts, seed=spec.seed, ratio=None,
+                             options=spec.options)
+
+
+def run_part(spec: TaskSpec, lib: ConceptLibrary) -> TaskResult:
+    """Fit the heads of ``spec.part``, a part of the ratio grid, on the shared library ``lib``.
+
+    The heads of a ratio do not depend on the other ratios' (each head sees the same batches, drawn
+    from the task's seed), so a split grid gives the heads of the whole one. The result carries its
+    fit for :func:`merge_parts`; nothing is saved here.
+    """
+    if spec.part is None:
+        raise ValueError("run_part needs a spec with a part of the ratio grid")
+    with _task_context(spec):
+        start = time.perf_counter()
+        store = open_feature_store(Path(spec.store))
+        fit, rows, test_ids = _fit_library(spec, store, lib, list(spec.part), clip_caveat(spec.clip_store))
+        log.info("%s %s seed %d: ratios %s in %.1f s", store.model, spec.library, spec.seed,
+                 ", ".join(f"{r:g}" for r in spec.part), time.perf_counter() - start)
+        return TaskResult(spec, rows, [], fit.test_correct, test_ids,
+                          info={"seconds": time.perf_counter() - start}, fit=fit)
+
+
+def merge_parts(spec: TaskSpec, lib: ConceptLibrary, parts: list[TaskResult]) -> TaskResult:
+    """One task's result from its parts' (:func:`run_part`): rows and heads in ratio order, the
+    library saved with every head, its concept rows made once. Runs where the tables are written."""
+    ratios = sorted(r for p in parts for r in p.spec.part)
+    if ratios != sorted(spec.ratios):
+        raise RuntimeError(f"{spec.key}: the parts fitted ratios {ratios}, not the grid {sorted(spec.ratios)}")
+    test_ids = parts[0].test_ids
+    if any(not np.array_equal(p.test_ids, test_ids) for p in parts):
+        raise RuntimeError(f"{spec.store}: the parts of {spec.library} saw different test images")
+    fit = concat_fits([p.fit for p in parts])
+    rows = sorted((row for p in parts for row in p.accuracy_rows), key=lambda row: row["sparsity"])
+    store = open_feature_store(Path(spec.store))
+    source = store if spec.elements_store is None else open_feature_store(Path(spec.elements_store))
+    concept_rows = _save_library(spec, store, source, lib, fit, clip_caveat(spec.clip_store))
+    return TaskResult(spec, rows, concept_rows, fit.test_correct, test_ids,
+                      info={"seconds": sum(p.info.get("seconds", 0.0) for p in parts), "parts": len(parts)})

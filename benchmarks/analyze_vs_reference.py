@@ -7,7 +7,8 @@ Then, in one run, on the same cores:
 - **ours**: the real CLI in a subprocess, ``iis analyze --store S --results R --libraries
   prototype --num-concepts K`` with every default (a LocalCluster, the 8 default ratios, the
   standard head, bootstrap intervals, tables and library files written): interpreter start,
-  imports, Dask start and shutdown included;
+  imports, Dask start and shutdown included; with ``--unsplit``, also with ``--head-parts 1``
+  (the library's ratio grid in one task, as before the grid could be split over workers);
 - **reference**: the authors' protocol on the same store: read the features, project them on the
   same library, fit the standard head and the 8 ratios' heads (``fit_heads(protocol="reference")``,
   torch on every core).
@@ -71,9 +72,9 @@ def write_store(path: Path, features: dict, library: torch.Tensor, classes: int)
     assert st.finalize_store(group, path)
 
 
-def run_ours(store: Path, results: Path, k: int) -> float:
+def run_ours(store: Path, results: Path, k: int, extra: tuple[str, ...] = ()) -> float:
     cmd = [str(Path(sys.executable).parent / "iis"), "-q", "analyze", "--store", str(store), "--results", str(results),
-           "--libraries", "prototype", "--num-concepts", str(k)]
+           "--libraries", "prototype", "--num-concepts", str(k), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--workload", default="planted-100k", choices=[n for n in WORKLOADS if n.startswith("planted")])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="write the store and results here instead of a temp dir")
+    parser.add_argument("--unsplit", action="store_true",
+                        help="also time iis analyze with --head-parts 1 (the library's ratio grid in one task)")
     args = parser.parse_args()
     spec = WORKLOADS[args.workload]
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {platform.machine()}; workload {args.workload}: {spec}")
@@ -111,6 +114,12 @@ def main() -> None:
         write_store(store, features, library, spec.classes)
         del features
         ours_wall = run_ours(store, root / "results", spec.concepts)
+        unsplit_wall = None
+        if args.unsplit:
+            unsplit_wall = run_ours(store, root / "results-unsplit", spec.concepts, ("--head-parts", "1"))
+            same = pd.read_parquet(root / "results-unsplit" / "accuracy.parquet").sort_values(["library", "sparsity"])
+            mine = pd.read_parquet(root / "results" / "accuracy.parquet").sort_values(["library", "sparsity"])
+            identical = same.test_top1.tolist() == mine.test_top1.tolist()
         ref_wall, ref_top1 = run_reference(store, spec.classes)
         acc = pd.read_parquet(root / "results" / "accuracy.parquet")
         standard = acc[acc.library == "standard"].test_top1.item()
@@ -121,6 +130,9 @@ def main() -> None:
     for name, o, r in zip(["standard", *[f"s={x:g}" for x in RATIOS]], ours_top1, ref_top1):
         print(f"{name:>9} {100 * o:7.2f} {100 * r:7.2f} {100 * (o - r):+6.2f}")
     print(f"iis analyze (whole command): {ours_wall:.1f} s wall, of which head fitting {fit_seconds:.1f} s")
+    if unsplit_wall is not None:
+        print(f"iis analyze --head-parts 1 (the grid in one task): {unsplit_wall:.1f} s wall "
+              f"({unsplit_wall / ours_wall:.2f}x the default's); test top-1 identical: {identical}")
     print(f"reference protocol (read, project, fit): {ref_wall:.1f} s wall, {torch.get_num_threads()} torch threads")
     ratio = ref_wall / ours_wall
     print(f"speed ratio (reference / iis analyze): {ratio:.1f}x; aim >= {SPEED_AIM:g}x: "

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-mb", type=_count(1),
                    help="MB of train features a standard head may hold in memory before it streams them "
                         "from the store (default: a quarter of the machine's RAM)")
+    p.add_argument("--head-parts", type=_count(1),
+                   help="tasks each library's ratio grid is split over, so that idle workers share it "
+                        "(default: as many as leave no worker idle; 1: never split)")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
     p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
@@ -207,7 +210,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     options = dict(libraries=args.libraries, num_concepts=args.num_concepts, ratios=args.ratios,
                    seeds=args.seeds, protocol=args.protocol, bootstrap=args.bootstrap,
                    scheduler=args.scheduler, workers=args.workers, threads=args.threads,
-                   synchronous=args.synchronous, memory_budget_mb=args.memory_budget_mb)
+                   synchronous=args.synchronous, memory_budget_mb=args.memory_budget_mb,
+                   head_parts=args.head_parts)
     if args.store:
         if args.pipeline or not args.results:
             raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")

@@ -160,19 +160,19 @@ def _analysis_args(base: AnalysisConfig | None, **overrides) -> dict:
 
 
 def _cluster(*, scheduler: str | None = None, workers: int | None = None, threads: int | None = None,
-             synchronous: bool = False, memory_budget_mb: int | None = None):
+             synchronous: bool = False, memory_budget_mb: int | None = None, head_parts: int | None = None):
     """Where tasks run; what is not given keeps :class:`~iis.analyze.pipeline.ClusterOptions`'s default."""
     from iis.analyze.pipeline import ClusterOptions
 
     budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
-    return ClusterOptions(synchronous=synchronous, memory_budget=budget,
+    return ClusterOptions(synchronous=synchronous, memory_budget=budget, head_parts=head_parts,
                           **_given(scheduler=scheduler, workers=workers, threads=threads))
 
 
 def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, workers: int | None = None,
                      threads: int | None = None, synchronous: bool = False, skip_complete: bool = False,
-                     memory_budget_mb: int | None = None, cluster: ClusterOptions | None = None,
-                     **overrides) -> dict:
+                     memory_budget_mb: int | None = None, head_parts: int | None = None,
+                     cluster: ClusterOptions | None = None, **overrides) -> dict:
     """Run stage 2 over every model store of a pipeline (``overrides``: analysis settings, None: the pipeline's).
 
     ``cluster`` (a :class:`~iis.analyze.pipeline.ClusterOptions`) replaces the scheduler and
@@ -183,7 +183,7 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
     require_stores(cfg)
     args = _analysis_args(cfg.analysis, **overrides)
     cluster = cluster or _cluster(scheduler=scheduler, workers=workers, threads=threads, synchronous=synchronous,
-                                  memory_budget_mb=memory_budget_mb)
+                                  memory_budget_mb=memory_budget_mb, head_parts=head_parts)
     return analyze_stores(store_paths(cfg), results=cfg.results, pipeline=cfg.name, clip_store=cfg.clip_store,
                           skip_complete=skip_complete, elements_stores=cfg.elements_stores() or None,
                           groups=cfg.groups() or None, cluster=cluster, **args)
@@ -192,7 +192,7 @@ def analyze_pipeline(cfg: PipelineConfig, *, scheduler: str | None = None, worke
 def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | None = None,
                      library_from: Path | None = None, scheduler: str | None = None, workers: int | None = None,
                      threads: int | None = None, synchronous: bool = False, memory_budget_mb: int | None = None,
-                     **overrides) -> dict:
+                     head_parts: int | None = None, **overrides) -> dict:
     """Run stage 2 over explicitly named stores (features made elsewhere, e.g. by import-h5).
 
     ``library_from``: a store whose visual elements build every store's libraries (checked to
@@ -205,7 +205,8 @@ def analyze_explicit(*, stores: list[Path], results: Path, clip_store: Path | No
         args["elements_stores"] = {str(store): library_from for store in stores}
     return analyze_stores(stores, results=results, pipeline=None, clip_store=clip_store,
                           cluster=_cluster(scheduler=scheduler, workers=workers, threads=threads,
-                                           synchronous=synchronous, memory_budget_mb=memory_budget_mb), **args)
+                                           synchronous=synchronous, memory_budget_mb=memory_budget_mb,
+                                           head_parts=head_parts), **args)
 
 
 # --------------------------------------------------------------------------------------------------

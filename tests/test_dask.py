@@ -135,11 +135,17 @@ def stores(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(stores, tmp_path_factory) -> dict[str, pd.DataFrame]:
-    """The synchronous run every other run must reproduce."""
+def reference_results(stores, tmp_path_factory) -> Path:
+    """The results folder of the synchronous run every other run must reproduce."""
     results = tmp_path_factory.mktemp("reference")
     analyze_stores(stores, results=results, cluster=SYNC, **ANALYSIS)
-    snapshot = _snapshot(results)
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(reference_results) -> dict[str, pd.DataFrame]:
+    """The tables of the synchronous run every other run must reproduce."""
+    snapshot = _snapshot(reference_results)
     # The fixture is meant to be non-trivial: models differ, concepts carry class information.
     iis = snapshot["iis"]
     assert len(iis) == len(NOISE) * len(LIBRARIES) and iis["iis"].between(0.3, 1.0).all()
@@ -289,6 +295,24 @@ def test_local_cluster_matches_synchronous_run(stores, reference, tmp_path):
     _assert_same_tables(_snapshot(tmp_path / "results"), reference)
     again = _snapshot(tmp_path / "again")["accuracy"]
     assert set(again["model"]) == {"m0"} and len(again) == (reference["accuracy"]["model"] == "m0").sum()
+
+
+@pytest.mark.slow
+def test_split_ratio_grid_matches_synchronous_run(stores, reference, reference_results, tmp_path, caplog):
+    """Every library's grid split over two tasks (one library build shared by both, merged where
+    the tables are written): the same tables, and the same saved libraries and heads."""
+    results = tmp_path / "results"
+    with caplog.at_level("INFO", logger="iis.analyze.pipeline"):
+        analyze_stores(stores, results=results, cluster=ClusterOptions(workers=2, threads=1, head_parts=2), **ANALYSIS)
+    assert any("6 library tasks split in 2/2/2/2/2/2 parts" in r.getMessage() for r in caplog.records)
+    _assert_same_tables(_snapshot(results), reference)
+    saved = sorted(p.relative_to(reference_results) for p in (reference_results / "libraries").rglob("*.npz"))
+    assert len(saved) == len(NOISE) * len(LIBRARIES)
+    for path in saved:
+        with np.load(reference_results / path) as want, np.load(results / path) as got:
+            assert sorted(got.files) == sorted(want.files)
+            for name in want.files:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{path}: {name}")
 
 
 @pytest.mark.slow

@@ -1,0 +1,90 @@
+"""Splitting one library's ratio grid over several Dask tasks, so that idle workers share it.
+
+An analysis of one store and one library is two tasks: the standard head and the library's heads,
+the second several times longer. On a cluster with more task slots than tasks, the grid is split:
+one task builds the library, each part task projects the store on it and fits the heads of its
+ratios, and the parts are merged where the tables are written
+(:func:`iis.analyze.tasks.merge_parts`). The heads of a ratio do not depend on the others', so a
+split grid fits the same heads (``tests/test_parts.py``).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from iis.analyze.activations import keep_counts
+from iis.analyze.heads_default import SPARSE_EPOCH_FACTOR, SPARSE_KEEP_FRACTION
+from iis.analyze.libraries import get_library
+from iis.analyze.tasks import STANDARD, TaskSpec
+
+
+def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str) -> list[float]:
+    """Each ratio's share of its grid's training work, in units of one dense ratio's heads.
+
+    The default protocol trains the sparsest heads (at most ``SPARSE_KEEP_FRACTION`` of the
+    concepts kept) ``SPARSE_EPOCH_FACTOR`` times as many steps; a step costs about the same at every
+    ratio (dense products). The reference protocol trains every ratio alike.
+    """
+    if protocol == "reference":
+        return [1.0] * len(ratios)
+    keep = keep_counts(list(ratios), num_concepts)
+    return [float(SPARSE_EPOCH_FACTOR) if k <= SPARSE_KEEP_FRACTION * num_concepts else 1.0 for k in keep.tolist()]
+
+
+def task_cost(spec: TaskSpec) -> int:
+    """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all): the
+    order tasks start in, longest first. The standard head, one head against a grid's dozens, counts 0."""
+    if spec.library == STANDARD:
+        return 0
+    ratios = spec.part if spec.part is not None else spec.ratios
+    return round(sum(ratio_costs(ratios, spec.num_concepts, spec.protocol)))
+
+
+def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str) -> list[tuple[float, ...]]:
+    """``ratios`` in at most ``parts`` groups of about equal cost (:func:`ratio_costs`), each ascending.
+
+    Longest-first greedy: each ratio, costliest first, joins the group with the least cost so far.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be at least 1, got {parts}")
+    costs = ratio_costs(ratios, num_concepts, protocol)
+    parts = min(parts, len(ratios))
+    heap = [(0.0, g) for g in range(parts)]
+    groups: list[list[float]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(ratios)), key=lambda i: (-costs[i], i)):
+        load, g = heapq.heappop(heap)
+        groups[g].append(float(ratios[i]))
+        heapq.heappush(heap, (load + costs[i], g))
+    return sorted((tuple(sorted(g)) for g in groups if g), key=lambda g: g[0])
+
+
+def splittable(spec: TaskSpec) -> bool:
+    """Whether a task's grid can be split: a library built once for all its ratios, two or more ratios."""
+    return (spec.library != STANDARD and spec.part is None and len(spec.ratios) > 1
+            and not get_library(spec.library).per_ratio)
+
+
+def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None) -> dict[int, list[tuple[float, ...]]]:
+    """Which tasks to split, and how: ``{index in specs: [ratios of each part]}``.
+
+    Args:
+        specs: the analysis' tasks.
+        slots: task slots of the cluster (its workers' threads).
+        head_parts: parts per splittable task; None: as many as leave no slot idle, i.e. the slots
+            divided among the splittable tasks (a task is split only when there are more slots than
+            such tasks); 1: never split.
+    """
+    candidates = [i for i, spec in enumerate(specs) if splittable(spec)]
+    if not candidates:
+        return {}
+    parts = head_parts if head_parts is not None else slots // len(candidates)
+    if parts <= 1:
+        return {}
+    plan = {}
+    for i in candidates:
+        spec = specs[i]
+        groups = split_ratios(spec.ratios, parts, num_concepts=spec.num_concepts, protocol=spec.protocol)
+        if len(groups) > 1:
+            plan[i] = groups
+    return plan

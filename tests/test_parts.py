@@ -1,0 +1,90 @@
+"""Splitting a library's ratio grid over several tasks: the plan, and that the parts' heads are
+the whole grid's heads (so a split analysis writes the tables an unsplit one writes:
+``tests/test_dask.py::test_split_ratio_grid_matches_synchronous_run``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from iis.analyze.activations import concept_activations
+from iis.analyze.heads import fit_heads
+from iis.analyze.heads_model import concat_fits
+from iis.analyze.parts import plan_parts, ratio_costs, split_ratios, task_cost
+from iis.analyze.planted import PlantedSpec, planted_concepts
+from iis.analyze.tasks import STANDARD, TaskSpec
+
+GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+
+
+def _spec(library: str, ratios: tuple[float, ...] = GRID, **kw) -> TaskSpec:
+    return TaskSpec(store="/stores/m0.zarr", library=library, seed=0, num_concepts=200, ratios=ratios, **kw)
+
+
+def test_sparse_ratios_cost_twice_the_dense_ones():
+    # keep <= 10% of 200 concepts from s = 0.9 on: those heads train twice the steps.
+    assert ratio_costs(GRID, 200, "default") == [1, 1, 1, 1, 1, 2, 2, 2]
+    assert ratio_costs(GRID, 200, "reference") == [1] * 8
+    # Tasks start longest first: the whole grid, then its parts, then the standard head.
+    assert task_cost(_spec("prototype")) == 11
+    assert task_cost(_spec("prototype", part=(0.3, 0.7, 0.9, 0.98))) == 6
+    assert task_cost(_spec(STANDARD)) == 0
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4, 8, 20])
+def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts):
+    groups = split_ratios(GRID, parts, num_concepts=200, protocol="default")
+    assert len(groups) == min(parts, len(GRID))
+    assert sorted(r for g in groups for r in g) == list(GRID)
+    assert all(list(g) == sorted(g) for g in groups)
+    cost = dict(zip(GRID, ratio_costs(GRID, 200, "default")))
+    loads = [sum(cost[r] for r in g) for g in groups]
+    # Greedy longest-first is within the largest single cost of a perfect balance.
+    assert max(loads) - min(loads) <= 2
+    if parts == 2:
+        assert sorted(loads) == [5, 6]
+
+
+def test_plan_splits_only_when_slots_would_idle():
+    specs = [_spec(STANDARD), _spec("prototype")]
+    assert plan_parts(specs, slots=2, head_parts=None) == {1: split_ratios(GRID, 2, num_concepts=200,
+                                                                           protocol="default")}
+    assert len(plan_parts(specs, slots=16, head_parts=None)[1]) == 8  # never more parts than ratios
+    # Two library tasks on two slots keep both busy already; head_parts 1 turns splitting off.
+    assert plan_parts([*specs, _spec("cluster")], slots=2, head_parts=None) == {}
+    assert plan_parts(specs, slots=8, head_parts=1) == {}
+    assert set(plan_parts([*specs, _spec("cluster")], slots=2, head_parts=3)) == {1, 2}
+    # A per-ratio library builds once per ratio anyway; one ratio cannot be split; no slots, no split.
+    assert plan_parts([_spec("end2end")], slots=8, head_parts=None) == {}
+    assert plan_parts([_spec("prototype", ratios=(0.5,))], slots=8, head_parts=None) == {}
+    assert plan_parts(specs, slots=0, head_parts=None) == {}
+
+
+def test_part_keys_are_distinct_dask_keys():
+    spec = _spec("prototype")
+    keys = {spec.key} | {TaskSpec(**{**spec.__dict__, "part": g}).key
+                         for g in split_ratios(GRID, 3, num_concepts=200, protocol="default")}
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize("protocol", ["default", "reference"])
+def test_parts_fit_the_heads_of_the_whole_grid(protocol):
+    """Each head sees the same batches whatever heads train beside it: the parts' heads, joined,
+    are the whole grid's heads, bit for bit."""
+    spec = PlantedSpec(n_train=1200, n_val=300, n_test=300, dim=48, classes=6, concepts=30, per_class=3)
+    features, directions = planted_concepts(spec, 0)
+    splits = {name: (concept_activations(z, directions), y) for name, (z, y) in features.items()}
+    ratios = [0.0, 0.5, 0.9, 0.95]
+    kw = dict(num_classes=spec.classes, seed=3, protocol=protocol,
+              max_epochs=2 if protocol == "reference" else None)
+    whole = fit_heads(**splits, ratios=ratios, **kw)
+    parts = [fit_heads(**splits, ratios=part, **kw) for part in ([0.5, 0.95], [0.0, 0.9])]
+    joined = concat_fits(parts)
+    assert joined.ratios == ratios
+    for name in ("weight", "bias", "input_scale"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    for name in ("val_top1", "test_top1", "test_correct", "test_pred", "active_concepts", "best_epoch"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=name)
+    assert len(set(whole.test_top1)) > 1  # the heads differ: a mix-up of ratios would show
+    with pytest.raises(ValueError, match="overlap"):
+        concat_fits([parts[0], parts[0]])
