@@ -4,7 +4,8 @@ An analysis of one store and one library is two tasks: the standard head and the
 the second several times longer. On a cluster with more task slots than tasks, the grid is split:
 one task builds the library, each part task projects the store on it and fits the heads of its
 ratios, and the parts are merged where the tables are written
-(:func:`iis.analyze.tasks.merge_parts`). The heads of a ratio do not depend on the others', so a
+(:func:`iis.analyze.tasks.merge_parts`). A per-ratio library (end2end) is built once per ratio
+anyway: each part builds and fits its own ratios. The heads of a ratio do not depend on the others', so a
 split grid fits the same heads (``tests/test_parts.py``).
 """
 
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 
 from iis.analyze.activations import keep_counts
 from iis.analyze.heads_default import SPARSE_EPOCH_FACTOR, SPARSE_KEEP_FRACTION
-from iis.analyze.libraries import get_library
 from iis.analyze.tasks import STANDARD, TaskSpec
 
 
@@ -24,7 +24,8 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str) -> li
 
     The default protocol trains the sparsest heads (at most ``SPARSE_KEEP_FRACTION`` of the
     concepts kept) ``SPARSE_EPOCH_FACTOR`` times as many steps; a step costs about the same at every
-    ratio (dense products). The reference protocol trains every ratio alike.
+    ratio (dense products). The reference protocol trains every ratio alike. (A per-ratio library's
+    build, end2end's training, is about alike at every ratio too; the heads' share tips the balance.)
     """
     if protocol == "reference":
         return [1.0] * len(ratios)
@@ -60,9 +61,8 @@ def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, prot
 
 
 def splittable(spec: TaskSpec) -> bool:
-    """Whether a task's grid can be split: a library built once for all its ratios, two or more ratios."""
-    return (spec.library != STANDARD and spec.part is None and len(spec.ratios) > 1
-            and not get_library(spec.library).per_ratio)
+    """Whether a task's grid can be split: a library task of two or more ratios."""
+    return spec.library != STANDARD and spec.part is None and len(spec.ratios) > 1
 
 
 def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None) -> dict[int, list[tuple[float, ...]]]:

@@ -184,14 +184,17 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
                 futures.append(client.submit(run_task, spec, key=spec.key, pure=False, priority=task_cost(spec)))
                 owner[futures[-1].key] = (i, spec)
                 continue
-            # One build of the library, shared by the parts: k-means runs once, and every part
-            # projects on the same concepts.
-            libraries[i] = client.submit(build_task, spec, key=f"{spec.key}-library", pure=False,
-                                         priority=task_cost(spec))
+            # A library built once for every ratio is built in one task and shared by the parts:
+            # k-means runs once, and every part projects on the same concepts. A per-ratio library's
+            # parts build their own ratios' libraries (run_task).
+            shared = not get_library(spec.library).per_ratio
+            if shared:
+                libraries[i] = client.submit(build_task, spec, key=f"{spec.key}-library", pure=False,
+                                             priority=task_cost(spec))
             for part in plan[i]:
                 part_spec = replace(spec, part=part)
-                futures.append(client.submit(run_part, part_spec, libraries[i], key=part_spec.key, pure=False,
-                                             priority=task_cost(part_spec)))
+                task = (run_part, part_spec, libraries[i]) if shared else (run_task, part_spec)
+                futures.append(client.submit(*task, key=part_spec.key, pure=False, priority=task_cost(part_spec)))
                 owner[futures[-1].key] = (i, part_spec)
         done: dict[int, list[TaskResult]] = {}
         with progress(total=len(futures), desc="analyze", unit="task", logger=log) as bar:
@@ -206,7 +209,8 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
                 results.append(done[i][0])
                 continue
             with _named_failures(spec):
-                results.append(merge_parts(spec, libraries[i].result(), done[i]))
+                lib = libraries[i].result() if i in libraries else None
+                results.append(merge_parts(spec, lib, done[i]))
     return results
 
 

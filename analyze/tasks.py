@@ -238,8 +238,11 @@ def run_task(spec: TaskSpec) -> TaskResult:
     """Compute one (store, library, seed): build the library, project, fit every ratio's head.
 
     The activations are computed once per (model, library, seed) and all ratios' heads are
-    fitted together; a per-ratio library (end2end) is built and fitted once per ratio.
+    fitted together; a per-ratio library (end2end) is built and fitted once per ratio (those of
+    ``spec.part`` only, when its grid is split over tasks: :func:`merge_parts` joins them).
     """
+    if spec.part is not None and (spec.library == STANDARD or not get_library(spec.library).per_ratio):
+        raise ValueError(f"{spec.key}: a part of a shared library's grid runs in run_part, on the shared build")
     with _task_context(spec):
         return _run(spec)
 
@@ -251,7 +254,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         return _run_standard(spec, store, start)
     source, inputs = _library_inputs(spec, store)
     caveat = clip_caveat(spec.clip_store)
-    builds = [None] if not get_library(spec.library).per_ratio else list(spec.ratios)
+    builds = [None] if not get_library(spec.library).per_ratio else list(spec.part or spec.ratios)
     accuracy_rows: list[dict] = []
     concept_rows: list[dict] = []
     correct = []
@@ -265,7 +268,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         concept_rows += _save_library(spec, store, source, lib, fit, caveat)
         correct.append(fit.test_correct)
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,
-             len(spec.ratios), time.perf_counter() - start)
+             len(spec.part or spec.ratios), time.perf_counter() - start)
     return TaskResult(spec, accuracy_rows, concept_rows, np.concatenate(correct), test_ids,
                       info={"seconds": time.perf_counter() - start})
 
@@ -371,19 +374,31 @@ def run_part(spec: TaskSpec, lib: ConceptLibrary) -> TaskResult:
                           info={"seconds": time.perf_counter() - start}, fit=fit)
 
 
-def merge_parts(spec: TaskSpec, lib: ConceptLibrary, parts: list[TaskResult]) -> TaskResult:
-    """One task's result from its parts' (:func:`run_part`): rows and heads in ratio order, the
-    library saved with every head, its concept rows made once. Runs where the tables are written."""
+def merge_parts(spec: TaskSpec, lib: ConceptLibrary | None, parts: list[TaskResult]) -> TaskResult:
+    """One task's result from its parts': rows and per-image results in ratio order. Runs where the
+    tables are written.
+
+    Args:
+        spec: the whole task.
+        lib: the shared library the parts fitted on (:func:`run_part`): it is saved here with every
+            part's heads, and its concept rows made once. None for a per-ratio library, whose parts
+            (:func:`run_task`) saved their own builds and made their own concept rows.
+        parts: the parts' results, in any order.
+    """
     ratios = sorted(r for p in parts for r in p.spec.part)
     if ratios != sorted(spec.ratios):
         raise RuntimeError(f"{spec.key}: the parts fitted ratios {ratios}, not the grid {sorted(spec.ratios)}")
     test_ids = parts[0].test_ids
     if any(not np.array_equal(p.test_ids, test_ids) for p in parts):
         raise RuntimeError(f"{spec.store}: the parts of {spec.library} saw different test images")
-    fit = concat_fits([p.fit for p in parts])
     rows = sorted((row for p in parts for row in p.accuracy_rows), key=lambda row: row["sparsity"])
+    info = {"seconds": sum(p.info.get("seconds", 0.0) for p in parts), "parts": len(parts)}
+    if lib is None:
+        by_ratio = sorted((r, p.test_correct[j]) for p in parts for j, r in enumerate(p.spec.part))
+        concept_rows = sorted((row for p in parts for row in p.concept_rows), key=lambda row: row["sparsity"])
+        return TaskResult(spec, rows, concept_rows, np.stack([c for _, c in by_ratio]), test_ids, info=info)
+    fit = concat_fits([p.fit for p in parts])
     store = open_feature_store(Path(spec.store))
     source = store if spec.elements_store is None else open_feature_store(Path(spec.elements_store))
     concept_rows = _save_library(spec, store, source, lib, fit, clip_caveat(spec.clip_store))
-    return TaskResult(spec, rows, concept_rows, fit.test_correct, test_ids,
-                      info={"seconds": sum(p.info.get("seconds", 0.0) for p in parts), "parts": len(parts)})
+    return TaskResult(spec, rows, concept_rows, fit.test_correct, test_ids, info=info)

@@ -18,6 +18,7 @@ and seeds its own generators; workers get ``OMP_NUM_THREADS=1`` as well.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -312,6 +313,33 @@ def test_split_ratio_grid_matches_synchronous_run(stores, reference, reference_r
         with np.load(reference_results / path) as want, np.load(results / path) as got:
             assert sorted(got.files) == sorted(want.files)
             for name in want.files:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=f"{path}: {name}")
+
+
+@pytest.mark.slow
+def test_split_per_ratio_library_matches_synchronous_run(stores, tmp_path, caplog):
+    """End2End builds a library per ratio: each part builds and fits its own ratios."""
+    analysis = {**ANALYSIS, "libraries": ["end2end"], "options": {"end2end": {"epochs": 2}}}
+    analyze_stores(stores[:1], results=tmp_path / "sync", cluster=SYNC, **analysis)
+    with caplog.at_level("INFO", logger="iis.analyze.pipeline"):
+        analyze_stores(stores[:1], results=tmp_path / "split", cluster=ClusterOptions(workers=2, threads=1),
+                       **analysis)
+    assert any("1 library tasks split in 2 parts" in r.getMessage() for r in caplog.records)
+    for name in COMPARED:
+        pd.testing.assert_frame_equal(_normalized(tmp_path / "split", name), _normalized(tmp_path / "sync", name),
+                                      check_exact=True, obj=f"{name}.parquet")
+    assert len(_normalized(tmp_path / "sync", "concepts")["sparsity"].unique()) == 3  # a build per ratio
+    saved = sorted(p.relative_to(tmp_path / "sync") for p in (tmp_path / "sync" / "libraries").rglob("*.npz"))
+    assert len(saved) == 3
+    for path in saved:
+        with np.load(tmp_path / "sync" / path) as want, np.load(tmp_path / "split" / path) as got:
+            for name in want.files:
+                if name == "meta":  # JSON; its build time differs
+                    got_meta, want_meta = (json.loads(str(m["meta"])) for m in (got, want))
+                    for meta in (got_meta, want_meta):
+                        meta["info"].pop("fit_seconds")
+                    assert got_meta == want_meta
+                    continue
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{path}: {name}")
 
 

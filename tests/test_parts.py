@@ -54,8 +54,8 @@ def test_plan_splits_only_when_slots_would_idle():
     assert plan_parts([*specs, _spec("cluster")], slots=2, head_parts=None) == {}
     assert plan_parts(specs, slots=8, head_parts=1) == {}
     assert set(plan_parts([*specs, _spec("cluster")], slots=2, head_parts=3)) == {1, 2}
-    # A per-ratio library builds once per ratio anyway; one ratio cannot be split; no slots, no split.
-    assert plan_parts([_spec("end2end")], slots=8, head_parts=None) == {}
+    # A per-ratio library (built once per ratio anyway) splits too; one ratio cannot; no slots, no split.
+    assert len(plan_parts([_spec("end2end")], slots=8, head_parts=None)[0]) == 8
     assert plan_parts([_spec("prototype", ratios=(0.5,))], slots=8, head_parts=None) == {}
     assert plan_parts(specs, slots=0, head_parts=None) == {}
 
