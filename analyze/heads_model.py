@@ -197,13 +197,21 @@ def concat_fits(fits: list[HeadFit]) -> HeadFit:
     order = np.argsort(ratios, kind="stable")
     index = torch.from_numpy(order)
 
-    def join(name: str) -> np.ndarray | None:
+    def present(name: str) -> list | None:
         values = [getattr(f, name) for f in fits]
-        return None if values[0] is None else np.concatenate(values)[order]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            raise ValueError(f"the parts of a ratio grid disagree on {name!r}: some have it, some do not")
+        return values
+
+    def join(name: str) -> np.ndarray | None:
+        values = present(name)
+        return None if values is None else np.concatenate(values)[order]
 
     def join_tensor(name: str) -> torch.Tensor | None:
-        values = [getattr(f, name) for f in fits]
-        return None if values[0] is None else torch.cat(values)[index].contiguous()
+        values = present(name)
+        return None if values is None else torch.cat(values)[index].contiguous()
 
     return HeadFit(
         ratios=[float(ratios[i]) for i in order], weight=join_tensor("weight"), bias=join_tensor("bias"),

@@ -71,9 +71,10 @@ def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None)
     Args:
         specs: the analysis' tasks.
         slots: task slots of the cluster (its workers' threads).
-        head_parts: parts per splittable task; None: as many as leave no slot idle, i.e. the slots
-            divided among the splittable tasks (a task is split only when there are more slots than
-            such tasks); 1: never split.
+        head_parts: parts per splittable task; None: the slots divided among the splittable tasks,
+            rounded down (a grid splits where there are at least twice as many slots as library
+            tasks: with fewer, splitting some grids would not end the analysis sooner than the
+            longest whole grid); 1: never split.
     """
     candidates = [i for i, spec in enumerate(specs) if splittable(spec)]
     if not candidates:

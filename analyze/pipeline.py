@@ -44,8 +44,9 @@ class ClusterOptions:
         shared: a LocalCluster that this and later analyses use, started on first use
             (:func:`shared_cluster`); None: each analysis starts its own.
         head_parts: tasks each library's ratio grid is split over (:mod:`iis.analyze.parts`);
-            None: enough to leave no task slot idle (only with fewer library tasks than slots);
-            1: never split. Ignored when ``synchronous``.
+            None: the task slots divided among the library tasks, rounded down (so a grid splits
+            where there are at least twice as many slots as library tasks); 1: never split.
+            Ignored when ``synchronous``.
     """
 
     scheduler: str | None = None
@@ -161,6 +162,8 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
     again with the store and task named in its message.
     """
     if options.synchronous:
+        if options.head_parts not in (None, 1):
+            log.warning("analyze: head_parts %d ignored: synchronous tasks run one after another", options.head_parts)
         results = []
         with progress(total=len(specs), desc="analyze", unit="task", logger=log) as bar:
             for spec in specs:
@@ -174,7 +177,7 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
         slots = sum(client.nthreads().values())
         plan = plan_parts(specs, slots=slots, head_parts=options.head_parts)
         if plan:
-            log.info("analyze: %d library tasks split in %s parts (%d task slots)", len(plan),
+            log.info("analyze: %d library task(s) split in %s parts (%d task slots)", len(plan),
                      "/".join(str(len(p)) for p in plan.values()), slots)
         # Longest first (Dask runs higher priorities first): a short standard head then fills the
         # gap a shorter part leaves, instead of delaying the longest part.
@@ -191,8 +194,8 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
             if shared:
                 libraries[i] = client.submit(build_task, spec, key=f"{spec.key}-library", pure=False,
                                              priority=task_cost(spec))
-            for part in plan[i]:
-                part_spec = replace(spec, part=part)
+            for j, part in enumerate(plan[i]):
+                part_spec = replace(spec, part=part, part_label=f"{j + 1}of{len(plan[i])}")
                 task = (run_part, part_spec, libraries[i]) if shared else (run_task, part_spec)
                 futures.append(client.submit(*task, key=part_spec.key, pure=False, priority=task_cost(part_spec)))
                 owner[futures[-1].key] = (i, part_spec)

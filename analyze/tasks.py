@@ -67,6 +67,7 @@ class TaskSpec:
             same backbone, weights and layer, checked), or None for this store's own.
         part: the ratios (a part of ``ratios``) whose heads this task fits when the grid is split
             over several tasks (:mod:`iis.analyze.parts`); None: every ratio.
+        part_label: the part's place among the grid's parts (``"1of2"``), for a readable Dask key.
     """
 
     store: str
@@ -83,12 +84,13 @@ class TaskSpec:
     memory_budget: int | None = None
     elements_store: str | None = None
     part: tuple[float, ...] | None = None
+    part_label: str | None = None  # "2of3": the part's place among its grid's parts, for its Dask key
 
     @property
     def key(self) -> str:
         """A readable, unique Dask key."""
         key = f"iis-{Path(self.store).stem}-{self.library}-K{self.num_concepts}-seed{self.seed}-{self.protocol}"
-        return key if self.part is None else f"{key}-s{'-'.join(f'{r:g}' for r in self.part)}"
+        return key if self.part is None else f"{key}-part{self.part_label or '-'.join(map(repr, self.part))}"
 
 
 @dataclass
@@ -101,7 +103,9 @@ class TaskResult:
         concept_rows: rows of ``concepts.parquet`` without the model keys.
         test_correct: ``(R, N_test)`` bool; ``R = 1`` for the standard head.
         test_ids: ``(N_test,)`` str, to check that paired bootstraps pair the same images.
-        info: ``seconds`` (the task's wall time) and, for a merged result, ``parts``.
+        info: ``seconds``, the task's wall time (for a result merged from parts: the sum of the
+            parts' times, without the shared library build) and, for a merged result, ``parts``;
+            ``library_digest`` for a part (:func:`library_digest`).
         fit: the heads of a part of a split grid (:func:`run_part`), for :func:`merge_parts`; else None.
     """
 
@@ -242,7 +246,7 @@ def run_task(spec: TaskSpec) -> TaskResult:
     ``spec.part`` only, when its grid is split over tasks: :func:`merge_parts` joins them).
     """
     if spec.part is not None and (spec.library == STANDARD or not get_library(spec.library).per_ratio):
-        raise ValueError(f"{spec.key}: a part of a shared library's grid runs in run_part, on the shared build")
+        raise RuntimeError(f"{spec.key}: a part of a shared library's grid runs in run_part, on the shared build")
     with _task_context(spec):
         return _run(spec)
 
@@ -254,7 +258,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         return _run_standard(spec, store, start)
     source, inputs = _library_inputs(spec, store)
     caveat = clip_caveat(spec.clip_store)
-    builds = [None] if not get_library(spec.library).per_ratio else list(spec.part or spec.ratios)
+    builds = [None] if not get_library(spec.library).per_ratio else list(_own_ratios(spec))
     accuracy_rows: list[dict] = []
     concept_rows: list[dict] = []
     correct = []
@@ -268,7 +272,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         concept_rows += _save_library(spec, store, source, lib, fit, caveat)
         correct.append(fit.test_correct)
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,
-             len(spec.part or spec.ratios), time.perf_counter() - start)
+             len(_own_ratios(spec)), time.perf_counter() - start)
     return TaskResult(spec, accuracy_rows, concept_rows, np.concatenate(correct), test_ids,
                       info={"seconds": time.perf_counter() - start})
 
@@ -344,10 +348,26 @@ def _save_library(spec: TaskSpec, store: FeatureStore, source: FeatureStore, lib
 # One library's ratio grid split over several tasks (iis.analyze.parts plans the split)
 
 
+def _own_ratios(spec: TaskSpec) -> tuple[float, ...]:
+    """The ratios a task fits: its part's, or the whole grid."""
+    return spec.part if spec.part is not None else spec.ratios
+
+
+def library_digest(lib: ConceptLibrary) -> str:
+    """A digest of what a library's activations depend on (its vectors and projection moments)."""
+    digest = hashlib.sha256()
+    for array in (lib.vectors, lib.mean, lib.std):
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def build_task(spec: TaskSpec) -> ConceptLibrary:
     """Build the library of a task whose ratio grid is split (one build shared by every part)."""
     if spec.library == STANDARD or get_library(spec.library).per_ratio:
-        raise ValueError(f"{spec.library!r}: only a library built once for every ratio is shared by parts")
+        raise RuntimeError(f"{spec.library!r}: only a library built once for every ratio is shared by parts")
     with _task_context(spec):
         store = open_feature_store(Path(spec.store))
         _, inputs = _library_inputs(spec, store)
@@ -358,20 +378,21 @@ def build_task(spec: TaskSpec) -> ConceptLibrary:
 def run_part(spec: TaskSpec, lib: ConceptLibrary) -> TaskResult:
     """Fit the heads of ``spec.part``, a part of the ratio grid, on the shared library ``lib``.
 
-    The heads of a ratio do not depend on the other ratios' (each head sees the same batches, drawn
-    from the task's seed), so a split grid gives the heads of the whole one. The result carries its
-    fit for :func:`merge_parts`; nothing is saved here.
+    The heads of a ratio do not depend on the other ratios' (in the default protocol every head
+    sees the same batches, drawn from the task's seed; the reference seeds each ratio's head from
+    (seed, ratio)), so a split grid gives the heads of the whole one. The result carries its fit
+    and the digest of the library it fitted on, for :func:`merge_parts`; nothing is saved here.
     """
     if spec.part is None:
-        raise ValueError("run_part needs a spec with a part of the ratio grid")
+        raise RuntimeError("run_part needs a spec with a part of the ratio grid")
     with _task_context(spec):
         start = time.perf_counter()
         store = open_feature_store(Path(spec.store))
         fit, rows, test_ids = _fit_library(spec, store, lib, list(spec.part), clip_caveat(spec.clip_store))
         log.info("%s %s seed %d: ratios %s in %.1f s", store.model, spec.library, spec.seed,
                  ", ".join(f"{r:g}" for r in spec.part), time.perf_counter() - start)
-        return TaskResult(spec, rows, [], fit.test_correct, test_ids,
-                          info={"seconds": time.perf_counter() - start}, fit=fit)
+        return TaskResult(spec, rows, [], fit.test_correct, test_ids, fit=fit,
+                          info={"seconds": time.perf_counter() - start, "library_digest": library_digest(lib)})
 
 
 def merge_parts(spec: TaskSpec, lib: ConceptLibrary | None, parts: list[TaskResult]) -> TaskResult:
@@ -394,9 +415,16 @@ def merge_parts(spec: TaskSpec, lib: ConceptLibrary | None, parts: list[TaskResu
     rows = sorted((row for p in parts for row in p.accuracy_rows), key=lambda row: row["sparsity"])
     info = {"seconds": sum(p.info.get("seconds", 0.0) for p in parts), "parts": len(parts)}
     if lib is None:
-        by_ratio = sorted((r, p.test_correct[j]) for p in parts for j, r in enumerate(p.spec.part))
+        by_ratio = sorted(((r, p.test_correct[j]) for p in parts for j, r in enumerate(p.spec.part)),
+                          key=lambda pair: pair[0])
         concept_rows = sorted((row for p in parts for row in p.concept_rows), key=lambda row: row["sparsity"])
         return TaskResult(spec, rows, concept_rows, np.stack([c for _, c in by_ratio]), test_ids, info=info)
+    # A library rebuilt after its worker died (or built twice) must be the one every part fitted on
+    # and the one saved: a mismatch would pair heads with concepts they were not fitted on.
+    digests = {p.info.get("library_digest") for p in parts} | {library_digest(lib)}
+    if len(digests) != 1:
+        raise RuntimeError(f"{spec.store} ({spec.library}, seed {spec.seed}): the parts of the ratio grid were "
+                           "fitted on different builds of the library (rebuilt after a lost worker?); run it again")
     fit = concat_fits([p.fit for p in parts])
     store = open_feature_store(Path(spec.store))
     source = store if spec.elements_store is None else open_feature_store(Path(spec.elements_store))

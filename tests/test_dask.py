@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import iis.analyze.pipeline
@@ -37,6 +38,7 @@ import zarr
 from iis.analyze import tables
 from iis.analyze.pipeline import ClusterOptions, analyze_stores, shared_cluster
 from iis.analyze.store import StoreError
+from iis.analyze.tasks import TaskSpec, build_task, merge_parts, run_part, run_task
 from iis.extract import store as st
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +307,7 @@ def test_split_ratio_grid_matches_synchronous_run(stores, reference, reference_r
     results = tmp_path / "results"
     with caplog.at_level("INFO", logger="iis.analyze.pipeline"):
         analyze_stores(stores, results=results, cluster=ClusterOptions(workers=2, threads=1, head_parts=2), **ANALYSIS)
-    assert any("6 library tasks split in 2/2/2/2/2/2 parts" in r.getMessage() for r in caplog.records)
+    assert any("6 library task(s) split in 2/2/2/2/2/2 parts" in r.getMessage() for r in caplog.records)
     _assert_same_tables(_snapshot(results), reference)
     saved = sorted(p.relative_to(reference_results) for p in (reference_results / "libraries").rglob("*.npz"))
     assert len(saved) == len(NOISE) * len(LIBRARIES)
@@ -316,6 +318,37 @@ def test_split_ratio_grid_matches_synchronous_run(stores, reference, reference_r
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{path}: {name}")
 
 
+def test_parts_merged_in_any_order_are_the_whole_task(stores, tmp_path):
+    """Parts come back in whatever order they finish; merged, they are the task run whole. A part
+    fitted on another build of the library is refused, not saved beside the wrong concepts."""
+    spec = TaskSpec(store=str(stores[2]), library="cluster", seed=0, num_concepts=8, ratios=(0.0, 0.5, 0.9),
+                    bootstrap=20, library_dir=str(tmp_path / "whole"))
+    whole = run_task(spec)
+    split = replace(spec, library_dir=str(tmp_path / "split"))
+    lib = build_task(split)
+    parts = [run_part(replace(split, part=part), lib) for part in ((0.0, 0.9), (0.5,))]
+    merged = merge_parts(split, lib, parts[::-1])
+
+    def timeless(rows):
+        return [{k: v for k, v in row.items() if k != "fit_seconds"} for row in rows]
+
+    assert timeless(merged.accuracy_rows) == timeless(whole.accuracy_rows)
+    assert [r["sparsity"] for r in merged.accuracy_rows] == [0.0, 0.5, 0.9]
+    np.testing.assert_array_equal(merged.test_correct, whole.test_correct)
+    assert len({tuple(row) for row in whole.test_correct}) > 1  # the heads differ: a mix-up would show
+    files = [Path(r.concept_rows[0]["library_file"]) for r in (whole, merged)]
+    assert [{**r, "library_file": None} for r in merged.concept_rows] == \
+        [{**r, "library_file": None} for r in whole.concept_rows]
+    with np.load(files[0]) as want, np.load(files[1]) as got:
+        for name in want.files:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    other = build_task(replace(split, seed=1))
+    with pytest.raises(RuntimeError, match="different builds of the library"):
+        merge_parts(split, lib, [parts[0], run_part(replace(split, part=(0.5,)), other)])
+    with pytest.raises(RuntimeError, match="not the grid"):
+        merge_parts(split, lib, parts[:1])
+
+
 @pytest.mark.slow
 def test_split_per_ratio_library_matches_synchronous_run(stores, tmp_path, caplog):
     """End2End builds a library per ratio: each part builds and fits its own ratios."""
@@ -324,7 +357,7 @@ def test_split_per_ratio_library_matches_synchronous_run(stores, tmp_path, caplo
     with caplog.at_level("INFO", logger="iis.analyze.pipeline"):
         analyze_stores(stores[:1], results=tmp_path / "split", cluster=ClusterOptions(workers=2, threads=1),
                        **analysis)
-    assert any("1 library tasks split in 2 parts" in r.getMessage() for r in caplog.records)
+    assert any("1 library task(s) split in 2 parts" in r.getMessage() for r in caplog.records)
     for name in COMPARED:
         pd.testing.assert_frame_equal(_normalized(tmp_path / "split", name), _normalized(tmp_path / "sync", name),
                                       check_exact=True, obj=f"{name}.parquet")

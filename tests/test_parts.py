@@ -4,6 +4,8 @@ the whole grid's heads (so a split analysis writes the tables an unsplit one wri
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from iis.analyze.activations import concept_activations
 from iis.analyze.heads import fit_heads
 from iis.analyze.heads_model import concat_fits
 from iis.analyze.parts import plan_parts, ratio_costs, split_ratios, task_cost
+from iis.analyze.pipeline import ClusterOptions
 from iis.analyze.planted import PlantedSpec, planted_concepts
 from iis.analyze.tasks import STANDARD, TaskSpec
 
@@ -62,9 +65,19 @@ def test_plan_splits_only_when_slots_would_idle():
 
 def test_part_keys_are_distinct_dask_keys():
     spec = _spec("prototype")
-    keys = {spec.key} | {TaskSpec(**{**spec.__dict__, "part": g}).key
-                         for g in split_ratios(GRID, 3, num_concepts=200, protocol="default")}
-    assert len(keys) == 4
+    groups = split_ratios(GRID, 3, num_concepts=200, protocol="default")
+    labelled = {replace(spec, part=g, part_label=f"{j + 1}of3").key for j, g in enumerate(groups)}
+    assert len(labelled | {spec.key}) == 4 and spec.key + "-part1of3" in labelled
+    # Without a label the ratios name the part, in full: ratios alike to six digits stay apart.
+    near = _spec("prototype", ratios=(0.1234561, 0.1234562))
+    assert replace(near, part=(0.1234561,)).key != replace(near, part=(0.1234562,)).key
+
+
+def test_head_parts_must_be_a_positive_count():
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="head_parts must be a positive integer"):
+            ClusterOptions(head_parts=bad)
+    assert ClusterOptions(head_parts=None).head_parts is None
 
 
 @pytest.mark.parametrize("protocol", ["default", "reference"])

@@ -77,7 +77,7 @@ def test_analyze_on_dask_needs_only_the_stores_and_logs_cleanly(node):
     assert "still alive" not in err and "WARNING distributed" not in err, err
     # stderr is a pipe, not a terminal: progress is a log line, not a bar. Two tasks (standard head
     # and prototype) on two workers: the prototype's grid is split in two parts, three tasks run.
-    assert "analyze: 1 library tasks split in 2 parts (2 task slots)" in err, err
+    assert "analyze: 1 library task(s) split in 2 parts (2 task slots)" in err, err
     assert "analyze: 3/3 task in " in err, err
 
 
