@@ -25,6 +25,8 @@ from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms
 
+from iis.errors import WeightsError
+
 logger = logging.getLogger(__name__)
 
 _HOW_TO_PROVIDE = (
@@ -32,10 +34,6 @@ _HOW_TO_PROVIDE = (
     "(e.g. `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` with the same "
     "HF_HOME / HF_HUB_CACHE), or pass a local checkpoint file path as `weights:`."
 )
-
-
-class WeightsError(Exception):
-    """Weights that are missing, unreadable or do not fit the model. The message says how to fix it."""
 
 
 @dataclass

@@ -342,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import dask
 
         dask.config.set({"distributed.logging.distributed": dask_level})
-    # Imported here, not at the top, to keep `iis --help` fast.
-    from iis.extract.backbones import WeightsError
+    from iis.errors import WeightsError
     from iis.store_format import StoreError
 
     try:

@@ -481,7 +481,7 @@ class PipelineConfig(_Frozen):
     extract: ExtractConfig = ExtractConfig()
     store: Path  # Zarr stores go under here, one per model
     results: Path  # stage 2 writes its tables and report here
-    analysis: AnalysisConfig = AnalysisConfig()
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)  # built on use: it imports the library registry
     explain: ExplainConfig = ExplainConfig()
     finetune: FinetuneConfig | None = None
     text: TextConfig | None = None
