@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the store (default: a quarter of the machine's RAM)")
     p.add_argument("--head-parts", type=_count(1),
                    help="tasks each library's ratio grid is split over, so that idle workers share it "
-                        "(default: as many as leave no worker idle; 1: never split)")
+                        "(default: the workers' slots divided among the library tasks, rounded down; "
+                        "1: never split)")
     p.add_argument("--synchronous", action="store_true", help="run tasks in this process, without Dask")
 
     p = sub.add_parser("report", help="write <results>/report.html from a pipeline's tables")
