@@ -1,7 +1,8 @@
 """Splitting one library's ratio grid over several Dask tasks, so that idle workers share it.
 
 An analysis of one store and one library is two tasks: the standard head and the library's heads,
-the second several times longer. On a cluster with more task slots than tasks, the grid is split:
+the second several times longer. On a cluster with at least twice as many task slots as library
+tasks, the grid is split:
 one task builds the library, each part task projects the store on it and fits the heads of its
 ratios, and the parts are merged where the tables are written
 (:func:`iis.analyze.tasks.merge_parts`). A per-ratio library (end2end) is built once per ratio
@@ -38,8 +39,7 @@ def task_cost(spec: TaskSpec) -> int:
     order tasks start in, longest first. The standard head, one head against a grid's dozens, counts 0."""
     if spec.library == STANDARD:
         return 0
-    ratios = spec.part if spec.part is not None else spec.ratios
-    return round(sum(ratio_costs(ratios, spec.num_concepts, spec.protocol)))
+    return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol)))
 
 
 def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str) -> list[tuple[float, ...]]:

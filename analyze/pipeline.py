@@ -156,9 +156,9 @@ def _naming_store(err: Exception, spec: TaskSpec) -> Exception:
 def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskResult]:
     """Run every task; results come back in the order of ``specs``.
 
-    On a cluster with more task slots than library tasks, a library's ratio grid is split over
-    several tasks (:mod:`iis.analyze.parts`) and merged back here: the results are those of the
-    whole task. A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised
+    On a cluster with at least twice as many task slots as library tasks (or with
+    ``options.head_parts``), a library's ratio grid is split over several tasks
+    (:mod:`iis.analyze.parts`) and merged back here: the results are those of the whole task. A task's expected failure (:class:`StoreError`, :class:`ValueError`) is raised
     again with the store and task named in its message.
     """
     if options.synchronous:

@@ -87,6 +87,11 @@ class TaskSpec:
     part_label: str | None = None  # "2of3": the part's place among its grid's parts, for its Dask key
 
     @property
+    def fitted_ratios(self) -> tuple[float, ...]:
+        """The ratios whose heads this task fits: its part's, or the whole grid."""
+        return self.part if self.part is not None else self.ratios
+
+    @property
     def key(self) -> str:
         """A readable, unique Dask key."""
         key = f"iis-{Path(self.store).stem}-{self.library}-K{self.num_concepts}-seed{self.seed}-{self.protocol}"
@@ -258,7 +263,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         return _run_standard(spec, store, start)
     source, inputs = _library_inputs(spec, store)
     caveat = clip_caveat(spec.clip_store)
-    builds = [None] if not get_library(spec.library).per_ratio else list(_own_ratios(spec))
+    builds = [None] if not get_library(spec.library).per_ratio else list(spec.fitted_ratios)
     accuracy_rows: list[dict] = []
     concept_rows: list[dict] = []
     correct = []
@@ -272,7 +277,7 @@ def _run(spec: TaskSpec) -> TaskResult:
         concept_rows += _save_library(spec, store, source, lib, fit, caveat)
         correct.append(fit.test_correct)
     log.info("%s %s seed %d: %d ratios in %.1f s", store.model, spec.library, spec.seed,
-             len(_own_ratios(spec)), time.perf_counter() - start)
+             len(spec.fitted_ratios), time.perf_counter() - start)
     return TaskResult(spec, accuracy_rows, concept_rows, np.concatenate(correct), test_ids,
                       info={"seconds": time.perf_counter() - start})
 
@@ -346,11 +351,6 @@ def _save_library(spec: TaskSpec, store: FeatureStore, source: FeatureStore, lib
 
 # --------------------------------------------------------------------------------------------------
 # One library's ratio grid split over several tasks (iis.analyze.parts plans the split)
-
-
-def _own_ratios(spec: TaskSpec) -> tuple[float, ...]:
-    """The ratios a task fits: its part's, or the whole grid."""
-    return spec.part if spec.part is not None else spec.ratios
 
 
 def library_digest(lib: ConceptLibrary) -> str:
