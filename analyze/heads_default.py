@@ -72,6 +72,13 @@ SPARSE_EPOCH_FACTOR = 2
 STD_FLOOR = 1e-6
 
 
+def step_factors(keep: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """Each head's multiple of the base schedule: ``SPARSE_EPOCH_FACTOR`` for heads that keep at most
+    ``SPARSE_KEEP_FRACTION`` of the ``num_inputs`` concepts, else 1. ``keep`` ``(H,)`` -> ``(H,)`` int64."""
+    sparse = keep <= SPARSE_KEEP_FRACTION * num_inputs
+    return torch.where(sparse, SPARSE_EPOCH_FACTOR, 1).to(torch.int64)
+
+
 def concept_lr_factor(inverse_l2: float) -> float:
     """The multiple of ``CONCEPT_LRS[0]`` a concept head of L2 strength ``inverse_l2`` trains at
     (``CONCEPT_LR_FACTORS``, interpolated in log C)."""
@@ -306,7 +313,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     steps_per_epoch = math.ceil(num_train / schedule.batch_size)
     head_steps = torch.full((num_heads,), schedule.steps, dtype=torch.int64)
     if not standard:
-        head_steps[keep <= SPARSE_KEEP_FRACTION * num_inputs] *= SPARSE_EPOCH_FACTOR
+        head_steps *= step_factors(keep, num_inputs)
     # Every head's cosine factor at every step, (steps, H, 1, 1): one lookup a step.
     progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
     cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)

@@ -16,22 +16,21 @@ import heapq
 from collections.abc import Sequence
 
 from iis.analyze.activations import keep_counts
-from iis.analyze.heads_default import SPARSE_EPOCH_FACTOR, SPARSE_KEEP_FRACTION
+from iis.analyze.heads_default import step_factors
 from iis.analyze.tasks import STANDARD, TaskSpec
 
 
 def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str) -> list[float]:
     """Each ratio's share of its grid's training work, in units of one dense ratio's heads.
 
-    The default protocol trains the sparsest heads (at most ``SPARSE_KEEP_FRACTION`` of the
-    concepts kept) ``SPARSE_EPOCH_FACTOR`` times as many steps; a step costs about the same at every
+    The default protocol trains the sparsest heads longer (:func:`~iis.analyze.heads_default.step_factors`,
+    the trainer's own rule); a step costs about the same at every
     ratio (dense products). The reference protocol trains every ratio alike. (A per-ratio library's
     build, end2end's training, is about alike at every ratio too; the heads' share tips the balance.)
     """
     if protocol == "reference":
         return [1.0] * len(ratios)
-    keep = keep_counts(list(ratios), num_concepts)
-    return [float(SPARSE_EPOCH_FACTOR) if k <= SPARSE_KEEP_FRACTION * num_concepts else 1.0 for k in keep.tolist()]
+    return step_factors(keep_counts(list(ratios), num_concepts), num_concepts).double().tolist()
 
 
 def task_cost(spec: TaskSpec) -> int:

@@ -317,9 +317,10 @@ def _library_inputs(spec: TaskSpec, store: FeatureStore) -> tuple[FeatureStore, 
         check_source(store, source)  # again here: a task may be submitted without analyze_stores
     elements = source.read_elements()
     inputs = LibraryInputs(elements=elements, num_classes=store.num_classes)
-    if get_library(spec.library).supervised:
+    lib_spec = get_library(spec.library)
+    if lib_spec.supervised:
         train_raw, val_raw = store.read_split("train"), store.read_split("val")
-        text = _text_inputs(spec, train_raw, val_raw) if get_library(spec.library).needs_text else None
+        text = _text_inputs(spec, train_raw, val_raw) if lib_spec.needs_text else None
         inputs = LibraryInputs(elements=elements, num_classes=store.num_classes,
                                train_features=train_raw.x, train_labels=train_raw.labels,
                                val_features=val_raw.x, val_labels=val_raw.labels, text=text)
