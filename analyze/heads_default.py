@@ -228,6 +228,11 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
 
 
+# Every head of a grid after training (``H = R * M`` heads; :func:`fit_default_grid`): ``weight``
+# ``(H, C, K)``, ``bias`` ``(H, C, 1)`` (classes first) and ``(γ, β)`` ``(H, 2, K)`` or None.
+GridState = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
                 ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True) -> HeadFit:
     """Fit the standard head (``ratios`` None) or every ratio's interpretable head in one pass.
@@ -243,6 +248,21 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         ratios: the grid, or None for the standard head.
         learn_scale: fit each head's per-concept ``(γ, β)`` (METHOD.md's model); False keeps the
             fixed standardisation ``γ = 1, β = 0``.
+    """
+    return fit_default_grid(splits, num_classes=num_classes, ratios=ratios, seed=seed, schedule=schedule,
+                            learn_scale=learn_scale)[0]
+
+
+def fit_default_grid(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
+                     ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True,
+                     warm_start: GridState | None = None) -> tuple[HeadFit, GridState]:
+    """:func:`fit_default`, also returning every head of the grid (:data:`GridState`), chosen on val or not.
+
+    Args:
+        warm_start: start each ratio's concept heads from these ``M`` heads (one per L2 strength of
+            ``CONCEPT_INVERSE_L2``, e.g. the s = 0 heads of another grid) instead of zeros. Not
+            used by the pipeline: warm starts along the ratio grid were measured and dropped
+            (benchmarks/README.md, "Warm starts along the ratio grid"; ``benchmarks/warm_start.py``).
     """
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     num_train, num_inputs = x_train.shape
@@ -307,6 +327,11 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             raise ValueError("a learnt (γ, β) shares its head's one learning rate")
         affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
         params, lrs, l2 = [*params, affine], [*lrs, per_column[0]], [*l2, None]
+    if warm_start is not None:
+        if standard or len(warm_start[0]) != heads_per_ratio or (warm_start[2] is None) != (affine is None):
+            raise ValueError("a warm start gives one concept head per L2 strength, with (γ, β) iff the grid learns them")
+        for param, start in zip(params, warm_start):
+            param.copy_(start.repeat(num_ratios, 1, 1))
     optimizer = Adam(params, lrs, l2)
 
     # Each head's schedule, in optimiser steps; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
@@ -361,7 +386,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     fit.inverse_l2 = option_c[head, option].numpy()
     fit.learning_rate = option_rate[head, option].numpy()
     evaluate(fit, splits["val"], splits["test"])
-    return fit
+    return fit, (weight, bias, affine)
 
 
 @torch.no_grad()
