@@ -54,6 +54,7 @@ def fit_heads(
     protocol: str = "default",
     max_epochs: int | None = None,
     batch_size: int | None = None,
+    warm_start: bool = True,
 ) -> HeadFit:
     """Fit the standard head (``ratios=None``) or one interpretable head per sparsity ratio.
 
@@ -69,6 +70,9 @@ def fit_heads(
             protocol, which selects on **test**; for comparison only).
         max_epochs: override of the protocol's epoch count (tests use it for speed).
         batch_size: override of the protocol's batch size.
+        warm_start: in the default protocols, start every ratio's heads from the dense heads
+            (``heads_default.fit_default``); False for a library whose concepts differ between
+            ratios (one library per ratio). The reference protocol trains each ratio from scratch.
 
     Returns:
         A :class:`HeadFit` with ``R = len(ratios)`` heads (1 for the standard head).
@@ -90,7 +94,7 @@ def fit_heads(
     else:
         schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=max_epochs, batch_size=batch_size)
         fit = fit_default(splits, num_classes=num_classes, ratios=ratio_list, seed=seed, schedule=schedule,
-                          learn_scale=protocol == "default")
+                          learn_scale=protocol == "default", warm_start=warm_start)
         fit.protocol = protocol
     fit.fit_seconds = time.perf_counter() - start
     logger.info("fitted %d head(s) (%s protocol) in %.2fs; test top-1 %s", fit.num_heads, protocol,

@@ -3,7 +3,8 @@
 One ``(H, L*C, K)`` weight tensor (classes first) holds ``H`` heads (``R`` ratios times ``M`` L2
 strengths), each with ``L`` learning rates (as DINOv2's ``setup_linear_classifiers`` trains a grid
 of linear heads in one pass), plus each head's per-concept ``(γ, β)``. Adam with an L2 penalty on
-the weights and a cosine decay to zero; every head keeps its final state, and val is looked at
+the weights and a cosine decay to zero; the dense heads (every concept kept) train first and every
+other ratio's heads start from them; every head keeps its final state, and val is looked at
 once, at the end, to choose the L2 strength and learning rate.
 Test is never looked at here.
 
@@ -68,15 +69,30 @@ STANDARD_LR_FACTORS = ((0.03, 1.0), (0.3, 3.0))
 # own cosine schedule: each concept's weights learn only from the images that keep it.
 SPARSE_KEEP_FRACTION = 0.1
 SPARSE_EPOCH_FACTOR = 2
+# Warm starts along the ratio grid: every ratio's concept head starts from the dense head (every
+# concept kept) of its penalty, which trains first, from zeros. From there the heads that are not
+# sparse train this fraction of the schedule; the sparse ones keep their longer one. Against every
+# head from zeros on its whole schedule: +1.2 points of test top-1 on the demo's stores (mean over
+# heads), +0.4 on the workloads (none below), 0.9x the heads' CPU; half the schedule saved more
+# but lost up to 0.9 points on planted-100k's dense heads (benchmarks/README.md, "Warm starts along
+# the ratio grid").
+WARM_STEP_FRACTION = 0.75
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
 
-def step_factors(keep: torch.Tensor, num_inputs: int) -> torch.Tensor:
-    """Each head's multiple of the base schedule: ``SPARSE_EPOCH_FACTOR`` for heads that keep at most
-    ``SPARSE_KEEP_FRACTION`` of the ``num_inputs`` concepts, else 1. ``keep`` ``(H,)`` -> ``(H,)`` int64."""
+def step_factors(keep: torch.Tensor, num_inputs: int, *, warm: bool = False) -> torch.Tensor:
+    """Each concept head's multiple of the base schedule, ``(H,)`` float64 from ``keep`` ``(H,)``.
+
+    ``SPARSE_EPOCH_FACTOR`` for heads that keep at most ``SPARSE_KEEP_FRACTION`` of the
+    ``num_inputs`` concepts; with ``warm`` (warm starts from the dense heads), ``WARM_STEP_FRACTION``
+    for the other heads that drop a concept; else 1.
+    """
     sparse = keep <= SPARSE_KEEP_FRACTION * num_inputs
-    return torch.where(sparse, SPARSE_EPOCH_FACTOR, 1).to(torch.int64)
+    factors = torch.where(sparse, float(SPARSE_EPOCH_FACTOR), 1.0).double()
+    if warm:
+        factors = torch.where(~sparse & (keep < num_inputs), WARM_STEP_FRACTION, factors)
+    return factors
 
 
 def concept_lr_factor(inverse_l2: float) -> float:
@@ -228,19 +244,20 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
 
 
-# Every head of a grid after training (``H = R * M`` heads; :func:`fit_default_grid`): ``weight``
-# ``(H, C, K)``, ``bias`` ``(H, C, 1)`` (classes first) and ``(γ, β)`` ``(H, 2, K)`` or None.
-GridState = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
-                ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True) -> HeadFit:
-    """Fit the standard head (``ratios`` None) or every ratio's interpretable head in one pass.
+                ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True,
+                warm_start: bool = True) -> HeadFit:
+    """Fit the standard head (``ratios`` None) or every ratio's interpretable head.
 
-    Internally ``H = R * M`` heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2`` per
-    ratio), each with ``P`` column blocks, its learning rates; the standard head is one head whose
-    ``P`` blocks are the pairs of ``STANDARD_INVERSE_L2 x STANDARD_LRS``. Per ratio the (penalty,
-    rate) pair best on val is kept.
+    Internally ``H = R * M`` concept heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2``
+    per ratio), each with ``P`` column blocks, its learning rates; the standard head is one head
+    whose ``P`` blocks are the pairs of ``STANDARD_INVERSE_L2 x STANDARD_LRS``. Per ratio the
+    (penalty, rate) pair best on val is kept.
+
+    With ``warm_start`` the ``M`` dense heads (every concept kept, as at s = 0) train first, from
+    zeros, and every other ratio's head of the same penalty starts from them, on a shorter schedule
+    unless it is sparse (:func:`step_factors`). They are trained whether or not the grid holds
+    s = 0, so a ratio's head does not depend on which other ratios are fitted beside it.
 
     Args:
         splits: ``train``/``val``/``test`` as ``(X, y)``; train may be :class:`ChunkedRows` for
@@ -248,21 +265,8 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         ratios: the grid, or None for the standard head.
         learn_scale: fit each head's per-concept ``(γ, β)`` (METHOD.md's model); False keeps the
             fixed standardisation ``γ = 1, β = 0``.
-    """
-    return fit_default_grid(splits, num_classes=num_classes, ratios=ratios, seed=seed, schedule=schedule,
-                            learn_scale=learn_scale)[0]
-
-
-def fit_default_grid(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
-                     ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True,
-                     warm_start: GridState | None = None) -> tuple[HeadFit, GridState]:
-    """:func:`fit_default`, also returning every head of the grid (:data:`GridState`), chosen on val or not.
-
-    Args:
-        warm_start: start each ratio's concept heads from these ``M`` heads (one per L2 strength of
-            ``CONCEPT_INVERSE_L2``, e.g. the s = 0 heads of another grid) instead of zeros. Not
-            used by the pipeline: warm starts along the ratio grid were measured and dropped
-            (benchmarks/README.md, "Warm starts along the ratio grid"; ``benchmarks/warm_start.py``).
+        warm_start: start the concept heads from the dense ones (for a library whose concepts are
+            the same at every ratio); False: every head from zeros on the whole schedule.
     """
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     num_train, num_inputs = x_train.shape
@@ -310,62 +314,40 @@ def fit_default_grid(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, nu
 
         x_val = prep(x_val)
 
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.zeros(num_heads, num_options * num_classes, num_inputs)  # classes first (class_major_logits)
-    bias = torch.zeros(num_heads, num_options * num_classes, 1)
-    per_column = column_rate.float().repeat_interleave(num_classes).view(-1, 1)
     # A head's penalty scales with the fraction of concepts it keeps: a weight of a head that keeps
     # k of K concepts is used by about k/K of the images, so (k/K) ||W||^2 penalises the logits'
     # expected size as a dense head's ||W||^2 does, and one C grid brackets every ratio's optimum
     # (benchmarks/README.md, "L2 strength").
     kept_fraction = keep.double().view(-1, 1) / num_inputs
     l2_per_column = (kept_fraction / (option_c * num_train)).float().repeat_interleave(num_classes, dim=1)
-    params, lrs, l2 = [weight, bias], [per_column, per_column], [l2_per_column.unsqueeze(-1), None]
-    affine = None
-    if with_scale:
-        if num_options != 1:
-            raise ValueError("a learnt (γ, β) shares its head's one learning rate")
-        affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
-        params, lrs, l2 = [*params, affine], [*lrs, per_column[0]], [*l2, None]
-    if warm_start is not None:
-        if standard or len(warm_start[0]) != heads_per_ratio or (warm_start[2] is None) != (affine is None):
-            raise ValueError("a warm start gives one concept head per L2 strength, with (γ, β) iff the grid learns them")
-        for param, start in zip(params, warm_start):
-            param.copy_(start.repeat(num_ratios, 1, 1))
-    optimizer = Adam(params, lrs, l2)
-
-    # Each head's schedule, in optimiser steps; the sparsest heads get SPARSE_EPOCH_FACTOR times as many.
-    steps_per_epoch = math.ceil(num_train / schedule.batch_size)
-    head_steps = torch.full((num_heads,), schedule.steps, dtype=torch.int64)
-    if not standard:
-        head_steps *= step_factors(keep, num_inputs)
-    # Every head's cosine factor at every step, (steps, H, 1, 1): one lookup a step.
-    progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
-    cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)
-    cosine *= head_factor.float().view(1, num_heads, 1, 1)
-    active = torch.arange(num_heads)
-    heads, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
+    if with_scale and num_options != 1:
+        raise ValueError("a learnt (γ, β) shares its head's one learning rate")
+    heads = _Heads.zeros(num_heads, num_options * num_classes, num_inputs, with_scale=with_scale)
+    trainer = _Trainer(x_train, y_train, prep=prep, num_classes=num_classes, standard=standard, seed=seed,
+                       batch_size=schedule.batch_size,
+                       column_rate=column_rate.float().repeat_interleave(num_classes).view(-1, 1))
+    dense = keep == num_inputs
+    warm = warm_start and not standard and not bool(dense.all())
+    factors = torch.ones(num_heads, dtype=torch.float64) if standard else step_factors(keep, num_inputs, warm=warm)
+    head_steps = (schedule.steps * factors).round().clamp(min=1).to(torch.int64)
     with denormals_flushed():
-        step = 0
-        while len(active):
-            for xb, yb in epoch_batches(x_train, y_train, batch_size=schedule.batch_size, generator=generator):
-                xb = prep(xb)
-                if standard:
-                    inputs, mask = xb.unsqueeze(0), None
-                else:
-                    inputs, mask = head_grid_inputs(xb, None if affine is None else affine[heads], active_keep)
-                d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[heads], bias[heads], num_classes)
-                grads = [d_weight, d_bias]
-                if affine is not None:
-                    d_tilde = d_inputs.mul_(mask)
-                    grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
-                optimizer.step(grads, cosine[step, heads], heads)
-                step += 1
-                if step in leave_at:  # heads whose schedule ended leave
-                    active = active[head_steps[active] > step]
-                    if len(active) == 0:
-                        break
-                    heads, active_keep = _as_slice(active), keep[active]
+        if warm:
+            # The dense heads first (one per penalty; the grid's own s = 0 heads where it has them),
+            # then every other head from the dense head of its penalty.
+            anchor = _Heads.zeros(heads_per_ratio, num_options * num_classes, num_inputs, with_scale=with_scale)
+            rows = slice(0, heads_per_ratio)  # one head per penalty (its kept fraction is 1)
+            anchor_l2 = (1.0 / (option_c[rows] * num_train)).float().repeat_interleave(num_classes, dim=1)
+            trainer.train(anchor, keep=torch.full((heads_per_ratio,), num_inputs), l2=anchor_l2,
+                          head_factor=head_factor[rows], head_steps=torch.full((heads_per_ratio,), schedule.steps))
+            rest = torch.nonzero(~dense).view(-1)
+            started = anchor.repeat(len(rest) // heads_per_ratio)
+            trainer.train(started, keep=keep[rest], l2=l2_per_column[rest], head_factor=head_factor[rest],
+                          head_steps=head_steps[rest])
+            heads.scatter(torch.nonzero(dense).view(-1), anchor.repeat(int(dense.sum()) // heads_per_ratio))
+            heads.scatter(rest, started)
+        else:
+            trainer.train(heads, keep=keep, l2=l2_per_column, head_factor=head_factor, head_steps=head_steps)
+    weight, bias, affine = heads.weight, heads.bias, heads.affine
 
     # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)
     # (ties: the first in the grids, i.e. the stronger penalty, the smaller rate). With the L2
@@ -381,12 +363,99 @@ def fit_default_grid(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, nu
     if standard:
         final_weight = final_weight * inv_scale
         final_bias = final_bias - mean @ final_weight[0]
+    steps_per_epoch = math.ceil(num_train / schedule.batch_size)
     fit = empty_fit(ratios, final_weight, final_bias, None if affine is None else affine[head],
                     ((head_steps[head] - 1) // steps_per_epoch).numpy().astype(np.int64), "default")
     fit.inverse_l2 = option_c[head, option].numpy()
     fit.learning_rate = option_rate[head, option].numpy()
     evaluate(fit, splits["val"], splits["test"])
-    return fit, (weight, bias, affine)
+    return fit
+
+
+@dataclass
+class _Heads:
+    """A stack of heads being trained: ``weight (H, P*C, K)`` and ``bias (H, P*C, 1)`` classes first
+    (:func:`class_major_logits`), ``affine (H, 2, K)`` each head's ``(γ, β)`` or None."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    affine: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, num_heads: int, columns: int, num_inputs: int, *, with_scale: bool) -> _Heads:
+        affine = None
+        if with_scale:
+            affine = torch.stack([torch.ones(num_heads, num_inputs), torch.zeros(num_heads, num_inputs)], dim=1)
+        return cls(torch.zeros(num_heads, columns, num_inputs), torch.zeros(num_heads, columns, 1), affine)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.weight, self.bias] if self.affine is None else [self.weight, self.bias, self.affine]
+
+    def repeat(self, times: int) -> _Heads:
+        """The stack ``times`` over, as new tensors: ``(times * H, ...)``."""
+        return _Heads(*(None if p is None else p.repeat(times, 1, 1) for p in (self.weight, self.bias, self.affine)))
+
+    def scatter(self, index: torch.Tensor, heads: _Heads) -> None:
+        """Set the heads at ``index`` (first axis) to ``heads``."""
+        for mine, theirs in zip(self.params(), heads.params()):
+            mine[index] = theirs
+
+
+class _Trainer:
+    """Adam with an L2 penalty and a cosine decay to zero, over stacks of heads fed the same batches.
+
+    Every call to :meth:`train` draws its batches anew from ``seed``, so a head's training depends
+    on its own start, penalty and schedule only, not on the heads trained beside it.
+    """
+
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, *, prep, num_classes: int, standard: bool,
+                 seed: int, batch_size: int, column_rate: torch.Tensor) -> None:
+        self.x_train, self.y_train, self.prep = x_train, y_train, prep
+        self.num_classes, self.standard, self.seed, self.batch_size = num_classes, standard, seed, batch_size
+        self.column_rate = column_rate  # (P*C, 1): each column block's base rate
+
+    def train(self, heads: _Heads, *, keep: torch.Tensor, l2: torch.Tensor, head_factor: torch.Tensor,
+              head_steps: torch.Tensor) -> None:
+        """Train ``heads`` in place.
+
+        Args:
+            keep: ``(H,)`` int64 each head's ``k(s)``.
+            l2: ``(H, P*C)`` float32, each column's L2 coefficient (penalty ``l2 * ||W||^2 / 2``).
+            head_factor: ``(H,)`` float64, each head's multiple of its columns' rates.
+            head_steps: ``(H,)`` int64, each head's schedule; heads leave as theirs end, so the
+                longest come last (a contiguous range keeps training: views, not copies).
+        """
+        num_heads, num_classes = len(keep), self.num_classes
+        weight, bias, affine = heads.weight, heads.bias, heads.affine
+        rates = [self.column_rate, self.column_rate] + ([] if affine is None else [self.column_rate[0]])
+        optimizer = Adam(heads.params(), rates, [l2.unsqueeze(-1), None, None][: len(rates)])
+        # Every head's cosine factor at every step, (steps, H, 1, 1): one lookup a step.
+        progress = (torch.arange(int(head_steps.max())).double().view(-1, 1) / head_steps.double()).clamp(max=1.0)
+        cosine = (0.5 * (1.0 + torch.cos(math.pi * progress))).float().view(-1, num_heads, 1, 1)
+        cosine *= head_factor.float().view(1, num_heads, 1, 1)
+        generator = torch.Generator().manual_seed(self.seed)
+        active = torch.arange(num_heads)
+        index, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
+        step = 0
+        while len(active):
+            for xb, yb in epoch_batches(self.x_train, self.y_train, batch_size=self.batch_size, generator=generator):
+                xb = self.prep(xb)
+                if self.standard:
+                    inputs, mask = xb.unsqueeze(0), None
+                else:
+                    inputs, mask = head_grid_inputs(xb, None if affine is None else affine[index], active_keep)
+                d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[index], bias[index], num_classes)
+                grads = [d_weight, d_bias]
+                if affine is not None:
+                    d_tilde = d_inputs.mul_(mask)
+                    grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
+                optimizer.step(grads, cosine[step, index], index)
+                step += 1
+                if step in leave_at:  # heads whose schedule ended leave
+                    active = active[head_steps[active] > step]
+                    if len(active) == 0:
+                        break
+                    index, active_keep = _as_slice(active), keep[active]
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ tasks, the grid is split:
 one task builds the library, each part task projects the store on it and fits the heads of its
 ratios, and the parts are merged where the tables are written
 (:func:`iis.analyze.tasks.merge_parts`). A per-ratio library (end2end) is built once per ratio
-anyway: each part builds and fits its own ratios. The heads of a ratio do not depend on the others', so a
-split grid fits the same heads (``tests/test_parts.py``).
+anyway: each part builds and fits its own ratios. The heads of a ratio do not depend on the others'
+(each part trains the dense heads the others start from itself, the same ones), so a split grid
+fits the same heads (``tests/test_parts.py``).
 """
 
 from __future__ import annotations
@@ -17,38 +18,54 @@ from collections.abc import Sequence
 
 from iis.analyze.activations import keep_counts
 from iis.analyze.heads_default import step_factors
-from iis.analyze.tasks import STANDARD, TaskSpec
+from iis.analyze.tasks import STANDARD, TaskSpec, warm_starts
 
 
-def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str) -> list[float]:
+def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, warm: bool = False) -> list[float]:
     """Each ratio's share of its grid's training work, in units of one dense ratio's heads.
 
-    The default protocol trains the sparsest heads longer (:func:`~iis.analyze.heads_default.step_factors`,
-    the trainer's own rule); a step costs about the same at every
-    ratio (dense products). The reference protocol trains every ratio alike. (A per-ratio library's
-    build, end2end's training, is about alike at every ratio too; the heads' share tips the balance.)
+    The default protocol trains the sparsest heads longer and, with ``warm`` starts, the other
+    heads that drop a concept shorter (:func:`~iis.analyze.heads_default.step_factors`, the
+    trainer's own rule); a step costs about the same at every ratio (dense products). With warm
+    starts the dense heads (a ratio that keeps every concept) are trained by every task or part
+    anyway (:func:`anchor_cost`), so such a ratio costs nothing more. The reference protocol trains
+    every ratio alike. (A per-ratio library's build, end2end's training, is about alike at every
+    ratio too; the heads' share tips the balance.)
     """
     if protocol == "reference":
         return [1.0] * len(ratios)
-    return step_factors(keep_counts(list(ratios), num_concepts), num_concepts).double().tolist()
+    keep = keep_counts(list(ratios), num_concepts)
+    costs = step_factors(keep, num_concepts, warm=warm)
+    if warm:
+        costs = costs.masked_fill(keep >= num_concepts, 0.0)
+    return costs.tolist()
+
+
+def anchor_cost(spec: TaskSpec) -> float:
+    """The dense heads every warm-started task or part trains first, in the units of :func:`ratio_costs`."""
+    return 1.0 if spec.protocol != "reference" and warm_starts(spec) else 0.0
 
 
 def task_cost(spec: TaskSpec) -> int:
-    """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all): the
-    order tasks start in, longest first. The standard head, one head against a grid's dozens, counts 0."""
+    """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all, and
+    its dense heads): the order tasks start in, longest first. The standard head, one head against
+    a grid's dozens, counts 0."""
     if spec.library == STANDARD:
         return 0
-    return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol)))
+    costs = ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=bool(anchor_cost(spec)))
+    return round(sum(costs) + anchor_cost(spec))
 
 
-def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str) -> list[tuple[float, ...]]:
+def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str,
+                 warm: bool = False) -> list[tuple[float, ...]]:
     """``ratios`` in at most ``parts`` groups of about equal cost (:func:`ratio_costs`), each ascending.
 
     Longest-first greedy: each ratio, costliest first, joins the group with the least cost so far.
+    (With ``warm`` starts every group also trains the dense heads: the same cost in each.)
     """
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")
-    costs = ratio_costs(ratios, num_concepts, protocol)
+    costs = ratio_costs(ratios, num_concepts, protocol, warm=warm)
     parts = min(parts, len(ratios))
     heap = [(0.0, g) for g in range(parts)]
     groups: list[list[float]] = [[] for _ in range(parts)]
@@ -84,7 +101,8 @@ def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None)
     plan = {}
     for i in candidates:
         spec = specs[i]
-        groups = split_ratios(spec.ratios, parts, num_concepts=spec.num_concepts, protocol=spec.protocol)
+        groups = split_ratios(spec.ratios, parts, num_concepts=spec.num_concepts, protocol=spec.protocol,
+                              warm=bool(anchor_cost(spec)))
         if len(groups) > 1:
             plan[i] = groups
     return plan

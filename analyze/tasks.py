@@ -198,10 +198,18 @@ def _library_dir(spec: TaskSpec) -> str | None:
     return str(Path(spec.library_dir) / f"from-{digest}")
 
 
+def warm_starts(spec: TaskSpec) -> bool:
+    """Whether a task's concept heads start from its dense heads (``heads_default.fit_default``):
+    a library whose concepts are the same at every ratio. A per-ratio library (end2end) has other
+    concepts at each ratio, so its heads start from zeros. The reference protocol ignores it."""
+    return spec.library != STANDARD and not get_library(spec.library).per_ratio
+
+
 def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
          ratios: list[float] | None, spec: TaskSpec) -> HeadFit:
     return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
-                     num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol)
+                     num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol,
+                     warm_start=warm_starts(spec))
 
 
 def _text_inputs(spec: TaskSpec, train: SplitData, val: SplitData) -> TextInputs:

@@ -186,6 +186,28 @@ def test_weakly_penalised_heads_reach_their_optimum_too(monkeypatch, inverse_l2)
         assert gap < 0.002, (ratio, gap)
 
 
+@pytest.mark.parametrize("learn_scale", [True, False], ids=["learnt-scale", "fixed"])
+def test_heads_start_from_the_dense_head_of_their_penalty(monkeypatch, learn_scale):
+    """With warm starts, a head that drops a concept starts where the dense head (every concept
+    kept) of its penalty ended. Cut its own schedule to one step, and the s = 0.1 head (90% of the
+    concepts kept) is still about as good as the dense one; started from zeros, one step is not
+    enough to learn anything. The dense heads are the grid's s = 0 heads, trained on the whole
+    schedule; a sparse head keeps its own, longer schedule."""
+    monkeypatch.setattr(default, "WARM_STEP_FRACTION", 1e-9)  # rounds to one step
+    splits, spec = _planted_activations(seed=2)
+    ratios = [0.0, 0.1, 0.95]
+    protocol = "default" if learn_scale else "fixed-scale"
+    warm = fit_heads(**splits, num_classes=spec.classes, ratios=ratios, seed=0, protocol=protocol)
+    schedule = default.Schedule.resolve(len(splits["train"][1]), epochs=None, batch_size=None)
+    cold = default.fit_default(splits, num_classes=spec.classes, ratios=[0.1], seed=0, learn_scale=learn_scale,
+                               schedule=default.Schedule(steps=1, batch_size=schedule.batch_size), warm_start=False)
+    assert warm.test_top1[1] > warm.test_top1[0] - 0.03
+    assert warm.test_top1[1] > cold.test_top1[0] + 0.2
+    steps_per_epoch = -(-len(splits["train"][1]) // schedule.batch_size)
+    assert warm.best_epoch.tolist() == [(schedule.steps - 1) // steps_per_epoch, 0,
+                                        (default.SPARSE_EPOCH_FACTOR * schedule.steps - 1) // steps_per_epoch]
+
+
 def _distance_to_lbfgs(fit, splits, spec, ratios):
     """Per head: ``(ratio, train objective above its L-BFGS optimum, its val loss, the optimum's
     val loss)``, the optimum taken with (γ, β) and so the kept concepts as the head learnt them."""

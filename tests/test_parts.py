@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import iis.analyze.heads_default as default
 import numpy as np
 import pytest
 import torch
@@ -24,34 +25,41 @@ def _spec(library: str, ratios: tuple[float, ...] = GRID, **kw) -> TaskSpec:
     return TaskSpec(store="/stores/m0.zarr", library=library, seed=0, num_concepts=200, ratios=ratios, **kw)
 
 
-def test_sparse_ratios_cost_twice_the_dense_ones():
+def test_ratio_costs_follow_the_trainers_schedules():
     # keep <= 10% of 200 concepts from s = 0.9 on: those heads train twice the steps.
     assert ratio_costs(GRID, 200, "default") == [1, 1, 1, 1, 1, 2, 2, 2]
     assert ratio_costs(GRID, 200, "reference") == [1] * 8
+    # Warm-started: the dense heads (s = 0) come with every task (their cost is counted once a
+    # task or part), the other non-sparse heads train 3/4 of the schedule.
+    assert default.WARM_STEP_FRACTION == 0.75
+    assert ratio_costs(GRID, 200, "default", warm=True) == [0, 0.75, 0.75, 0.75, 0.75, 2, 2, 2]
     # Tasks start longest first: the whole grid, then its parts, then the standard head.
-    assert task_cost(_spec("prototype")) == 11
-    assert task_cost(_spec("prototype", part=(0.3, 0.7, 0.9, 0.98))) == 6
+    assert task_cost(_spec("prototype")) == 10  # 1 (dense heads) + 4 x 0.75 + 3 x 2
+    assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 6  # 1 + 0.75 + 2 + 2, rounded
+    assert task_cost(_spec("prototype", protocol="reference")) == 8
+    assert task_cost(_spec("end2end")) == 11  # one library per ratio: every head from zeros
     assert task_cost(_spec(STANDARD)) == 0
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4, 8, 20])
-def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts):
-    groups = split_ratios(GRID, parts, num_concepts=200, protocol="default")
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts, warm):
+    groups = split_ratios(GRID, parts, num_concepts=200, protocol="default", warm=warm)
     assert len(groups) == min(parts, len(GRID))
     assert sorted(r for g in groups for r in g) == list(GRID)
     assert all(list(g) == sorted(g) for g in groups)
-    cost = dict(zip(GRID, ratio_costs(GRID, 200, "default")))
+    cost = dict(zip(GRID, ratio_costs(GRID, 200, "default", warm=warm)))
     loads = [sum(cost[r] for r in g) for g in groups]
     # Greedy longest-first is within the largest single cost of a perfect balance.
     assert max(loads) - min(loads) <= 2
     if parts == 2:
-        assert sorted(loads) == [5, 6]
+        assert sorted(loads) == ([4.25, 4.75] if warm else [5, 6])
 
 
 def test_plan_splits_only_when_slots_would_idle():
     specs = [_spec(STANDARD), _spec("prototype")]
     assert plan_parts(specs, slots=2, head_parts=None) == {1: split_ratios(GRID, 2, num_concepts=200,
-                                                                           protocol="default")}
+                                                                           protocol="default", warm=True)}
     assert len(plan_parts(specs, slots=16, head_parts=None)[1]) == 8  # never more parts than ratios
     # Two library tasks on two slots keep both busy already; head_parts 1 turns splitting off.
     assert plan_parts([*specs, _spec("cluster")], slots=2, head_parts=None) == {}
