@@ -6,8 +6,9 @@ activations with a learnt per-concept scale and shift, sparsified (``heads_model
 
 Two protocols:
 
-- ``"default"`` (``heads_default.py``): every ratio's head trains together, in one pass over the
-  data, to the end of a fixed schedule; every choice is made on **val**; test is evaluated once.
+- ``"default"`` (``heads_default.py``): the dense heads train first, then every other ratio's
+  heads together, started from them, each to the end of a fixed schedule; every choice is made on
+  **val**; test is evaluated once.
 - ``"reference"`` (``heads_reference.py``): the IIS authors' protocol, for comparison only. It
   selects on **test**.
 
