@@ -15,7 +15,7 @@ measurements behind each.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -408,8 +408,8 @@ class _Trainer:
     on its own start, penalty and schedule only, not on the heads trained beside it.
     """
 
-    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, *, prep, num_classes: int, standard: bool,
-                 seed: int, batch_size: int, column_rate: torch.Tensor) -> None:
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, *, prep: Callable[[torch.Tensor], torch.Tensor],
+                 num_classes: int, standard: bool, seed: int, batch_size: int, column_rate: torch.Tensor) -> None:
         self.x_train, self.y_train, self.prep = x_train, y_train, prep
         self.num_classes, self.standard, self.seed, self.batch_size = num_classes, standard, seed, batch_size
         self.column_rate = column_rate  # (P*C, 1): each column block's base rate

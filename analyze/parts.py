@@ -28,7 +28,7 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     heads that drop a concept shorter (:func:`~iis.analyze.heads_default.step_factors`, the
     trainer's own rule); a step costs about the same at every ratio (dense products). With warm
     starts the dense heads (a ratio that keeps every concept) are trained by every task or part
-    anyway (:func:`anchor_cost`), so such a ratio costs nothing more. The reference protocol trains
+    anyway (:func:`task_cost` counts them), so such a ratio costs nothing more. The reference protocol trains
     every ratio alike. (A per-ratio library's build, end2end's training, is about alike at every
     ratio too; the heads' share tips the balance.)
     """
@@ -41,19 +41,19 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     return costs.tolist()
 
 
-def anchor_cost(spec: TaskSpec) -> float:
-    """The dense heads every warm-started task or part trains first, in the units of :func:`ratio_costs`."""
-    return 1.0 if spec.protocol != "reference" and warm_starts(spec) else 0.0
+def _warm(spec: TaskSpec) -> bool:
+    """Whether the task's trainer starts its heads from the dense heads, which it trains first."""
+    return spec.protocol != "reference" and warm_starts(spec)
 
 
 def task_cost(spec: TaskSpec) -> int:
     """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all, and
-    its dense heads): the order tasks start in, longest first. The standard head, one head against
-    a grid's dozens, counts 0."""
+    with warm starts the dense heads, 1): the order tasks start in, longest first. The standard
+    head, one head against a grid's dozens, counts 0."""
     if spec.library == STANDARD:
         return 0
-    costs = ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=bool(anchor_cost(spec)))
-    return round(sum(costs) + anchor_cost(spec))
+    warm = _warm(spec)
+    return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=warm)) + warm)
 
 
 def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str,
@@ -102,7 +102,7 @@ def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None)
     for i in candidates:
         spec = specs[i]
         groups = split_ratios(spec.ratios, parts, num_concepts=spec.num_concepts, protocol=spec.protocol,
-                              warm=bool(anchor_cost(spec)))
+                              warm=_warm(spec))
         if len(groups) > 1:
             plan[i] = groups
     return plan
