@@ -328,7 +328,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
                        column_rate=column_rate.float().repeat_interleave(num_classes).view(-1, 1))
     dense = keep == num_inputs
     warm = warm_start and not standard and not bool(dense.all())
-    factors = torch.ones(num_heads, dtype=torch.float64) if standard else step_factors(keep, num_inputs, warm=warm)
+    factors = step_factors(keep, num_inputs, warm=warm)  # 1 for the standard head (one dense head, not warm)
     head_steps = (schedule.steps * factors).round().clamp(min=1).to(torch.int64)
     with denormals_flushed():
         if warm:
