@@ -77,6 +77,14 @@ SPARSE_EPOCH_FACTOR = 2
 # but lost up to 0.9 points on planted-100k's dense heads (benchmarks/README.md, "Warm starts along
 # the ratio grid").
 WARM_STEP_FRACTION = 0.75
+# The penalties a warm-started ratio trains: from this many strengths stronger than the dense heads'
+# val choice to this many weaker (in CONCEPT_INVERSE_L2's order, cut at its ends). The dense heads
+# train every penalty. Scored against the whole grid from every head's recorded val and test top-1
+# (31 cases: 9 workload-seeds, the demo's 11 stores x 2 libraries): test top-1 of val's choice +0.01
+# points mean on the workloads, -0.04 on the demo stores, for 0.6x the grid's head-steps (the
+# sparser heads choose stronger penalties than the dense ones; benchmarks/README.md, "A window of
+# penalties").
+WARM_PENALTY_WINDOW = (2, 1)
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
@@ -93,6 +101,20 @@ def step_factors(keep: torch.Tensor, num_inputs: int, *, warm: bool = False) -> 
     if warm:
         factors = torch.where(~sparse & (keep < num_inputs), WARM_STEP_FRACTION, factors)
     return factors
+
+
+def penalty_window(anchor: int, num_penalties: int) -> slice:
+    """The penalties (indices into ``CONCEPT_INVERSE_L2``) a warm-started ratio trains, given the
+    dense heads' val choice ``anchor``: :data:`WARM_PENALTY_WINDOW` around it, cut at the grid's ends."""
+    below, above = WARM_PENALTY_WINDOW
+    return slice(max(anchor - below, 0), min(anchor + above, num_penalties - 1) + 1)
+
+
+def warm_penalty_share() -> float:
+    """The widest :func:`penalty_window`, as a share of the concept heads' penalties: the most of a
+    ratio's heads that a warm-started grid trains."""
+    below, above = WARM_PENALTY_WINDOW
+    return min(below + above + 1, len(CONCEPT_INVERSE_L2)) / len(CONCEPT_INVERSE_L2)
 
 
 def concept_lr_factor(inverse_l2: float) -> float:
@@ -256,8 +278,10 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
 
     With ``warm_start`` the ``M`` dense heads (every concept kept, as at s = 0) train first, from
     zeros, and every other ratio's head of the same penalty starts from them, on a shorter schedule
-    unless it is sparse (:func:`step_factors`). They are trained whether or not the grid holds
-    s = 0, so a ratio's head does not depend on which other ratios are fitted beside it.
+    unless it is sparse (:func:`step_factors`); those ratios train only the penalties of
+    :func:`penalty_window` around the dense heads' val choice. The dense heads are trained whether
+    or not the grid holds s = 0, so a ratio's head does not depend on which other ratios are fitted
+    beside it.
 
     Args:
         splits: ``train``/``val``/``test`` as ``(X, y)``; train may be :class:`ChunkedRows` for
@@ -323,6 +347,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     if with_scale and num_options != 1:
         raise ValueError("a learnt (γ, β) shares its head's one learning rate")
     heads = _Heads.zeros(num_heads, num_options * num_classes, num_inputs, with_scale=with_scale)
+    trained = torch.ones(num_heads, dtype=torch.bool)  # heads outside a warm ratio's penalty window do not train
     trainer = _Trainer(x_train, y_train, prep=prep, num_classes=num_classes, standard=standard, seed=seed,
                        batch_size=schedule.batch_size,
                        column_rate=column_rate.float().repeat_interleave(num_classes).view(-1, 1))
@@ -339,11 +364,17 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             anchor_l2 = (1.0 / (option_c[rows] * num_train)).float().repeat_interleave(num_classes, dim=1)
             trainer.train(anchor, keep=torch.full((heads_per_ratio,), num_inputs), l2=anchor_l2,
                           head_factor=head_factor[rows], head_steps=torch.full((heads_per_ratio,), schedule.steps))
-            rest = torch.nonzero(~dense).view(-1)
-            started = anchor.repeat(len(rest) // heads_per_ratio)
+            # The other ratios train only the penalties near the dense heads' val choice.
+            anchor_val = _val_top1(anchor.weight, anchor.bias, anchor.affine, torch.full((heads_per_ratio,), num_inputs),
+                                   prep_val=x_val, y_val=y_val, num_classes=num_classes, standard=False)
+            window = penalty_window(int(anchor_val.max(dim=1).values.argmax()), heads_per_ratio)
+            penalty = torch.arange(num_heads) % heads_per_ratio
+            trained = dense | ((penalty >= window.start) & (penalty < window.stop))
+            rest = torch.nonzero(trained & ~dense).view(-1)
+            started = anchor.take(penalty[rest])
             trainer.train(started, keep=keep[rest], l2=l2_per_column[rest], head_factor=head_factor[rest],
                           head_steps=head_steps[rest])
-            heads.scatter(torch.nonzero(dense).view(-1), anchor.repeat(int(dense.sum()) // heads_per_ratio))
+            heads.scatter(torch.nonzero(dense).view(-1), anchor.take(penalty[dense]))
             heads.scatter(rest, started)
         else:
             trainer.train(heads, keep=keep, l2=l2_per_column, head_factor=head_factor, head_steps=head_steps)
@@ -355,6 +386,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     # the best of many val checks along training on a small val set would pick its noise.
     val_top1 = _val_top1(weight, bias, affine, keep, prep_val=x_val, y_val=y_val, num_classes=num_classes,
                          standard=standard)
+    val_top1[~trained] = -1.0  # never chosen
     chosen = val_top1.view(num_ratios, heads_per_ratio * num_options).argmax(dim=1)
     head = torch.arange(num_ratios) * heads_per_ratio + chosen // num_options
     option = chosen % num_options
@@ -391,9 +423,9 @@ class _Heads:
     def params(self) -> list[torch.Tensor]:
         return [self.weight, self.bias] if self.affine is None else [self.weight, self.bias, self.affine]
 
-    def repeat(self, times: int) -> _Heads:
-        """The stack ``times`` over, as new tensors: ``(times * H, ...)``."""
-        return _Heads(*(None if p is None else p.repeat(times, 1, 1) for p in (self.weight, self.bias, self.affine)))
+    def take(self, index: torch.Tensor) -> _Heads:
+        """The heads at ``index`` (first axis), as new tensors."""
+        return _Heads(*(None if p is None else p[index] for p in (self.weight, self.bias, self.affine)))
 
     def scatter(self, index: torch.Tensor, heads: _Heads) -> None:
         """Set the heads at ``index`` (first axis) to ``heads``."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+import torch
 from iis.analyze.activations import keep_counts
-from iis.analyze.heads_default import step_factors
+from iis.analyze.heads_default import step_factors, warm_penalty_share
 from iis.analyze.tasks import STANDARD, TaskSpec, warm_starts
 
 
@@ -26,7 +27,9 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
 
     The default protocol trains the sparsest heads longer and, with ``warm`` starts, the other
     heads that drop a concept shorter (:func:`~iis.analyze.heads_default.step_factors`, the
-    trainer's own rule); a step costs about the same at every ratio (dense products). With warm
+    trainer's own rule) and for a window of the penalties only (at most
+    :func:`~iis.analyze.heads_default.warm_penalty_share` of them; the same share at every such
+    ratio); a step costs about the same at every ratio (dense products). With warm
     starts the dense heads (a ratio that keeps every concept) are trained by every task or part
     anyway (:func:`task_cost` counts them), so such a ratio costs nothing more. The reference protocol trains
     every ratio alike. (A per-ratio library's build, end2end's training, is about alike at every
@@ -37,7 +40,7 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     keep = keep_counts(list(ratios), num_concepts)
     costs = step_factors(keep, num_concepts, warm=warm)
     if warm:
-        costs = costs.masked_fill(keep >= num_concepts, 0.0)
+        costs = torch.where(keep >= num_concepts, 0.0, costs * warm_penalty_share())
     return costs.tolist()
 
 

@@ -126,8 +126,10 @@ def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
     ratios = [0.0, 0.5, 0.9]
     fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
-    assert len(seen) == 1 and seen[0].shape == (len(ratios) * len(grid), 1)
-    per_ratio = seen[0].view(len(ratios), len(grid))
+    # Two evaluations: the dense heads' (their choice sets the other ratios' penalty window), then
+    # every head's (-1 for those outside the window, never trained).
+    assert len(seen) == 2 and seen[0].shape == (len(grid), 1) and seen[1].shape == (len(ratios) * len(grid), 1)
+    per_ratio = seen[1].view(len(ratios), len(grid))
     for r in range(len(ratios)):
         best = int(per_ratio[r].argmax())  # argmax returns the first of tied maxima
         assert fit.inverse_l2[r] == grid[best]
@@ -138,6 +140,33 @@ def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
     strong = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.9], seed=3, max_epochs=4)
     assert strong.inverse_l2.tolist() == [1e-4, 1e-4]
     assert strong.weight[0].norm() < 0.5 * strong.weight[1].norm()
+
+
+def test_warm_ratios_train_only_the_penalties_next_to_the_dense_heads_choice(monkeypatch):
+    """With warm starts the ratios that drop concepts train only the penalties of the window around
+    the dense heads' val choice: the same heads as in the whole grid, the rest never trained nor chosen."""
+    seen = _spy_on_val_evaluations(monkeypatch)
+    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    ratios = [0.0, 0.5, 0.9]
+    windowed = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
+    anchor_val, final_val = seen[0].view(-1), seen[-1].view(len(ratios), len(grid)).clone()
+    window = default.penalty_window(int(anchor_val.argmax()), len(grid))
+    below, above = default.WARM_PENALTY_WINDOW
+    assert window.stop - window.start <= below + above + 1 < len(grid)
+    monkeypatch.setattr(default, "WARM_PENALTY_WINDOW", (len(grid), len(grid)))  # every penalty everywhere
+    seen.clear()
+    whole = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
+    whole_val = seen[-1].view(len(ratios), len(grid))
+    torch.testing.assert_close(final_val[0], whole_val[0])  # the dense heads: every penalty
+    assert windowed.inverse_l2[0] == whole.inverse_l2[0]
+    for r in (1, 2):
+        torch.testing.assert_close(final_val[r, window], whole_val[r, window])  # the same heads
+        outside = torch.ones(len(grid), dtype=torch.bool)
+        outside[window] = False
+        assert (final_val[r, outside] == -1).all()
+        assert windowed.inverse_l2[r] == grid[window.start + int(whole_val[r, window].argmax())]
 
 
 def _overfitting_splits():

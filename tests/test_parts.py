@@ -30,12 +30,14 @@ def test_ratio_costs_follow_the_trainers_schedules():
     assert ratio_costs(GRID, 200, "default") == [1, 1, 1, 1, 1, 2, 2, 2]
     assert ratio_costs(GRID, 200, "reference") == [1] * 8
     # Warm-started: the dense heads (s = 0) come with every task (their cost is counted once a
-    # task or part), the other non-sparse heads train 3/4 of the schedule.
+    # task or part), the other non-sparse heads train 3/4 of the schedule, and every other ratio
+    # trains at most 4 of the 6 penalties (a window around the dense heads' choice).
     assert default.WARM_STEP_FRACTION == 0.75
-    assert ratio_costs(GRID, 200, "default", warm=True) == [0, 0.75, 0.75, 0.75, 0.75, 2, 2, 2]
+    assert (default.WARM_PENALTY_WINDOW, len(default.CONCEPT_INVERSE_L2)) == ((2, 1), 6)
+    assert ratio_costs(GRID, 200, "default", warm=True) == pytest.approx([0] + [0.5] * 4 + [4 / 3] * 3)
     # Tasks start longest first: the whole grid, then its parts, then the standard head.
-    assert task_cost(_spec("prototype")) == 10  # 1 (dense heads) + 4 x 0.75 + 3 x 2
-    assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 6  # 1 + 0.75 + 2 + 2, rounded
+    assert task_cost(_spec("prototype")) == 7  # 1 (dense heads) + 4 x 0.5 + 3 x 4/3
+    assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 4  # 1 + 0.5 + 8/3, rounded
     assert task_cost(_spec("prototype", protocol="reference")) == 8
     assert task_cost(_spec("end2end")) == 11  # one library per ratio: every head from zeros
     assert task_cost(_spec(STANDARD)) == 0
@@ -53,7 +55,7 @@ def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts, warm):
     # Greedy longest-first is within the largest single cost of a perfect balance.
     assert max(loads) - min(loads) <= 2
     if parts == 2:
-        assert sorted(loads) == ([4.25, 4.75] if warm else [5, 6])
+        assert sorted(loads) == pytest.approx([17 / 6, 19 / 6] if warm else [5, 6])
 
 
 def test_plan_splits_only_when_slots_would_idle():

@@ -1,0 +1,195 @@
+"""Fewer penalties for the ratios that drop concepts: a window of the L2 grid around the dense heads'
+val choice, scored offline against the whole grid.
+
+The default protocol trains, per ratio, one head per L2 strength of ``CONCEPT_INVERSE_L2`` and keeps
+the one best on val. With warm starts the dense heads (every concept kept) train first; their val
+choice is known before any other ratio's head trains. If each other ratio only needs the penalties
+next to that choice, most of its heads need not train at all.
+
+A head of one (ratio, C) does not depend on which other heads train beside it (each draws the same
+batches from the seed and has its own parameters), so one default grid per case, with every head's
+val and test top-1 recorded, scores any window rule exactly. For each case it fits the grid once (one
+process, one thread), records ``(ratio, C, val top-1, test top-1)`` to ``--out`` (a Parquet file),
+then prints, per rule, the val-chosen test top-1 against the whole grid's choice (mean over ratios
+and worst head) and the share of head-steps the rule trains.
+
+    python benchmarks/penalty_window.py --workloads planted-100k planted-30k --seeds 0 1 --out /tmp/pw.parquet
+    python benchmarks/penalty_window.py --stores cache/demo/*.zarr --libraries prototype cluster --out /tmp/pwd.parquet
+    python benchmarks/penalty_window.py --score /tmp/pw.parquet /tmp/pwd.parquet     # rules only, no fitting
+    python benchmarks/penalty_window.py --workloads planted-100k --compare 2          # CPU: window against whole grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from iis.analyze import heads_default as default
+from iis.analyze.activations import keep_counts
+from iis.analyze.heads_default import Schedule, fit_default
+from warm_start import RATIOS, store_splits
+from workloads import QUICK, WORKLOADS, make
+
+log = logging.getLogger("penalty_window")
+
+
+def record_grid(case: str, splits: dict, classes: int, seed: int) -> pd.DataFrame:
+    """One default grid; every (ratio, C) head's val and test top-1 (%), and the grid's CPU seconds."""
+    x_test, y_test = splits["test"][0].float(), splits["test"][1]
+    recorded = {}
+    original = default._val_top1
+
+    def both(weight, bias, affine, keep, *, prep_val, y_val, num_classes, standard):
+        recorded["test"] = original(weight, bias, affine, keep, prep_val=x_test, y_val=y_test,
+                                    num_classes=num_classes, standard=standard)
+        recorded["val"] = original(weight, bias, affine, keep, prep_val=prep_val, y_val=y_val,
+                                   num_classes=num_classes, standard=standard)
+        return recorded["val"]
+
+    default._val_top1 = both
+    saved, default.WARM_PENALTY_WINDOW = default.WARM_PENALTY_WINDOW, (len(default.CONCEPT_INVERSE_L2),) * 2
+    try:
+        schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=None, batch_size=None)
+        cpu = time.process_time()
+        fit_default(splits, num_classes=classes, ratios=RATIOS, seed=seed, schedule=schedule)
+        cpu = time.process_time() - cpu
+    finally:
+        default._val_top1, default.WARM_PENALTY_WINDOW = original, saved
+    penalties = len(default.CONCEPT_INVERSE_L2)
+    keep = keep_counts(RATIOS, splits["train"][0].shape[1]).numpy()
+    rows = [{"case": case, "seed": seed, "ratio": ratio, "keep": int(keep[r]), "penalty": m,
+             "inverse_l2": default.CONCEPT_INVERSE_L2[m], "num_inputs": splits["train"][0].shape[1],
+             "val": 100 * float(recorded["val"][r * penalties + m, 0]),
+             "test": 100 * float(recorded["test"][r * penalties + m, 0]), "cpu": cpu}
+            for r, ratio in enumerate(RATIOS) for m in range(penalties)]
+    return pd.DataFrame(rows)
+
+
+def compare(case: str, splits: dict, classes: int, seed: int, repeats: int) -> None:
+    """The default grid with the window and with every penalty at every ratio, alternated: CPU and test top-1."""
+    whole_window = (len(default.CONCEPT_INVERSE_L2),) * 2
+    schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=None, batch_size=None)
+    cpu: dict[str, list[float]] = {"window": [], "whole": []}
+    top1 = {}
+    for _ in range(repeats):
+        for name, window in (("whole", whole_window), ("window", default.WARM_PENALTY_WINDOW)):
+            saved, default.WARM_PENALTY_WINDOW = default.WARM_PENALTY_WINDOW, window
+            try:
+                start = time.process_time()
+                fit = fit_default(splits, num_classes=classes, ratios=RATIOS, seed=seed, schedule=schedule)
+                cpu[name].append(time.process_time() - start)
+            finally:
+                default.WARM_PENALTY_WINDOW = saved
+            top1[name] = [100 * float(t) for t in fit.test_top1]
+    diffs = [a - b for a, b in zip(top1["window"], top1["whole"])]
+    ratio = np.median(cpu["whole"]) / np.median(cpu["window"])
+    print(f"{case} seed {seed}: CPU whole {' '.join(f'{c:.1f}' for c in cpu['whole'])} s, window "
+          f"{' '.join(f'{c:.1f}' for c in cpu['window'])} s: {ratio:.2f}x; test top-1 window minus whole per ratio "
+          + " ".join(f"{d:+.2f}" for d in diffs), flush=True)
+
+
+def choose(group: pd.DataFrame, allowed: np.ndarray) -> float:
+    """Test top-1 of val's choice among the allowed penalties (ties: the stronger penalty, as the trainer)."""
+    sub = group[allowed]
+    return float(sub.iloc[int(np.argmax(sub["val"].to_numpy()))]["test"])
+
+
+def window_rules() -> dict[str, tuple[int, int, bool, bool]]:
+    """name -> (below, above, sparse heads windowed too, shifted inside the grid at its ends)."""
+    rules = {}
+    for below, above in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1), (1, 2), (2, 2)]:
+        rules[f"-{below}/+{above}"] = (below, above, True, False)
+        rules[f"-{below}/+{above}, sparse: all"] = (below, above, False, False)
+    for below, above in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+        rules[f"{below + above + 1} shifted"] = (below, above, True, True)
+        rules[f"{below + above + 1} shifted, sparse: all"] = (below, above, False, True)
+    return rules
+
+
+def window(anchor: int, below: int, above: int, penalties: int, shifted: bool) -> tuple[int, int]:
+    """The penalties ``[first, last]`` around ``anchor``; shifted: the same width at the grid's ends."""
+    first, last = anchor - below, anchor + above
+    if shifted:
+        shift = max(0, -first) - max(0, last - (penalties - 1))
+        first, last = first + shift, last + shift
+    return max(first, 0), min(last, penalties - 1)
+
+
+def score(table: pd.DataFrame) -> pd.DataFrame:
+    """Per rule and case: mean and worst difference to the whole grid's choice, and the head-step share."""
+    out = []
+    penalties = table["penalty"].max() + 1
+    for (case, seed), grid in table.groupby(["case", "seed"], sort=False):
+        dense = grid[grid["ratio"] == 0.0].sort_values("penalty")
+        anchor = int(np.argmax(dense["val"].to_numpy()))
+        num_inputs = int(grid["num_inputs"].iloc[0])
+        for name, (below, above, sparse_too, shifted) in window_rules().items():
+            first, last = window(anchor, below, above, penalties, shifted)
+            diffs, steps, full_steps = [], 0.0, 0.0
+            for ratio, group in grid.groupby("ratio"):
+                group = group.sort_values("penalty")
+                keep = int(group["keep"].iloc[0])
+                sparse = keep <= default.SPARSE_KEEP_FRACTION * num_inputs
+                factor = default.SPARSE_EPOCH_FACTOR if sparse else (1.0 if ratio == 0.0 else default.WARM_STEP_FRACTION)
+                m = group["penalty"].to_numpy()
+                allowed = np.ones(len(m), bool)
+                if ratio != 0.0 and (sparse_too or not sparse):
+                    allowed = (m >= first) & (m <= last)
+                diffs.append(choose(group, allowed) - choose(group, np.ones(len(m), bool)))
+                steps += factor * allowed.sum()
+                full_steps += factor * penalties
+            out.append({"case": case, "seed": seed, "rule": name, "mean": np.mean(diffs), "worst": np.min(diffs),
+                        "share": steps / full_steps})
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="*", default=[], choices=[*WORKLOADS, *QUICK])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--stores", nargs="*", default=[])
+    parser.add_argument("--libraries", nargs="+", default=["prototype", "cluster"])
+    parser.add_argument("--num-concepts", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="Parquet file for the recorded heads")
+    parser.add_argument("--compare", type=int, metavar="REPEATS", default=0,
+                        help="instead of recording: time the window against the whole grid, alternated REPEATS times")
+    parser.add_argument("--score", type=Path, nargs="*", default=[], help="recorded files to score, no fitting")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    tables = [pd.read_parquet(p) for p in args.score]
+    recorded = []
+    for name in args.workloads:
+        for seed in args.seeds:
+            _, activations, _ = make({**WORKLOADS, **QUICK}[name], seed)
+            splits = {k: (x.float(), y) for k, (x, y) in activations.items()}
+            if args.compare:
+                compare(name, splits, {**WORKLOADS, **QUICK}[name].classes, seed, args.compare)
+                continue
+            recorded.append(record_grid(name, splits, {**WORKLOADS, **QUICK}[name].classes, seed))
+            log.info("%s seed %d: %.1f CPU-s", name, seed, recorded[-1]["cpu"].iloc[0])
+    for store in args.stores:
+        for library in args.libraries:
+            splits, classes = store_splits(store, library, 0, args.num_concepts)
+            recorded.append(record_grid(f"{Path(store).stem}:{library}", splits, classes, 0))
+            log.info("%s %s: %.1f CPU-s", store, library, recorded[-1]["cpu"].iloc[0])
+    if recorded and args.out:
+        pd.concat(recorded).to_parquet(args.out)
+    if not tables + recorded:
+        return
+    table = pd.concat(tables + recorded)
+    scores = score(table)
+    scores["kind"] = np.where(scores["case"].str.contains(":"), "demo", "workload")
+    summary = scores.groupby(["kind", "rule"], sort=False).agg(mean=("mean", "mean"), worst=("worst", "min"),
+                                                               share=("share", "mean"))
+    pd.set_option("display.width", 200)
+    print(summary.round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
