@@ -4,8 +4,9 @@ One ``(H, L*C, K)`` weight tensor (classes first) holds ``H`` heads (``R`` ratio
 strengths), each with ``L`` learning rates (as DINOv2's ``setup_linear_classifiers`` trains a grid
 of linear heads in one pass), plus each head's per-concept ``(γ, β)``. Adam with an L2 penalty on
 the weights and a cosine decay to zero; the dense heads (every concept kept) train first and every
-other ratio's heads start from them; every head keeps its final state, and val is looked at
-once, at the end, to choose the L2 strength and learning rate.
+other ratio's heads start from them, for the penalties near the dense heads' val choice; every head
+keeps its final state, and val is looked at once, at the end, to choose the L2 strength and
+learning rate.
 Test is never looked at here.
 
 The constants below are measured, not guessed: benchmarks/README.md ("Head trainer") holds the
