@@ -45,7 +45,8 @@ STANDARD_LRS = (1e-3, 3e-3, 1e-2)
 # a penalty on γ keeps sparse heads from choosing their concepts (benchmarks/README.md). (With γ
 # free, scaling γ up and W down would shrink the penalty at no cost to the fit; the fixed number of
 # Adam steps does not walk that far, and the linear part is converged given the learnt selection.)
-# Concept heads train one head per C of the grid and keep, per ratio, the C best on val: the best C
+# Concept heads train one head per C of the grid (warm-started ratios: a window of it,
+# WARM_PENALTY_WINDOW) and keep, per ratio, the C best on val: the best C
 # differs between ratios and workloads by more than a point of top-1 (benchmarks/README.md, "L2
 # strength"). Noisy planted workloads choose from 1e-4 to 1e-2; trained networks on small train sets
 # choose 1e-1 and 1 at low sparsity (the weak end, measured on the demo's stores: "The grid's weak
@@ -275,7 +276,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     Internally ``H = R * M`` concept heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2``
     per ratio), each with ``P`` column blocks, its learning rates; the standard head is one head
     whose ``P`` blocks are the pairs of ``STANDARD_INVERSE_L2 x STANDARD_LRS``. Per ratio the
-    (penalty, rate) pair best on val is kept.
+    (penalty, rate) pair best on val among the trained heads is kept.
 
     With ``warm_start`` the ``M`` dense heads (every concept kept, as at s = 0) train first, from
     zeros, and every other ratio's head of the same penalty starts from them, on a shorter schedule
@@ -359,7 +360,8 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     with denormals_flushed():
         if warm:
             # The dense heads first (one per penalty; the grid's own s = 0 heads where it has them),
-            # then every other head from the dense head of its penalty.
+            # then every other ratio's heads of the penalties in the window, each from the dense head
+            # of its penalty.
             anchor = _Heads.zeros(heads_per_ratio, num_options * num_classes, num_inputs, with_scale=with_scale)
             rows = slice(0, heads_per_ratio)  # one head per penalty (its kept fraction is 1)
             anchor_l2 = (1.0 / (option_c[rows] * num_train)).float().repeat_interleave(num_classes, dim=1)
@@ -387,7 +389,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     # the best of many val checks along training on a small val set would pick its noise.
     val_top1 = _val_top1(weight, bias, affine, keep, prep_val=x_val, y_val=y_val, num_classes=num_classes,
                          standard=standard)
-    val_top1[~trained] = -1.0  # never chosen
+    val_top1[~trained] = -1.0  # heads outside a warm ratio's penalty window: never trained, never chosen
     chosen = val_top1.view(num_ratios, heads_per_ratio * num_options).argmax(dim=1)
     head = torch.arange(num_ratios) * heads_per_ratio + chosen // num_options
     option = chosen % num_options

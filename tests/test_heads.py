@@ -117,9 +117,10 @@ def _spy_on_val_evaluations(monkeypatch) -> list[torch.Tensor]:
 
 
 def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
-    """Every ratio trains one head per C of the grid; the one kept has the best val top-1 of its
-    ratio's heads (ties: the first, the strongest penalty), and its penalty is scaled by the
-    fraction of concepts the ratio keeps."""
+    """Every ratio trains one head per C of the grid (here the three-value grid's window is all of
+    it, or all but the weakest); the one kept has the best val top-1 of its ratio's trained heads
+    (ties: the first, the strongest penalty), and its penalty is scaled by the fraction of concepts
+    the ratio keeps."""
     seen = _spy_on_val_evaluations(monkeypatch)
     grid = (1e-4, 1e-2, 1e2)  # a 10^6 spread: the heads of a ratio differ
     monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
