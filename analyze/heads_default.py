@@ -115,8 +115,8 @@ def penalty_window(anchor: int, num_penalties: int) -> slice:
 def warm_penalty_share() -> float:
     """The widest :func:`penalty_window`, as a share of the concept heads' penalties: the most of a
     ratio's heads that a warm-started grid trains."""
-    below, above = WARM_PENALTY_WINDOW
-    return min(below + above + 1, len(CONCEPT_INVERSE_L2)) / len(CONCEPT_INVERSE_L2)
+    penalties = range(len(CONCEPT_INVERSE_L2))
+    return max(len(penalties[penalty_window(anchor, len(penalties))]) for anchor in penalties) / len(penalties)
 
 
 def concept_lr_factor(inverse_l2: float) -> float:
