@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from iis.analyze.allocator import reuse_freed_memory
 from iis.analyze.heads_batching import ChunkedRows, is_chunked
 from iis.analyze.heads_default import Schedule, fit_default
 from iis.analyze.heads_model import HeadFit
@@ -88,6 +89,9 @@ def fit_heads(
     if len(widths) != 1:
         raise ValueError(f"train, val and test have different widths: {sorted(widths)}")
     ratio_list = None if ratios is None else [float(r) for r in ratios]
+    # The trainers allocate the same MB-sized buffers at every step: have glibc reuse them in any
+    # process that fits heads (a notebook, a benchmark), not only in the analysis' Dask tasks.
+    reuse_freed_memory()
     start = time.perf_counter()
     if protocol == "reference":
         fit = fit_reference(splits, num_classes=num_classes, ratios=ratio_list, seed=seed,

@@ -194,7 +194,7 @@ class Adam:
         """
         self.steps += 1
         beta1, beta2 = self.betas
-        correction1, correction2 = 1 - beta1**self.steps, 1 - beta2**self.steps
+        correction1, root2 = 1 - beta1**self.steps, math.sqrt(1 - beta2**self.steps)
         view = isinstance(heads, slice)
         for param, g, first, second, rate, l2 in zip(self.params, grads, self.first, self.second, self.rates, self.l2):
             p, m, v = param[heads], first[heads], second[heads]
@@ -204,13 +204,16 @@ class Adam:
                 g = g.add(p, alpha=l2)
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v / correction2).sqrt_().add_(self.eps)
-            p.addcdiv_(m * (rate * (-scale / correction1)), denom)
+            # m̂ / (sqrt(v̂) + eps), with v's bias correction moved onto eps and the step size (a
+            # pass fewer over the parameters than dividing v).
+            denom = v.sqrt().add_(self.eps * root2)
+            p.addcdiv_(m * (rate * (-scale * root2 / correction1)), denom)
             if not view:
                 param[heads], first[heads], second[heads] = p, m, v
 
 
-def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None,
+                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``g_s(ã)`` of a batch for a stack of heads.
 
     Args:
@@ -220,12 +223,17 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Te
 
     Returns:
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
-        entries).
+        entries), or None when every head keeps every entry (the dense heads, trained on their own).
     """
+    dense = bool((keep >= x.shape[-1]).all())
     if scale is None:
+        if dense:
+            return x.unsqueeze(0).expand(len(keep), -1, -1), None
         mask = keep_mask(x.unsqueeze(0), keep, as_float=True)
         return x * mask, mask
     tilde = torch.addcmul(scale[:, 1:2], scale[:, 0:1], x.unsqueeze(0))
+    if dense:
+        return tilde, None
     mask = keep_mask(tilde, keep, as_float=True)
     return tilde.mul_(mask), mask
 
@@ -245,7 +253,8 @@ def class_major_logits(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        num_classes: int, *, input_grad: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of the heads' summed mean softmax cross-entropies.
 
     The closed form of multinomial logistic regression, ``(softmax - onehot)^T X / B``, skips
@@ -255,16 +264,26 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
         inputs: ``(H, B, K)`` float32, each head's ``g_s(ã)`` of the batch.
         labels: ``(B,)`` int64.
         weight: ``(H, L*C, K)``; bias: ``(H, L*C, 1)`` (classes first: :func:`class_major_logits`).
+        input_grad: also return ``d inputs`` (a third matmul as large as the others; only a
+            learnt ``(γ, β)`` needs it).
 
     Returns:
         ``d weight`` ``(H, L*C, K)``, ``d bias`` ``(H, L*C, 1)`` and ``d inputs`` ``(H, B, K)``
-        (summed over the ``L`` rates; only used with ``L = 1``).
+        (summed over the ``L`` rates; only used with ``L = 1``), or None without ``input_grad``.
     """
     heads, batch = weight.shape[0], labels.shape[0]
-    residual = class_major_logits(inputs, weight, bias).view(heads, -1, num_classes, batch).softmax(dim=2)
-    residual.sub_(torch.nn.functional.one_hot(labels, num_classes).T.float())  # (C, B), broadcast over heads and rates
-    residual = residual.view(heads, -1, batch).div_(batch)  # (H, L*C, B)
-    d_inputs = torch.bmm(residual.transpose(1, 2), weight)
+    # (softmax - onehot) / B, in place on the logits: the 1/B rides on the (H, L, 1, B) softmax
+    # denominators, and the one-hot is one entry per (head, rate, image), not a dense pass over
+    # (H, L*C, B) (the elementwise passes cost as much as a product here; benchmarks/README.md,
+    # "Head trainer").
+    residual = class_major_logits(inputs, weight, bias).view(heads, -1, num_classes, batch)
+    residual.sub_(residual.amax(dim=2, keepdim=True)).exp_()
+    residual.div_(residual.sum(dim=2, keepdim=True).mul_(batch))
+    residual = residual.view(heads, -1, batch)  # (H, L*C, B)
+    targets = labels.view(1, -1) * batch + torch.arange(batch)  # (1, B): each image's label entry
+    targets = (targets + (torch.arange(residual.shape[1] // num_classes) * num_classes * batch).view(-1, 1)).view(-1)
+    residual.view(heads, -1).index_add_(1, targets, torch.full((1, 1), -1.0 / batch).expand(heads, len(targets)))
+    d_inputs = torch.bmm(residual.transpose(1, 2), weight) if input_grad else None
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
 
 
@@ -479,11 +498,13 @@ class _Trainer:
                     inputs, mask = xb.unsqueeze(0), None
                 else:
                     inputs, mask = head_grid_inputs(xb, None if affine is None else affine[index], active_keep)
-                d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[index], bias[index], num_classes)
+                d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[index], bias[index], num_classes,
+                                                                 input_grad=affine is not None)
                 grads = [d_weight, d_bias]
                 if affine is not None:
-                    d_tilde = d_inputs.mul_(mask)
-                    grads.append(torch.stack([(d_tilde * xb).sum(dim=1), d_tilde.sum(dim=1)], dim=1))
+                    d_tilde = d_inputs if mask is None else d_inputs.mul_(mask)
+                    d_shift = d_tilde.sum(dim=1)
+                    grads.append(torch.stack([d_tilde.mul_(xb).sum(dim=1), d_shift], dim=1))
                 optimizer.step(grads, cosine[step, index], index)
                 step += 1
                 if step in leave_at:  # heads whose schedule ended leave

@@ -51,6 +51,40 @@ def test_keep_mask_shared_values_broadcast_over_heads():
     assert mask.tolist() == [[[True] * 4], [[False, True, True, False]], [[False, True, False, False]]]
 
 
+def test_closed_form_gradients_of_several_column_blocks_match_autograd():
+    """The standard head holds one block of C classes per (C, learning rate) option in one weight
+    (``(H, L*C, K)``): each block is a softmax of its own, with its own one-hot entries. Without a
+    learnt (γ, β) the input gradient is not computed at all."""
+    g = torch.Generator().manual_seed(4)
+    heads, blocks, classes, batch, width = 2, 3, 7, 20, 5
+    x = torch.randn(heads, batch, width, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    weight = torch.randn(heads, blocks * classes, width, generator=g)
+    bias = torch.randn(heads, blocks * classes, 1, generator=g)
+    d_weight, d_bias, d_inputs = cross_entropy_grads(x, y, weight, bias, classes, input_grad=False)
+    assert d_inputs is None
+    params = [t.clone().requires_grad_() for t in (weight, bias)]
+    logits = torch.baddbmm(params[1], params[0], x.transpose(1, 2))  # (H, L*C, B)
+    loss = sum(F.cross_entropy(logits[h, b * classes:(b + 1) * classes].T, y)
+               for h in range(heads) for b in range(blocks))
+    loss.backward()
+    torch.testing.assert_close(d_weight, params[0].grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(d_bias, params[1].grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dense_heads_take_no_mask():
+    """Heads that keep every concept (trained first, on their own) skip the mask: their inputs are
+    ``ã`` itself, as the masked path gives them."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=g)
+    scale = torch.stack([1 + 0.3 * torch.randn(2, 6, generator=g), 0.2 * torch.randn(2, 6, generator=g)], 1)
+    inputs, mask = head_grid_inputs(x, scale, torch.tensor([6, 6]))
+    assert mask is None
+    masked, ones = head_grid_inputs(x, scale, torch.tensor([6, 5]))
+    assert torch.equal(inputs[0], masked[0]) and bool(ones[0].eq(1).all())
+    shared, mask = head_grid_inputs(x, None, torch.tensor([6, 6]))
+    assert mask is None and shared.shape == (2, 16, 6) and torch.equal(shared[1], x)
+
 def test_keep_mask_equals_ranks_and_breaks_ties_by_lower_index():
     g = torch.Generator().manual_seed(0)
     values = torch.randint(-3, 4, (500, 12), generator=g).float()  # many exact ties, zeros included
