@@ -13,6 +13,7 @@ rounding):
 
     python benchmarks/trainer_ab.py --base HEAD~1
     python benchmarks/trainer_ab.py --base 057f3d2 --workloads planted-100k --rounds 2
+    python benchmarks/trainer_ab.py --base 057f3d2 --workloads planted-quick --rounds 3
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from iis.analyze import heads_default as ours
 from iis.analyze.allocator import reuse_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, make  # noqa: E402
+from workloads import QUICK, WORKLOADS, make  # noqa: E402
 
 RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 # In dependency order: each may import the ones before it.
@@ -58,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="a git revision (the trainer to compare against)")
     parser.add_argument("--workloads", default="planted-30k,gaussian-20k,planted-100k",
-                        help=f"comma-separated, of {list(WORKLOADS)}")
+                        help=f"comma-separated, of {list(WORKLOADS) + list(QUICK)} (planted-quick: about the demo's shape)")
     parser.add_argument("--rounds", type=int, default=1, help="base, ours, ours, base per round (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     base = load_base(args.base)
     print(f"torch {torch.__version__}, {platform.machine()}, one thread; base {args.base} against the working tree")
     for name in args.workloads.split(","):
-        features, activations, _ = make(WORKLOADS[name], args.seed)
+        features, activations, _ = make({**WORKLOADS, **QUICK}[name], args.seed)
         classes = int(activations["train"][1].max()) + 1
         for kind, splits, ratios in (("standard", features, None), ("grid", activations, RATIOS)):
             schedule = ours.Schedule.resolve(splits["train"][0].shape[0], epochs=None, batch_size=None)
