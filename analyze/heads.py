@@ -91,6 +91,7 @@ def fit_heads(
     ratio_list = None if ratios is None else [float(r) for r in ratios]
     # The trainers allocate the same MB-sized buffers at every step: have glibc reuse them in any
     # process that fits heads (a notebook, a benchmark), not only in the analysis' Dask tasks.
+    # Process-wide and set once (allocator.py): freed memory up to 64 MiB is kept for reuse.
     reuse_freed_memory()
     start = time.perf_counter()
     if protocol == "reference":

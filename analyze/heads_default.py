@@ -224,6 +224,7 @@ def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None,
     Returns:
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
         entries), or None when every head keeps every entry (the dense heads, trained on their own).
+        Read-only: without ``scale``, dense heads' inputs are ``x`` itself, expanded over ``H``.
     """
     dense = bool((keep >= x.shape[-1]).all())
     if scale is None:
@@ -280,9 +281,12 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
     residual.sub_(residual.amax(dim=2, keepdim=True)).exp_()
     residual.div_(residual.sum(dim=2, keepdim=True).mul_(batch))
     residual = residual.view(heads, -1, batch)  # (H, L*C, B)
-    targets = labels.view(1, -1) * batch + torch.arange(batch)  # (1, B): each image's label entry
-    targets = (targets + (torch.arange(residual.shape[1] // num_classes) * num_classes * batch).view(-1, 1)).view(-1)
-    residual.view(heads, -1).index_add_(1, targets, torch.full((1, 1), -1.0 / batch).expand(heads, len(targets)))
+    device = residual.device
+    targets = labels.long().view(1, -1) * batch + torch.arange(batch, device=device)  # (1, B): each image's label entry
+    blocks = torch.arange(residual.shape[1] // num_classes, device=device) * (num_classes * batch)
+    targets = (targets + blocks.view(-1, 1)).view(-1)  # (L*B,): one per (rate block, image)
+    minus = torch.full((1, 1), -1.0 / batch, dtype=residual.dtype, device=device).expand(heads, len(targets))
+    residual.view(heads, -1).index_add_(1, targets, minus)
     d_inputs = torch.bmm(residual.transpose(1, 2), weight) if input_grad else None
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
 

@@ -45,12 +45,6 @@ def test_closed_form_gradients_match_autograd(classes):
                        .scatter_(1, tilde[2].detach().abs().topk(2, dim=1).indices, True))
 
 
-def test_keep_mask_shared_values_broadcast_over_heads():
-    values = torch.tensor([[[0.1, -3.0, 2.0, 0.5]]])  # (1, 1, 4)
-    mask = keep_mask(values, torch.tensor([4, 2, 1]))
-    assert mask.tolist() == [[[True] * 4], [[False, True, True, False]], [[False, True, False, False]]]
-
-
 def test_closed_form_gradients_of_several_column_blocks_match_autograd():
     """The standard head holds one block of C classes per (C, learning rate) option in one weight
     (``(H, L*C, K)``): each block is a softmax of its own, with its own one-hot entries. Without a
@@ -84,6 +78,13 @@ def test_dense_heads_take_no_mask():
     assert torch.equal(inputs[0], masked[0]) and bool(ones[0].eq(1).all())
     shared, mask = head_grid_inputs(x, None, torch.tensor([6, 6]))
     assert mask is None and shared.shape == (2, 16, 6) and torch.equal(shared[1], x)
+
+
+def test_keep_mask_shared_values_broadcast_over_heads():
+    values = torch.tensor([[[0.1, -3.0, 2.0, 0.5]]])  # (1, 1, 4)
+    mask = keep_mask(values, torch.tensor([4, 2, 1]))
+    assert mask.tolist() == [[[True] * 4], [[False, True, True, False]], [[False, True, False, False]]]
+
 
 def test_keep_mask_equals_ranks_and_breaks_ties_by_lower_index():
     g = torch.Generator().manual_seed(0)
