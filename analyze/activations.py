@@ -144,12 +144,6 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
         # An entry below the threshold position equal to the threshold would be kept too: a tie.
         tied = bool((below == at).any())
         threshold[heads_at] = at.unsqueeze(-1)
-    if as_float and not tied and magnitude.shape[0] == heads and magnitude.dtype == torch.float32:
-        # In place over the magnitudes (abs made them a copy of our own, not needed after): the
-        # float32 ones and zeros without a new (H, N, K) buffer.
-        return magnitude.ge_(threshold)[0] if flat and heads == 1 else magnitude.ge_(threshold)
-    out = torch.empty(heads, rows, width, device=magnitude.device) if as_float else None
-    mask = torch.ge(magnitude, threshold, out=out) if as_float else magnitude >= threshold
     if tied:
         # Some row has several entries tied at its threshold: keep those above it, then the tied
         # ones in index order until the row holds exactly k(s).
@@ -158,6 +152,14 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
         missing = counts.to(magnitude.device).view(-1, 1, 1) - above.sum(dim=-1, keepdim=True)
         mask = above | (at_threshold & (at_threshold.cumsum(dim=-1) <= missing))
         mask = mask.float() if as_float else mask
+    elif as_float and magnitude.shape[0] == heads and magnitude.dtype == torch.float32:
+        # In place over the magnitudes (abs made them a copy of our own, not needed after): the
+        # float32 ones and zeros without a new (H, N, K) buffer.
+        mask = magnitude.ge_(threshold)
+    elif as_float:
+        mask = torch.ge(magnitude, threshold, out=torch.empty(heads, rows, width, device=magnitude.device))
+    else:
+        mask = magnitude >= threshold
     return mask[0] if flat and heads == 1 else mask
 
 

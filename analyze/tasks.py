@@ -240,7 +240,9 @@ def clip_caveat(clip_store: str | None) -> str | None:
 @contextlib.contextmanager
 def _task_context(spec: TaskSpec) -> Iterator[None]:
     """What every task runs under: reused freed memory, its seed, ``spec.threads`` torch/BLAS threads."""
-    reuse_freed_memory()  # a Dask worker's malloc settings would double the heads' CPU time (allocator.py)
+    # A Dask worker's malloc settings would double the heads' CPU time (allocator.py); fit_heads sets
+    # this too, for callers outside tasks, and here it also covers the task's library build.
+    reuse_freed_memory()
     torch.manual_seed(spec.seed)
     with threadpool_limits(limits=spec.threads):
         previous = torch.get_num_threads()
