@@ -20,6 +20,7 @@ from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
+from iis.analyze.versioning import analysis_version
 
 from iis.progress import progress
 
@@ -259,18 +260,35 @@ def _present(df: pd.DataFrame, columns: list[str]) -> set[tuple]:
     return {tuple(_norm(v) for v in row) for row in df[columns].itertuples(index=False, name=None)}
 
 
+def _this_version(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of table ``name`` that this code computed; logs how many another version did."""
+    if df.empty:
+        return df
+    version = analysis_version()
+    ours = df["analysis_version"] == version if "analysis_version" in df else pd.Series(False, index=df.index)
+    if not ours.all():
+        other = sorted({"unknown" if pd.isna(v) else str(v) for v in df.loc[~ours, "analysis_version"]}
+                       if "analysis_version" in df else {"unknown"})
+        log.info("analyze: %d %s rows come from analysis version %s, not this one (%s): they are refitted "
+                 "where this run analyses their store", int((~ours).sum()), name, ", ".join(other), version)
+    return df[ours]
+
+
 def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str, pd.DataFrame], *,
                 num_concepts: int, grid: str, bootstrap: int) -> list[TaskSpec]:
     """The specs of every (store, seed) that some table lacks a row of, for this grid and bootstrap.
 
     Judged from ``accuracy`` (every ratio of every library, and the standard head), ``iis`` (every
-    library) and ``concepts`` (every library build). A (store, seed) is redone whole: its IIS
-    rows need the standard head's per-image results.
+    library) and ``concepts`` (every library build). A row of ``accuracy`` or ``iis`` that another
+    analysis version computed (:func:`iis.analyze.versioning.analysis_version`; null in tables
+    from before the column) counts as missing. A (store, seed) is redone whole: its IIS rows need
+    the standard head's per-image results.
     """
     acc_cols = [*tables.KEYS["accuracy"], "bootstrap"]
     iis_cols = [*tables.KEYS["iis"], "bootstrap"]
     concept_cols = ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "library_source"]
-    have = {"accuracy": _present(current["accuracy"], acc_cols), "iis": _present(current["iis"], iis_cols),
+    have = {"accuracy": _present(_this_version(current["accuracy"], "accuracy"), acc_cols),
+            "iis": _present(_this_version(current["iis"], "iis"), iis_cols),
             "concepts": _present(current["concepts"], concept_cols)}
     boot = float(bootstrap)
     todo = set()
@@ -302,6 +320,17 @@ def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
     have = {tuple(_norm(v) for v in row[:-1]): sorted(row[-1])
             for row in correlation[[*keys, "models"]].itertuples(index=False, name=None)}
     return all(have.get(key) == models for key, models in want.items())
+
+
+def _check_versions(done: Sequence[TaskResult]) -> None:
+    """Warn when workers ran other code than this process (a cluster's workers on another
+    install): their rows carry their version, so the next ``skip_complete`` run refits them."""
+    version = analysis_version()
+    other = sorted({str(row.get("analysis_version")) for r in done for row in r.accuracy_rows
+                    if row.get("analysis_version") != version})
+    if other:
+        log.warning("analyze: some tasks ran analysis version %s, this process is %s: the workers run "
+                    "other code than the client (install the same iis on both)", ", ".join(other), version)
 
 
 def _check_elements(stores: dict[str, FeatureStore], libraries: Sequence[str], num_concepts: int) -> None:
@@ -413,6 +442,7 @@ def analyze_stores(
     log.info("analyze: %d stores x %d libraries (+standard) x %d seeds -> %d tasks",
              len(keys), len(libraries), len(seeds), len(specs))
     done = run_tasks(specs, cluster) if specs else []
+    _check_versions(done)
 
     extra = {"grid": grid, "bootstrap": bootstrap}
     accuracy = pd.DataFrame([{**keys[r.spec.store], **row, **extra} for r in done for row in r.accuracy_rows])

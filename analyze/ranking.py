@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from iis.analyze.tasks import STANDARD, TaskResult
+from iis.analyze.versioning import joined_caveats
 from scipy import stats
 from scipy.integrate import trapezoid
 
@@ -230,7 +231,7 @@ def ranking_rows(iis_table: pd.DataFrame, *, results: Path, n_resamples: int, co
                            n_resamples=n_resamples, seed=seed) if n_resamples > 0 else None
         tau, pairs = seed_kendall_tau(table[["model", "seed", "iis"]])
         adjusted = accuracy_adjusted(per_model["standard_top1"].to_numpy(), per_model["iis"].to_numpy())
-        caveats = sorted({c for c in table["caveat"].dropna()}) if "caveat" in table else []
+        caveat = joined_caveats(table)
         for i, model in enumerate(models):
             low = high = p_next = math.nan
             if samples is not None:
@@ -246,7 +247,7 @@ def ranking_rows(iis_table: pd.DataFrame, *, results: Path, n_resamples: int, co
                 "iis_ci_low": low, "iis_ci_high": high,
                 "next_model": models[i + 1] if i + 1 < len(models) else None, "p_above_next": p_next,
                 "seed_kendall_tau": tau, "seed_pairs": pairs, "iis_adjusted": float(adjusted[i]),
-                "bootstrap": n_resamples if samples is not None else 0, "caveat": "; ".join(caveats) or None,
+                "bootstrap": n_resamples if samples is not None else 0, "caveat": caveat,
             })
         log.info("ranking %s/%s K=%s grid %s: %s", where["dataset"], where["library"], where["num_concepts"],
                  where["grid"], " > ".join(models))

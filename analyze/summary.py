@@ -17,6 +17,7 @@ from iis.analyze.metrics import (
 )
 from iis.analyze.tables import grid_key
 from iis.analyze.tasks import STANDARD, TaskResult
+from iis.analyze.versioning import joined_caveats
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def iis_rows(
             "iis_normalized": normalized_score(ratios, arr), "iis_ci_low": low, "iis_ci_high": high,
             "ratios": [float(s) for s in ratios], "arr": [float(a) for a in arr], "protocol": spec.protocol,
             "caveat": res.accuracy_rows[0].get("caveat"), "grid": grid_key(spec.ratios), "bootstrap": bootstrap,
-            "library_source": spec.elements_store,
+            "library_source": spec.elements_store, "analysis_version": res.accuracy_rows[0].get("analysis_version"),
         })
     return rows
 
@@ -136,8 +137,7 @@ def correlation_rows(iis_table: pd.DataFrame, *, groups: Mapping[str, str] | Non
         iis_table = iis_table.assign(library_source=None)
     for key, table in iis_table.groupby(keys, sort=True, dropna=False):
         per_model = table.groupby("model", sort=True)[["standard_top1", "iis"]].mean()
-        caveats = sorted({c for c in table["caveat"].dropna()}) if "caveat" in table else []
-        base = {**dict(zip(keys, key)), "caveat": "; ".join(caveats) or None, "bootstrap": bootstrap}
+        base = {**dict(zip(keys, key)), "caveat": joined_caveats(table), "bootstrap": bootstrap}
         member = model_groups(per_model.index.tolist(), groups)
         subsets = [("all", None, per_model.index.tolist())]
         if len(set(member.values())) < len(member):

@@ -63,6 +63,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         # val, the rate set by it; the standard head: the pair chosen on val); null for the
         # reference protocol, which fixes neither this way.
         ("inverse_l2", pa.float64()), ("learning_rate", pa.float64()),
+        # The code that computed the row (iis.analyze.versioning): rows of another version are refitted.
+        ("analysis_version", pa.string()),
     ]),
     "iis": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -71,7 +73,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("iis", pa.float64()), ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()),
         ("iis_ci_high", pa.float64()), ("ratios", pa.list_(pa.float64())), ("arr", pa.list_(pa.float64())),
         ("protocol", pa.string()), ("caveat", pa.string()), ("grid", pa.string()), ("bootstrap", pa.int64()),
-        *LAYER_COLUMNS, ("library_source", pa.string()),
+        *LAYER_COLUMNS, ("library_source", pa.string()), ("analysis_version", pa.string()),
     ]),
     "correlation": pa.schema([
         ("dataset", pa.string()), ("library", pa.string()), ("num_concepts", pa.int64()),

@@ -24,6 +24,7 @@ from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, 
 from iis.analyze.libraries.base import TextInputs
 from iis.analyze.metrics import accuracy_ci
 from iis.analyze.store import FeatureStore, SplitData, StoreError, as_str, open_feature_store
+from iis.analyze.versioning import analysis_version
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def _accuracy_rows(fit: HeadFit, spec: TaskSpec, *, library: str, num_concepts: 
             "protocol": spec.protocol, "caveat": with_protocol_caveat(caveat, spec.protocol),
             "library_source": spec.elements_store,
             "inverse_l2": _chosen(fit.inverse_l2, r), "learning_rate": _chosen(fit.learning_rate, r),
+            "analysis_version": analysis_version(),  # of this process: the code that fitted the head
         })
     return rows
 

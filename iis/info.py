@@ -108,6 +108,9 @@ def describe_results(path: Path) -> str:
     lines.append(f"  models      {len(models)}: {', '.join(models) or '-'}")
     lines.append(f"  libraries   {', '.join(libraries) or '-'}")
     lines.append(f"  pipelines   {', '.join(values('pipeline')) or '-'}; datasets {', '.join(values('dataset')) or '-'}")
+    versions = values("analysis_version", "accuracy", "iis")
+    if versions:  # more than one: a skip_complete rerun with the current code refits the others
+        lines.append(f"  analysis    {', '.join(versions)}")
     if "iis" in frames and "caveat" in frames["iis"]:
         caveats = values("caveat", "iis")
         if caveats:

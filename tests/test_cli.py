@@ -96,8 +96,8 @@ def test_info_on_a_folder_of_stores_and_on_results(tmp_path, capsys):
     (results / "libraries" / "m1").mkdir(parents=True)
     (results / "libraries" / "m1" / "prototype-K4-seed0-default.npz").write_bytes(b"")
     keys = {"pipeline": "p", "dataset": "toy", "seed": 0}
-    pd.DataFrame([{**keys, "model": m, "library": lib} for m in ("m1", "m2") for lib in ("standard", "prototype")]
-                 ).to_parquet(results / "accuracy.parquet")
+    pd.DataFrame([{**keys, "model": m, "library": lib, "analysis_version": f"0.1.0+{m}"} for m in ("m1", "m2")
+                  for lib in ("standard", "prototype")]).to_parquet(results / "accuracy.parquet")
     pd.DataFrame([{**keys, "model": "m1", "library": "text", "caveat": "random CLIP weights"}]).to_parquet(
         results / "iis.parquet")
     assert main(["info", str(results)]) == 0
@@ -105,6 +105,7 @@ def test_info_on_a_folder_of_stores_and_on_results(tmp_path, capsys):
     assert "tables      accuracy (4 rows), iis (1 rows)" in out
     assert "models      2: m1, m2" in out and "libraries   prototype, text" in out
     assert "pipelines   p; datasets toy" in out and "caveats     random CLIP weights" in out
+    assert "analysis    0.1.0+m1, 0.1.0+m2" in out
     assert "saved       1 concept libraries" in out and "report      none yet" in out
 
 
