@@ -20,7 +20,7 @@ from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
-from iis.analyze.versioning import analysis_version
+from iis.analyze.versioning import analysis_version, version_caveat
 
 from iis.progress import progress
 
@@ -459,6 +459,9 @@ def analyze_stores(
             "concepts": tables.merge(results, "concepts", concepts),
             "iis": tables.merge(results, "iis", new_iis),
         }
+        mixed = version_caveat(out["iis"]["analysis_version"])
+        if mixed:  # models of earlier runs that this one did not analyse again
+            log.warning("analyze: iis.parquet holds %s; correlation and ranking rows over them say so", mixed)
         # Derived whole from iis.parquet: recomputed over every model there, replacing old rows.
         out["correlation"] = tables.replace("correlation", pd.DataFrame(
             correlation_rows(out["iis"], groups=groups, bootstrap=bootstrap)))

@@ -59,8 +59,13 @@ def source_digest(root: Path, patterns: Iterable[str] = NUMERIC_SOURCES) -> str:
 @functools.cache
 def analysis_version() -> str:
     """``"<package version>+<first 12 hex digits of the numeric sources' digest>"``, e.g.
-    ``"0.1.0+3f9a1c2e04b7"``: the same for every process that runs the same installed code."""
-    return f"{__version__}+{source_digest(Path(__file__).parent)[:12]}"
+    ``"0.1.0+3f9a1c2e04b7"``: the same for every process that runs the same installed code.
+    An install without the modules' source (byte code only) gets ``"<package version>+nosource"``."""
+    try:
+        return f"{__version__}+{source_digest(Path(__file__).parent)[:12]}"
+    except FileNotFoundError as err:
+        log.warning("analysis version: %s; rows are marked with the package version alone", err)
+        return f"{__version__}+nosource"
 
 
 def version_caveat(versions: Iterable[object]) -> str | None:
@@ -80,6 +85,5 @@ def joined_caveats(rows: pd.DataFrame) -> str | None:
     if "analysis_version" in rows:
         mixed = version_caveat(rows["analysis_version"])
         if mixed:
-            log.warning("%s", mixed)
             caveats.append(mixed)
     return "; ".join(caveats) or None

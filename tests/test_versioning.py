@@ -82,15 +82,28 @@ def test_rows_of_another_version_are_refitted(stores, tmp_path, monkeypatch, cap
     _assert_same_tables(_snapshot(results), clean)
 
 
-def test_a_correlation_over_several_versions_says_so(caplog):
+def test_a_correlation_over_several_versions_says_so():
     rows = [{"dataset": "d", "library": "prototype", "num_concepts": 8, "protocol": "default", "grid": "0,0.9",
              "library_source": None, "model": f"m{i}", "seed": 0, "standard_top1": 0.5 + 0.1 * i,
              "iis": 0.3 + 0.1 * i, "caveat": None, "layer": "final",
              "analysis_version": analysis_version() if i else OLD} for i in range(3)]
-    with caplog.at_level(logging.WARNING):
-        mixed = correlation_rows(pd.DataFrame(rows), n_resamples=99, bootstrap=0)
+    mixed = correlation_rows(pd.DataFrame(rows), n_resamples=99, bootstrap=0)
     assert len(mixed) == 1 and "2 analysis versions" in mixed[0]["caveat"] and OLD in mixed[0]["caveat"]
-    assert "analysis versions" in caplog.text
     same = correlation_rows(pd.DataFrame([{**r, "analysis_version": OLD} for r in rows]), n_resamples=99,
                             bootstrap=0)
     assert same[0]["caveat"] is None
+
+
+def test_models_left_from_another_version_are_flagged_in_correlation_and_ranking(stores, tmp_path, caplog):
+    """A run that analyses some stores again leaves the others' rows of the older version in the
+    folder: the tables derived over every model say so, and the run warns once."""
+    results = tmp_path / "R"
+    analyze_stores(stores, results=results, cluster=SYNC, **ANALYSIS)
+    assert tables.read_table(results, "correlation")["caveat"].isna().all()
+    _rewrite(results, "m1", OLD)
+    with caplog.at_level(logging.WARNING, logger="iis.analyze.pipeline"):
+        analyze_stores([stores[0], stores[2]], results=results, cluster=SYNC, **ANALYSIS)
+    assert "iis.parquet holds rows from 2 analysis versions" in caplog.text
+    for name in ("correlation", "ranking"):
+        caveats = tables.read_table(results, name)["caveat"]
+        assert len(caveats) and caveats.str.contains(f"2 analysis versions ({OLD}, ", regex=False).all(), name
