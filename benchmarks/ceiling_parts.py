@@ -1,0 +1,92 @@
+"""Where the gap to the "ceiling" of ``heads_vs_reference.py --ceiling`` comes from.
+
+That ceiling differs from the default grid in two ways at once: a 4x longer schedule and a wider
+L2 grid (``CEILING_CONCEPT_C``). This script fits the concept-head grid four or five ways on the
+same activations, one process on one thread, and prints test (and val) top-1 per ratio:
+
+- ``default``: the default protocol;
+- ``steps4x``: 4x the steps, the default L2 grid;
+- ``wideC``: the default steps, the ceiling's L2 grid;
+- ``both``: the ceiling itself;
+- ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5).
+
+Then, over the workloads and seeds, the mean and worst difference of each against ``default`` at
+the sparse ratios (s >= 0.9) and at the others, and each one's CPU seconds against ``default``'s.
+
+    python benchmarks/ceiling_parts.py                                   # planted-quick, seeds 0-4
+    python benchmarks/ceiling_parts.py --workloads planted-20k planted-30k --seeds 3 4 \\
+           --configs default strong-end
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from heads_vs_reference import CEILING_CONCEPT_C, CEILING_EPOCH_FACTOR, RATIOS
+from iis.analyze import heads_default as default
+from iis.analyze.heads import fit_heads
+from workloads import QUICK, WORKLOADS, make
+
+ALL = {**WORKLOADS, **QUICK}
+CONFIGS = {  # name: (steps factor, L2 grid or None for the default)
+    "default": (1, None),
+    "steps4x": (CEILING_EPOCH_FACTOR, None),
+    "wideC": (1, CEILING_CONCEPT_C),
+    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C),
+    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2)),
+}
+SPARSE = np.asarray(RATIOS) >= 0.9
+
+
+def fit_grid(activations, classes: int, seed: int, config: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(test top-1, val top-1, chosen C)`` per ratio, each ``(R,)``, and the fit's CPU seconds."""
+    factor, grid = CONFIGS[config]
+    saved = default.STEPS, default.CONCEPT_INVERSE_L2
+    default.STEPS, default.CONCEPT_INVERSE_L2 = saved[0] * factor, grid or saved[1]
+    try:
+        cpu = time.process_time()
+        fit = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
+        cpu = time.process_time() - cpu
+    finally:
+        default.STEPS, default.CONCEPT_INVERSE_L2 = saved
+    return np.asarray(fit.test_top1) * 100, np.asarray(fit.val_top1) * 100, np.asarray(fit.inverse_l2), cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=["planted-quick"], choices=sorted(ALL))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+    if "default" not in args.configs:
+        args.configs.insert(0, "default")
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread; ratios {RATIOS}")
+    diffs: dict[str, list[np.ndarray]] = {c: [] for c in args.configs if c != "default"}
+    cpu_ratio: dict[str, list[float]] = {c: [] for c in diffs}
+    for name in args.workloads:
+        spec = ALL[name]
+        for seed in args.seeds:
+            _, activations, _ = make(spec, seed)
+            fits = {c: fit_grid(activations, spec.classes, seed, c) for c in args.configs}
+            print(f"\n{name}, seed {seed}: test top-1 per ratio (val top-1; chosen C)")
+            for c, (test, val, chosen, cpu) in fits.items():
+                cells = " ".join(f"{t:5.1f} ({v:4.1f}; {k:g})" for t, v, k in zip(test, val, chosen))
+                print(f"  {c:>10}  cpu {cpu:5.1f} s  {cells}")
+            for c in diffs:
+                diffs[c].append(fits[c][0] - fits["default"][0])
+                cpu_ratio[c].append(fits[c][3] / fits["default"][3])
+    print("\nagainst default, test top-1 points over every workload and seed "
+          "(mean, worst, best; sparse: s >= 0.9), and CPU (median ratio):")
+    for c, d in diffs.items():
+        d = np.stack(d)
+        sparse, rest = d[:, SPARSE].ravel(), d[:, ~SPARSE].ravel()
+        print(f"  {c:>10}  sparse {sparse.mean():+.2f} ({sparse.min():+.1f}, {sparse.max():+.1f})  "
+              f"others {rest.mean():+.2f} ({rest.min():+.1f}, {rest.max():+.1f})  cpu {np.median(cpu_ratio[c]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
