@@ -1,27 +1,34 @@
-"""Where the gap to the "ceiling" of ``heads_vs_reference.py --ceiling`` comes from.
+"""The concept-head grid fitted several ways on the same activations: where the gap to the
+"ceiling" of ``heads_vs_reference.py --ceiling`` comes from, and what the schedule's length buys.
 
 That ceiling differs from the default grid in two ways at once: a 4x longer schedule and a wider
-L2 grid (``CEILING_CONCEPT_C``). This script fits the concept-head grid four or five ways on the
-same activations, one process on one thread, and prints test (and val) top-1 per ratio:
+L2 grid (``CEILING_CONCEPT_C``). This script fits the concept-head grid several ways, one process on
+one thread, and prints test (and val) top-1 per ratio:
 
 - ``default``: the default protocol;
 - ``steps4x``: 4x the steps, the default L2 grid;
+- ``steps0.5x``: half the steps, the default L2 grid;
 - ``wideC``: the default steps, the ceiling's L2 grid;
 - ``both``: the ceiling itself;
 - ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5).
 
-Then, over the workloads and seeds, the mean and worst difference of each against ``default`` at
-the sparse ratios (s >= 0.9) and at the others, and each one's CPU seconds against ``default``'s.
+Then, over the workloads (or stores) and seeds, the mean and worst difference of each against
+``default`` at the sparse ratios (s >= 0.9) and at the others, and each one's CPU seconds against
+``default``'s.
 
-    python benchmarks/ceiling_parts.py                                   # planted-quick, seeds 0-4
-    python benchmarks/ceiling_parts.py --workloads planted-20k planted-30k --seeds 3 4 \\
+    python benchmarks/grid_variants.py                                   # planted-quick, seeds 0-4
+    python benchmarks/grid_variants.py --workloads planted-20k planted-30k --seeds 3 4 \\
            --configs default strong-end
+    python benchmarks/grid_variants.py --stores cache/demo/*.zarr --libraries prototype cluster \\
+           --seeds 0 --configs default steps0.5x                       # real stores (the demo's)
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +41,7 @@ ALL = {**WORKLOADS, **QUICK}
 CONFIGS = {  # name: (steps factor, L2 grid or None for the default)
     "default": (1, None),
     "steps4x": (CEILING_EPOCH_FACTOR, None),
+    "steps0.5x": (0.5, None),
     "wideC": (1, CEILING_CONCEPT_C),
     "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C),
     "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2)),
@@ -41,11 +49,28 @@ CONFIGS = {  # name: (steps factor, L2 grid or None for the default)
 SPARSE = np.asarray(RATIOS) >= 0.9
 
 
+def cases(args) -> Iterator[tuple[str, int, dict, int]]:
+    """``(name, seed, activations, classes)`` of every workload-seed, or every (store, library)-seed."""
+    if args.stores:
+        from warm_start import store_splits
+
+        for store in args.stores:
+            for library in args.libraries:
+                for seed in args.seeds:
+                    splits, classes = store_splits(store, library, seed, args.num_concepts)
+                    yield f"{Path(store).stem}:{library}", seed, splits, classes
+        return
+    for name in args.workloads:
+        for seed in args.seeds:
+            _, activations, _ = make(ALL[name], seed)
+            yield name, seed, activations, ALL[name].classes
+
+
 def fit_grid(activations, classes: int, seed: int, config: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(test top-1, val top-1, chosen C)`` per ratio, each ``(R,)``, and the fit's CPU seconds."""
     factor, grid = CONFIGS[config]
     saved = default.STEPS, default.CONCEPT_INVERSE_L2
-    default.STEPS, default.CONCEPT_INVERSE_L2 = saved[0] * factor, grid or saved[1]
+    default.STEPS, default.CONCEPT_INVERSE_L2 = round(saved[0] * factor), grid or saved[1]
     try:
         cpu = time.process_time()
         fit = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
@@ -60,6 +85,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["planted-quick"], choices=sorted(ALL))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--stores", nargs="+", help="feature stores to use instead of the workloads")
+    parser.add_argument("--libraries", nargs="+", default=["prototype"], help="with --stores")
+    parser.add_argument("--num-concepts", type=int, default=64, help="with --stores")
     args = parser.parse_args()
     if "default" not in args.configs:
         args.configs.insert(0, "default")
@@ -67,19 +95,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread; ratios {RATIOS}")
     diffs: dict[str, list[np.ndarray]] = {c: [] for c in args.configs if c != "default"}
     cpu_ratio: dict[str, list[float]] = {c: [] for c in diffs}
-    for name in args.workloads:
-        spec = ALL[name]
-        for seed in args.seeds:
-            _, activations, _ = make(spec, seed)
-            fits = {c: fit_grid(activations, spec.classes, seed, c) for c in args.configs}
-            print(f"\n{name}, seed {seed}: test top-1 per ratio (val top-1; chosen C)")
-            for c, (test, val, chosen, cpu) in fits.items():
-                cells = " ".join(f"{t:5.1f} ({v:4.1f}; {k:g})" for t, v, k in zip(test, val, chosen))
-                print(f"  {c:>10}  cpu {cpu:5.1f} s  {cells}")
-            for c in diffs:
-                diffs[c].append(fits[c][0] - fits["default"][0])
-                cpu_ratio[c].append(fits[c][3] / fits["default"][3])
-    print("\nagainst default, test top-1 points over every workload and seed "
+    for name, seed, activations, classes in cases(args):
+        fits = {c: fit_grid(activations, classes, seed, c) for c in args.configs}
+        print(f"\n{name}, seed {seed}: test top-1 per ratio (val top-1; chosen C)")
+        for c, (test, val, chosen, cpu) in fits.items():
+            cells = " ".join(f"{t:5.1f} ({v:4.1f}; {k:g})" for t, v, k in zip(test, val, chosen))
+            print(f"  {c:>10}  cpu {cpu:5.1f} s  {cells}", flush=True)
+        for c in diffs:
+            diffs[c].append(fits[c][0] - fits["default"][0])
+            cpu_ratio[c].append(fits[c][3] / fits["default"][3])
+    print("\nagainst default, test top-1 points over every case and seed "
           "(mean, worst, best; sparse: s >= 0.9), and CPU (median ratio):")
     for c, d in diffs.items():
         d = np.stack(d)
