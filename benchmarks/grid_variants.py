@@ -8,6 +8,7 @@ one thread, and prints test (and val) top-1 per ratio:
 - ``default``: the default protocol;
 - ``steps4x``: 4x the steps, the default L2 grid;
 - ``steps0.5x``: half the steps, the default L2 grid;
+- ``sparse1.5x``: the sparsest heads (``SPARSE_KEEP_FRACTION``) train 1.5x the steps, not 2x;
 - ``wideC``: the default steps, the ceiling's L2 grid;
 - ``both``: the ceiling itself;
 - ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5).
@@ -26,8 +27,8 @@ Then, over the workloads (or stores) and seeds, the mean and worst difference of
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,14 @@ from iis.analyze.heads import fit_heads
 from workloads import QUICK, WORKLOADS, make
 
 ALL = {**WORKLOADS, **QUICK}
-CONFIGS = {  # name: (steps factor, L2 grid or None for the default)
-    "default": (1, None),
-    "steps4x": (CEILING_EPOCH_FACTOR, None),
-    "steps0.5x": (0.5, None),
-    "wideC": (1, CEILING_CONCEPT_C),
-    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C),
-    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2)),
+CONFIGS = {  # name: (steps factor, L2 grid or None for the default, the sparsest heads' extra steps or None)
+    "default": (1, None, None),
+    "steps4x": (CEILING_EPOCH_FACTOR, None, None),
+    "steps0.5x": (0.5, None, None),
+    "sparse1.5x": (1, None, 1.5),
+    "wideC": (1, CEILING_CONCEPT_C, None),
+    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C, None),
+    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2), None),
 }
 SPARSE = np.asarray(RATIOS) >= 0.9
 
@@ -68,15 +70,16 @@ def cases(args) -> Iterator[tuple[str, int, dict, int]]:
 
 def fit_grid(activations, classes: int, seed: int, config: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(test top-1, val top-1, chosen C)`` per ratio, each ``(R,)``, and the fit's CPU seconds."""
-    factor, grid = CONFIGS[config]
-    saved = default.STEPS, default.CONCEPT_INVERSE_L2
+    factor, grid, sparse = CONFIGS[config]
+    saved = default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR
     default.STEPS, default.CONCEPT_INVERSE_L2 = round(saved[0] * factor), grid or saved[1]
+    default.SPARSE_EPOCH_FACTOR = sparse or saved[2]
     try:
         cpu = time.process_time()
         fit = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
         cpu = time.process_time() - cpu
     finally:
-        default.STEPS, default.CONCEPT_INVERSE_L2 = saved
+        default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR = saved
     return np.asarray(fit.test_top1) * 100, np.asarray(fit.val_top1) * 100, np.asarray(fit.inverse_l2), cpu
 
 
