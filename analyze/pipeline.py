@@ -20,7 +20,7 @@ from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
-from iis.analyze.versioning import analysis_version, version_caveat
+from iis.analyze.versioning import analysis_version, models_by_version, version_caveat
 
 from iis.progress import progress
 
@@ -459,9 +459,12 @@ def analyze_stores(
             "concepts": tables.merge(results, "concepts", concepts),
             "iis": tables.merge(results, "iis", new_iis),
         }
-        mixed = version_caveat(out["iis"]["analysis_version"])
-        if mixed:  # models of earlier runs that this one did not analyse again
-            log.warning("analyze: iis.parquet holds %s; correlation and ranking rows over them say so", mixed)
+        if version_caveat(out["iis"]["analysis_version"]):  # models of earlier runs not analysed again here
+            others = {v: m for v, m in models_by_version(out["iis"]).items() if v != analysis_version()}
+            log.warning("analyze: iis.parquet holds models of other analysis versions than this one (%s): %s; "
+                        "correlation and ranking rows over them say so. Analyse them again (their stores), or "
+                        "remove their rows", analysis_version(),
+                        "; ".join(f"{v}: {', '.join(m)}" for v, m in others.items()))
         # Derived whole from iis.parquet: recomputed over every model there, replacing old rows.
         out["correlation"] = tables.replace("correlation", pd.DataFrame(
             correlation_rows(out["iis"], groups=groups, bootstrap=bootstrap)))

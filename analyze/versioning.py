@@ -5,10 +5,12 @@
 builder would be kept after an upgrade, beside new rows, and correlated with them: numbers from
 two methods in one table, with nothing to tell them apart. So every ``accuracy`` and ``iis`` row
 carries the version of the code that computed it, the package version plus a digest of the
-source of the modules that decide its numbers; a row of another version counts as missing.
+source of the modules that decide its numbers and of the versions of the numeric libraries they
+call (torch, numpy, SciPy, scikit-learn); a row of another version counts as missing.
 
-The digest is of source bytes, so any edit to those modules (a comment too) refits: erring
-towards a refit costs minutes, erring the other way costs a silently wrong table.
+The digest is of source bytes, so any edit to those modules (a comment too) refits, and so does an
+upgrade of those libraries (their kernels' rounding moves heads near a tie): erring towards a refit
+costs minutes, erring the other way costs a silently wrong table.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 # scheduling and the CLI are left out: editing them changes no number.
 NUMERIC_SOURCES = ("activations.py", "heads*.py", "libraries/*.py", "metrics.py", "parts.py", "store.py",
                    "summary.py", "tasks.py")
+# The modules a task imports from this package that decide no number (tests/test_versioning.py
+# checks that every module a task loads is in one list or the other).
+NON_NUMERIC_MODULES = ("__init__", "allocator", "artifacts", "sources", "tables", "versioning")
+# The libraries whose kernels compute the numbers; their versions enter the digest.
+NUMERIC_LIBRARIES = ("torch", "numpy", "scipy", "sklearn")
 
 
 def source_digest(root: Path, patterns: Iterable[str] = NUMERIC_SOURCES) -> str:
@@ -56,25 +63,47 @@ def source_digest(root: Path, patterns: Iterable[str] = NUMERIC_SOURCES) -> str:
     return h.hexdigest()
 
 
+def library_versions() -> str:
+    """``"torch=2.14.1 numpy=…"``: the installed versions of :data:`NUMERIC_LIBRARIES`."""
+    import importlib
+
+    return " ".join(f"{name}={importlib.import_module(name).__version__}" for name in NUMERIC_LIBRARIES)
+
+
 @functools.cache
 def analysis_version() -> str:
-    """``"<package version>+<first 12 hex digits of the numeric sources' digest>"``, e.g.
-    ``"0.1.0+3f9a1c2e04b7"``: the same for every process that runs the same installed code.
-    An install without the modules' source (byte code only) gets ``"<package version>+nosource"``."""
+    """``"<package version>+<12 hex digits>"``, e.g. ``"0.1.0+3f9a1c2e04b7"``: the digits are the
+    sha256 of :func:`source_digest` and :func:`library_versions`, so every process that runs the same
+    installed code on the same libraries has the same version. An install without the modules'
+    source (byte code only) gets ``"<package version>+nosource"``."""
     try:
-        return f"{__version__}+{source_digest(Path(__file__).parent)[:12]}"
+        sources = source_digest(Path(__file__).parent)
     except FileNotFoundError as err:
         log.warning("analysis version: %s; rows are marked with the package version alone", err)
         return f"{__version__}+nosource"
+    return f"{__version__}+{hashlib.sha256(f'{sources} {library_versions()}'.encode()).hexdigest()[:12]}"
+
+
+def _label(version: object) -> str:
+    return "unknown" if pd.isna(version) else str(version)
 
 
 def version_caveat(versions: Iterable[object]) -> str | None:
     """The caveat of a row computed from rows of several analysis versions (nulls: tables written
     before the column existed), or None when they are all one version."""
-    seen = sorted({"unknown" if v is None or v != v else str(v) for v in versions})  # v != v: NaN
+    seen = sorted({_label(v) for v in versions})
     if len(seen) <= 1:
         return None
-    return f"rows from {len(seen)} analysis versions ({', '.join(seen)}): rerun `iis analyze` to refit them alike"
+    return (f"rows from {len(seen)} analysis versions ({', '.join(seen)}): analyse their models again with one "
+            "version, or remove the rows of models no longer analysed")
+
+
+def models_by_version(rows: pd.DataFrame) -> dict[str, list[str]]:
+    """``{analysis version: sorted model names}`` of ``rows`` (``iis`` or ``accuracy`` rows)."""
+    if rows.empty or "analysis_version" not in rows:
+        return {}
+    labels = rows["analysis_version"].map(_label)
+    return {version: sorted(set(models)) for version, models in rows["model"].groupby(labels)}
 
 
 def joined_caveats(rows: pd.DataFrame) -> str | None:

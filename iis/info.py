@@ -109,7 +109,7 @@ def describe_results(path: Path) -> str:
     lines.append(f"  libraries   {', '.join(libraries) or '-'}")
     lines.append(f"  pipelines   {', '.join(values('pipeline')) or '-'}; datasets {', '.join(values('dataset')) or '-'}")
     versions = values("analysis_version", "accuracy", "iis")
-    if versions:  # more than one: a skip_complete rerun with the current code refits the others
+    if versions:  # several: rows of different code (`iis run` refits those of its stores)
         lines.append(f"  analysis    {', '.join(versions)}")
     if "iis" in frames and "caveat" in frames["iis"]:
         caveats = values("caveat", "iis")
