@@ -20,7 +20,7 @@ from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
 from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
-from iis.analyze.versioning import analysis_version, models_by_version, version_caveat
+from iis.analyze.versioning import analysis_version, models_by_version, version_caveat, version_label
 
 from iis.progress import progress
 
@@ -261,14 +261,14 @@ def _present(df: pd.DataFrame, columns: list[str]) -> set[tuple]:
 
 
 def _this_version(df: pd.DataFrame, name: str) -> pd.DataFrame:
-    """The rows of table ``name`` that this code computed; logs how many another version did."""
+    """The rows of table ``name`` (as :func:`tables.read_table` gives it: with the column, null in
+    tables written before it) that this code computed; logs how many another version did."""
     if df.empty:
         return df
     version = analysis_version()
-    ours = df["analysis_version"] == version if "analysis_version" in df else pd.Series(False, index=df.index)
+    ours = df["analysis_version"] == version
     if not ours.all():
-        other = sorted({"unknown" if pd.isna(v) else str(v) for v in df.loc[~ours, "analysis_version"]}
-                       if "analysis_version" in df else {"unknown"})
+        other = sorted({version_label(v) for v in df.loc[~ours, "analysis_version"]})
         log.info("analyze: %d %s rows come from analysis version %s, not this one (%s): they are refitted "
                  "where this run analyses their store", int((~ours).sum()), name, ", ".join(other), version)
     return df[ours]

@@ -84,14 +84,15 @@ def analysis_version() -> str:
     return f"{__version__}+{hashlib.sha256(f'{sources} {library_versions()}'.encode()).hexdigest()[:12]}"
 
 
-def _label(version: object) -> str:
+def version_label(version: object) -> str:
+    """A row's ``analysis_version`` as logs and caveats name it: ``"unknown"`` for a null."""
     return "unknown" if pd.isna(version) else str(version)
 
 
 def version_caveat(versions: Iterable[object]) -> str | None:
     """The caveat of a row computed from rows of several analysis versions (nulls: tables written
     before the column existed), or None when they are all one version."""
-    seen = sorted({_label(v) for v in versions})
+    seen = sorted({version_label(v) for v in versions})
     if len(seen) <= 1:
         return None
     return (f"rows from {len(seen)} analysis versions ({', '.join(seen)}): analyse their models again with one "
@@ -102,7 +103,7 @@ def models_by_version(rows: pd.DataFrame) -> dict[str, list[str]]:
     """``{analysis version: sorted model names}`` of ``rows`` (``iis`` or ``accuracy`` rows)."""
     if rows.empty or "analysis_version" not in rows:
         return {}
-    labels = rows["analysis_version"].map(_label)
+    labels = rows["analysis_version"].map(version_label)
     return {version: sorted(set(models)) for version, models in rows["model"].groupby(labels)}
 
 
