@@ -326,7 +326,7 @@ def _check_versions(done: Sequence[TaskResult]) -> None:
     """Warn when workers ran other code than this process (a cluster's workers on another
     install): their rows carry their version, so the next ``skip_complete`` run refits them."""
     version = analysis_version()
-    other = sorted({str(row.get("analysis_version")) for r in done for row in r.accuracy_rows
+    other = sorted({version_label(row.get("analysis_version")) for r in done for row in r.accuracy_rows
                     if row.get("analysis_version") != version})
     if other:
         log.warning("analyze: some tasks ran analysis version %s, this process is %s: the workers run "
