@@ -11,7 +11,8 @@ one thread, and prints test (and val) top-1 per ratio:
 - ``sparse1.5x``: the sparsest heads (``SPARSE_KEEP_FRACTION``) train 1.5x the steps, not 2x;
 - ``wideC``: the default steps, the ceiling's L2 grid;
 - ``both``: the ceiling itself;
-- ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5).
+- ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5);
+- ``batch0.5x``: batches of half the default size (``BATCH``), the same number of steps.
 
 Then, over the workloads (or stores) and seeds, the mean and worst difference of each against
 ``default`` at the sparse ratios (s >= 0.9) and at the others, and each one's CPU seconds against
@@ -39,14 +40,16 @@ from iis.analyze.heads import fit_heads
 from workloads import QUICK, WORKLOADS, make
 
 ALL = {**WORKLOADS, **QUICK}
-CONFIGS = {  # name: (steps factor, L2 grid or None for the default, the sparsest heads' extra steps or None)
-    "default": (1, None, None),
-    "steps4x": (CEILING_EPOCH_FACTOR, None, None),
-    "steps0.5x": (0.5, None, None),
-    "sparse1.5x": (1, None, 1.5),
-    "wideC": (1, CEILING_CONCEPT_C, None),
-    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C, None),
-    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2), None),
+CONFIGS = {  # name: (steps factor, L2 grid or None for the default, the sparsest heads' extra steps or None,
+    #                 batch factor)
+    "default": (1, None, None, 1),
+    "steps4x": (CEILING_EPOCH_FACTOR, None, None, 1),
+    "steps0.5x": (0.5, None, None, 1),
+    "sparse1.5x": (1, None, 1.5, 1),
+    "wideC": (1, CEILING_CONCEPT_C, None, 1),
+    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C, None, 1),
+    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2), None, 1),
+    "batch0.5x": (1, None, None, 0.5),
 }
 SPARSE = np.asarray(RATIOS) >= 0.9
 
@@ -70,16 +73,16 @@ def cases(args) -> Iterator[tuple[str, int, dict, int]]:
 
 def fit_grid(activations, classes: int, seed: int, config: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(test top-1, val top-1, chosen C)`` per ratio, each ``(R,)``, and the fit's CPU seconds."""
-    factor, grid, sparse = CONFIGS[config]
-    saved = default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR
+    factor, grid, sparse, batch = CONFIGS[config]
+    saved = default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH
     default.STEPS, default.CONCEPT_INVERSE_L2 = round(saved[0] * factor), grid or saved[1]
-    default.SPARSE_EPOCH_FACTOR = sparse or saved[2]
+    default.SPARSE_EPOCH_FACTOR, default.BATCH = sparse or saved[2], round(saved[3] * batch)
     try:
         cpu = time.process_time()
         fit = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
         cpu = time.process_time() - cpu
     finally:
-        default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR = saved
+        default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH = saved
     return np.asarray(fit.test_top1) * 100, np.asarray(fit.val_top1) * 100, np.asarray(fit.inverse_l2), cpu
 
 

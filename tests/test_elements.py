@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from iis.extract.datasets import load_dataset
 from iis.extract.elements import ElementPlan, plan_elements, render_element, slic_segments_of
 from PIL import Image
@@ -158,3 +159,31 @@ def test_unreadable_image_is_replaced(tmp_path, caplog):
     assert victim not in {p.source_id for p in plans}
     assert len(plans) == 4 and sum(p.label == picked[0].label for p in plans) == 2
     assert all(train.labels[p.source_index] == p.label for p in plans)
+
+
+def test_element_rows_segment_each_source_image_once_and_render_the_same_bytes(digits, monkeypatch):
+    """The extract runner keeps the last source image's SLIC labels for the next element: the
+    rows equal elements rendered one by one, with one SLIC run per source image, not per element."""
+    import iis.extract.runner as runner
+    from iis.extract.backbones import element_transform
+
+    plans = plan_elements(digits, images_per_class=2, grid=2, slic=True, seed=0, slic_segments=6)
+    slic_plans = [p for p in plans if p.kind == "slic"]
+    sources = {p.source_index for p in slic_plans}
+    assert len(slic_plans) > len(sources)  # several SLIC elements per image: something to reuse
+    config = {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
+              "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    transform = element_transform(config, uint8=True)
+    calls = []
+
+    def counted(image, *, n_segments):
+        calls.append(n_segments)
+        return slic_segments_of(image, n_segments=n_segments)
+
+    monkeypatch.setattr(runner, "slic_segments_of", counted)
+    rows = runner._ElementRows(digits, plans, transform, (128, 128, 128))
+    for i, plan in enumerate(plans):
+        tensor, valid = rows[i]
+        expected = transform(render_element(digits.load("train", plan.source_index), plan, fill=(128, 128, 128)))
+        assert valid and torch.equal(tensor, expected), plan
+    assert len(calls) == len(sources)
