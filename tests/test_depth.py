@@ -88,7 +88,7 @@ def test_the_demo_measures_layers_of_its_final_resnet_checkpoint_only():
 
     names = [m.name for m in find_pipeline("demo", check_inputs=False).measured_models()]
     layered = [n for n in names if n.count("@") > 1]
-    assert layered == ["r10@e3@stages.1", "r10@e3@stages.3"] and len(names) == 11
+    assert layered == ["r10@e2@stages.1", "r10@e2@stages.3"] and len(names) == 11
 
 
 def test_library_from_resolves_and_is_checked_when_read(tmp_path):
