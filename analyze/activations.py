@@ -6,6 +6,7 @@ and is deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -132,10 +133,8 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
             ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
             # One flat gather for every (head, row)'s threshold (cheaper than take_along_axis,
             # which builds broadcast index grids).
-            row_starts = np.arange(rows) * width
-            head_starts = 0 if shared else (np.arange(len(partial)) * rows * width)[:, None]
-            index = head_starts + row_starts[None, :] + positions.numpy()[:, None]
-            at, below = torch.from_numpy(ascending[index]), torch.from_numpy(ascending[index - 1])
+            index, index_below = _threshold_index(tuple(positions.tolist()), rows, width, shared)
+            at, below = torch.from_numpy(ascending[index]), torch.from_numpy(ascending[index_below])
         else:  # CUDA, or a dtype numpy lacks: torch's sort where the values are
             ascending = torch.sort(magnitude[:1] if shared else magnitude[heads_at], dim=-1).values
             ascending = ascending.expand(len(partial), rows, width)
@@ -161,6 +160,20 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     else:
         mask = magnitude >= threshold
     return mask[0] if flat and heads == 1 else mask
+
+
+@functools.lru_cache(maxsize=64)
+def _threshold_index(positions: tuple[int, ...], rows: int, width: int, shared: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices into ``keep_mask``'s sorted ``(P or 1, rows, width)`` magnitudes of every (head,
+    row)'s threshold entry and of the entry below it: two ``(P, rows)`` int64 arrays, read-only.
+    Cached: a trainer asks for the same few (keep counts, batch) shapes at every step."""
+    row_starts = np.arange(rows) * width
+    head_starts = 0 if shared else (np.arange(len(positions)) * rows * width)[:, None]
+    index = head_starts + row_starts[None, :] + np.asarray(positions, dtype=np.int64)[:, None]
+    below = index - 1
+    index.setflags(write=False)
+    below.setflags(write=False)
+    return index, below
 
 
 def sparsify(activations: torch.Tensor, ratio: float) -> torch.Tensor:

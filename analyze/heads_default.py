@@ -15,6 +15,7 @@ measurements behind each.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -195,6 +196,8 @@ class Adam:
         self.steps += 1
         beta1, beta2 = self.betas
         correction1, root2 = 1 - beta1**self.steps, math.sqrt(1 - beta2**self.steps)
+        # The schedule's factor, signed and bias-corrected once for every parameter.
+        step_size = scale * (-root2 / correction1)
         view = isinstance(heads, slice)
         for param, g, first, second, rate, l2 in zip(self.params, grads, self.first, self.second, self.rates, self.l2):
             p, m, v = param[heads], first[heads], second[heads]
@@ -207,26 +210,28 @@ class Adam:
             # m̂ / (sqrt(v̂) + eps), with v's bias correction moved onto eps and the step size (a
             # pass fewer over the parameters than dividing v).
             denom = v.sqrt().add_(self.eps * root2)
-            p.addcdiv_(m * (rate * (-scale * root2 / correction1)), denom)
+            p.addcdiv_(m * (rate * step_size), denom)
             if not view:
                 param[heads], first[heads], second[heads] = p, m, v
 
 
-def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None,
-                     keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_grid_inputs(x: torch.Tensor, scale: torch.Tensor | None, keep: torch.Tensor, *,
+                     dense: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``g_s(ã)`` of a batch for a stack of heads.
 
     Args:
         x: ``(B, K)`` float32 standardised activations.
         scale: ``(H, 2, K)`` each head's ``(γ, β)``, or None (``ã = x`` for every head).
         keep: ``(H,)`` int64 keep counts.
+        dense: whether every head keeps every entry, when the caller knows (else read from ``keep``).
 
     Returns:
         ``inputs (H, B, K)`` (``g_s(ã)``) and ``mask (H, B, K)`` float32 ones and zeros (the kept
         entries), or None when every head keeps every entry (the dense heads, trained on their own).
         Read-only: without ``scale``, dense heads' inputs are ``x`` itself, expanded over ``H``.
     """
-    dense = bool((keep >= x.shape[-1]).all())
+    if dense is None:
+        dense = bool((keep >= x.shape[-1]).all())
     if scale is None:
         if dense:
             return x.unsqueeze(0).expand(len(keep), -1, -1), None
@@ -281,14 +286,24 @@ def cross_entropy_grads(inputs: torch.Tensor, labels: torch.Tensor, weight: torc
     residual.sub_(residual.amax(dim=2, keepdim=True)).exp_()
     residual.div_(residual.sum(dim=2, keepdim=True).mul_(batch))
     residual = residual.view(heads, -1, batch)  # (H, L*C, B)
-    device = residual.device
-    targets = labels.long().view(1, -1) * batch + torch.arange(batch, device=device)  # (1, B): each image's label entry
-    blocks = torch.arange(residual.shape[1] // num_classes, device=device) * (num_classes * batch)
-    targets = (targets + blocks.view(-1, 1)).view(-1)  # (L*B,): one per (rate block, image)
-    minus = torch.full((1, 1), -1.0 / batch, dtype=residual.dtype, device=device).expand(heads, len(targets))
-    residual.view(heads, -1).index_add_(1, targets, minus)
+    offsets, minus = _onehot_terms(batch, residual.shape[1] // num_classes, num_classes, residual.dtype, residual.device)
+    targets = (labels.view(1, -1) * batch + offsets).view(-1)  # (L*B,): each (rate block, image)'s label entry
+    residual.view(heads, -1).index_add_(1, targets, minus.expand(heads, len(targets)))
     d_inputs = torch.bmm(residual.transpose(1, 2), weight) if input_grad else None
     return torch.bmm(residual, inputs), residual.sum(dim=2, keepdim=True), d_inputs
+
+
+@functools.lru_cache(maxsize=16)
+def _onehot_terms(batch: int, blocks: int, num_classes: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`cross_entropy_grads` adds to a label to find its entry, and the entry's value.
+
+    Returns ``offsets`` ``(L, B)`` int64 (image ``b`` of rate block ``l`` is column ``b`` of
+    block ``l``'s ``C x B`` residual: ``b + l * C * B``) and ``-1/B`` as a ``(1, 1)`` tensor.
+    Built once per batch shape, as the trainer asks for the same few shapes at every step. Read-only.
+    """
+    offsets = torch.arange(batch, device=device) + (torch.arange(blocks, device=device) * (num_classes * batch)).view(-1, 1)
+    return offsets, torch.full((1, 1), -1.0 / batch, dtype=dtype, device=device)
 
 
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
@@ -494,6 +509,8 @@ class _Trainer:
         generator = torch.Generator().manual_seed(self.seed)
         active = torch.arange(num_heads)
         index, active_keep, leave_at = _as_slice(active), keep, set(head_steps.tolist())
+        num_inputs = self.x_train.shape[1]
+        dense = bool((keep >= num_inputs).all())  # whether every active head keeps every entry
         step = 0
         while len(active):
             for xb, yb in epoch_batches(self.x_train, self.y_train, batch_size=self.batch_size, generator=generator):
@@ -501,7 +518,8 @@ class _Trainer:
                 if self.standard:
                     inputs, mask = xb.unsqueeze(0), None
                 else:
-                    inputs, mask = head_grid_inputs(xb, None if affine is None else affine[index], active_keep)
+                    inputs, mask = head_grid_inputs(xb, None if affine is None else affine[index], active_keep,
+                                                    dense=dense)
                 d_weight, d_bias, d_inputs = cross_entropy_grads(inputs, yb, weight[index], bias[index], num_classes,
                                                                  input_grad=affine is not None)
                 grads = [d_weight, d_bias]
@@ -516,6 +534,7 @@ class _Trainer:
                     if len(active) == 0:
                         break
                     index, active_keep = _as_slice(active), keep[active]
+                    dense = bool((active_keep >= num_inputs).all())
 
 
 @torch.no_grad()
