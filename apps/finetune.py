@@ -15,6 +15,7 @@ them); the scoring libraries are built from the rest only.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from iis.analyze.activations import concept_activations, sparsify
 from iis.analyze.heads_default import CONCEPT_LRS
 from iis.analyze.libraries import ElementSet, LibraryInputs, build_library
+from iis.analyze.versioning import analysis_version, source_digest
 from iis.extract.backbones import element_transform
 from iis.extract.datasets import ImageDataset
 from iis.extract.elements import ElementPlan, render_element
@@ -174,6 +176,22 @@ def loss_library_members(elements: ElementSet, pool: np.ndarray, *, num_concepts
     return pool[np.array([int(m[0]) for m in library.members], dtype=np.int64)]
 
 
+@functools.cache
+def loss_version() -> str:
+    """The code behind the interpretability loss, recorded in the λ arm's training settings.
+
+    The analysis version (concept activations, libraries, heads; :mod:`iis.analyze.versioning`)
+    plus 12 hex digits of this module's source: an upgrade that changes the loss trains the λ arm
+    again instead of reusing a checkpoint the new code would not produce (the λ = 0 arm has no loss
+    and is kept). An install without this module's source records ``"+nosource"``.
+    """
+    try:
+        digest = source_digest(Path(__file__).parent, (Path(__file__).name,))[:12]
+    except FileNotFoundError:
+        digest = "nosource"
+    return f"{analysis_version()}+{digest}"
+
+
 @dataclass(frozen=True)
 class FinetuneArm:
     """One arm of the comparison at one training seed: its λ and the checkpoint it produced."""
@@ -224,7 +242,7 @@ def finetune_arms(
             extra_lr=HEAD_LR if loss else None,
             extra_config={"lambda": arm_lam, "ratio": ratio, "library_size": int(images.shape[0]),
                           "library_elements": [int(i) for i in library_elements],
-                          "refresh_every": refresh_every, "start": str(weights)},
+                          "refresh_every": refresh_every, "start": str(weights), "loss_code": loss_version()},
             on_train_start=loss.attach if loss else None,
         )
         log.info("fine-tune lambda=%g seed %d: train loss %s, val top-1 %s", arm_lam, options.seed,

@@ -176,3 +176,31 @@ def test_without_per_image_results_there_is_no_interval(tmp_path):
     assert again["iis_delta"] == row["iis_delta"]
     with pytest.raises(RuntimeError, match=r"lacks start\+ft1-s0's prototype rows for seeds \[1\]"):
         delta_rows(iis, _comparison(arms, [0, 1]), results=tmp_path, n_resamples=0)
+
+
+@pytest.mark.slow
+def test_the_lambda_arm_records_the_loss_code_and_is_trained_again_when_it_changes(tmp_path, monkeypatch, caplog):
+    """The λ arm's training settings name the loss's code (``loss_version``), so a checkpoint made
+    by other loss code is not reused; the λ = 0 arm, which has no loss, is reused."""
+    import logging
+
+    import torch
+    from iis.apps import finetune
+    from iis.extract.datasets import load_dataset
+    from iis.extract.train import TrainOptions
+
+    dataset = load_dataset(source="builtin", name="digits", seed=0)
+    options = TrainOptions(epochs=1, checkpoints=(1,), batch_size=16, max_steps=1, device="cpu")
+    kwargs = dict(dataset=dataset, backbone="resnet10t", weights="random", img_size=16, init_seed=0,
+                  images=torch.rand(4, 3, 16, 16), lam=1.0, ratio=0.5, options=options, refresh_every=1,
+                  out_root=tmp_path, library_elements=(0, 1, 2, 3))
+    first = finetune.finetune_arms(**kwargs)
+    assert [arm.result.skipped for arm in first] == [False, False]
+    record = (tmp_path / "lam1" / "train.json").read_text()
+    assert finetune.loss_version() in record and finetune.loss_version().startswith(finetune.analysis_version())
+    assert [arm.result.skipped for arm in finetune.finetune_arms(**kwargs)] == [True, True]
+    monkeypatch.setattr(finetune, "loss_version", lambda: "0.0.0+other-loss-code")
+    with caplog.at_level(logging.INFO, logger="iis.extract.train"):
+        again = finetune.finetune_arms(**kwargs)
+    assert [arm.result.skipped for arm in again] == [False, True]
+    assert "made with other settings" in caplog.text
