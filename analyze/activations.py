@@ -17,6 +17,9 @@ import torch
 _STD_EPS = 1e-6
 # Rows ranked at once by magnitude_ranks.
 _RANK_CHUNK = 16384
+# keep_mask caches its threshold indices for at most this many (head, row) pairs a call (a trainer's
+# batch: 48 heads x 256 rows is 12,288), 32 shapes: at most 16 MB held.
+_CACHED_INDEX_ENTRIES = 2**15
 
 
 def keep_count(ratio: float, num_concepts: int) -> int:
@@ -133,7 +136,9 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
             ascending = np.sort(chosen, axis=-1).reshape(-1)  # a sorted copy, flat
             # One flat gather for every (head, row)'s threshold (cheaper than take_along_axis,
             # which builds broadcast index grids).
-            index, index_below = _threshold_index(tuple(positions.tolist()), rows, width, shared)
+            # Cached for a trainer's small batches only: a split-sized evaluation would keep MBs per entry.
+            threshold_index = _threshold_index if len(partial) * rows <= _CACHED_INDEX_ENTRIES else _threshold_index.__wrapped__
+            index, index_below = threshold_index(tuple(positions.tolist()), rows, width, shared)
             at, below = torch.from_numpy(ascending[index]), torch.from_numpy(ascending[index_below])
         else:  # CUDA, or a dtype numpy lacks: torch's sort where the values are
             ascending = torch.sort(magnitude[:1] if shared else magnitude[heads_at], dim=-1).values
@@ -162,7 +167,7 @@ def keep_mask(values: torch.Tensor, keep: int | torch.Tensor, *, as_float: bool 
     return mask[0] if flat and heads == 1 else mask
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _threshold_index(positions: tuple[int, ...], rows: int, width: int, shared: bool) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices into ``keep_mask``'s sorted ``(P or 1, rows, width)`` magnitudes of every (head,
     row)'s threshold entry and of the entry below it: two ``(P, rows)`` int64 arrays, read-only.

@@ -301,3 +301,22 @@ def test_non_finite_inputs_and_out_of_range_labels_are_refused():
         fit_heads(train=(x, torch.where(y == 0, -1, y)), val=splits["val"], test=splits["test"],
                   num_classes=spec.classes, ratios=[0.5], seed=0)
     assert np.isfinite(fit_heads(**splits, num_classes=spec.classes, ratios=[0.5], seed=0, max_epochs=1).test_top1).all()
+
+
+def test_keep_mask_caches_threshold_indices_for_batches_only():
+    """A trainer's batch-sized calls reuse their threshold indices; a split-sized call computes
+    them without caching them (megabytes an entry), and both equal the ranks' selection."""
+    from iis.analyze import activations
+
+    activations._threshold_index.cache_clear()
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(3, 64, 10, generator=generator)
+    keep = torch.tensor([7, 3, 1])
+    for _ in range(2):
+        mask = keep_mask(batch, keep)
+    assert activations._threshold_index.cache_info().hits == 1
+    for h in range(3):
+        assert torch.equal(mask[h], magnitude_ranks(batch[h]) < keep[h])
+    split = torch.randn(activations._CACHED_INDEX_ENTRIES + 1, 10, generator=generator)
+    assert torch.equal(keep_mask(split, 4), magnitude_ranks(split) < 4)
+    assert activations._threshold_index.cache_info().currsize == 1
