@@ -36,6 +36,7 @@ from iis.extract.layers import (
     probe_batch,
     resolve_layers,
 )
+from iis.extract.rowcache import RowCache, cache_for, transform_key
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -58,6 +59,9 @@ class ExtractOptions:
         amp: autocast dtype on CUDA, ``bfloat16`` or ``float16``; ignored on CPU.
         shard: ``(index, count)``; shard 0 is the coordinator that creates the store.
         wait_seconds: how long a non-coordinator shard waits for the store to appear.
+        row_cache_mb: MiB of transformed input rows kept for the next model over the same
+            dataset object in this process (:mod:`iis.extract.rowcache`); None: a share of RAM;
+            0: none. Used only with ``num_workers=0``.
     """
 
     batch_size: int = 64
@@ -68,6 +72,7 @@ class ExtractOptions:
     amp: str = "bfloat16"
     shard: tuple[int, int] = (0, 1)
     wait_seconds: float = 600.0
+    row_cache_mb: int | None = None
 
     def __post_init__(self) -> None:
         # Refused here, by name, so that a bad value never reaches a DataLoader or a store.
@@ -77,6 +82,9 @@ class ExtractOptions:
                 raise ValueError(f"extract {name} must be a positive integer, got {value!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"extract num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.row_cache_mb is not None and (isinstance(self.row_cache_mb, bool)
+                                              or not isinstance(self.row_cache_mb, int) or self.row_cache_mb < 0):
+            raise ValueError(f"extract row_cache_mb must be an integer >= 0, got {self.row_cache_mb!r}")
         if self.dtype not in st.FEATURE_DTYPES:
             raise ValueError(f"extract dtype must be one of {st.FEATURE_DTYPES}, got {self.dtype!r}")
         if self.amp not in ("bfloat16", "float16"):
@@ -89,41 +97,66 @@ class ExtractOptions:
 
 
 class _ImageRows(Dataset):
-    """Rows of one split as normalised tensors; an unreadable image yields ``valid=False``."""
+    """Rows of one split as uint8 tensors; an unreadable image yields ``valid=False``.
 
-    def __init__(self, dataset: ImageDataset, split: str, transform: Callable, size: tuple[int, int, int]):
+    With a ``cache``, readable rows are kept under (transform, split, index) for the next model.
+    """
+
+    def __init__(self, dataset: ImageDataset, split: str, transform: Callable, size: tuple[int, int, int],
+                 cache: RowCache | None = None):
         self.dataset, self.split, self.transform, self.size = dataset, split, transform, size
+        key = transform_key(transform) if cache is not None else None
+        self.cache, self.key = (cache, key) if key is not None else (None, None)
 
     def __len__(self) -> int:
         return len(self.dataset.splits[self.split].labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        key = (self.key, self.split, index)
+        if self.cache is not None and (row := self.cache.get(key)) is not None:
+            return row, True
         try:
-            return self.transform(self.dataset.load(self.split, index)), True
+            row = self.transform(self.dataset.load(self.split, index))
         except ImageLoadError as err:
             # Never substitute another image: the row keeps its place, marked invalid.
             log.warning("invalid sample %s[%d]: %s", self.split, index, err)
             return torch.zeros(self.size, dtype=torch.uint8), False
+        if self.cache is not None:
+            self.cache.put(key, row)
+        return row, True
 
 
 class _ElementRows(Dataset):
-    """Visual elements as normalised tensors, rendered from their train source images.
+    """Visual elements as uint8 tensors, rendered from their train source images.
 
     Plans come grouped by source image (:func:`~iis.extract.elements.plan_elements`), so the
     last source image and its SLIC labels are kept for the next element: each image is loaded
     and segmented once, not once per element (the demo's 770 elements come from 100 images).
+    With a ``cache``, rendered elements are kept for the next model.
     """
 
     def __init__(self, dataset: ImageDataset, plans: Sequence[ElementPlan], transform: Callable,
-                 fill: tuple[int, int, int]):
+                 fill: tuple[int, int, int], cache: RowCache | None = None):
         self.dataset, self.plans, self.transform, self.fill = dataset, plans, transform, fill
         self._source: tuple[int, Image.Image, dict[int, np.ndarray]] | None = None  # (index, image, {n: labels})
+        # Kept under (transform, fill, plan): the fill (the backbone's mean colour) is part of the render.
+        key = transform_key(transform) if cache is not None else None
+        self.cache, self.key = (cache, key) if key is not None else (None, None)
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
         plan = self.plans[index]
+        key = (self.key, self.fill, plan)
+        if self.cache is not None and (row := self.cache.get(key)) is not None:
+            return row, True
+        row = self._render(plan)
+        if self.cache is not None:
+            self.cache.put(key, row)
+        return row, True
+
+    def _render(self, plan: ElementPlan) -> torch.Tensor:
         if self._source is None or self._source[0] != plan.source_index:
             self._source = (plan.source_index, self.dataset.load("train", plan.source_index), {})
         _, image, segments = self._source
@@ -132,7 +165,7 @@ class _ElementRows(Dataset):
             labels = segments.get(plan.slic_segments)
             if labels is None:
                 labels = segments[plan.slic_segments] = slic_segments_of(image, n_segments=plan.slic_segments)
-        return self.transform(render_element(image, plan, fill=self.fill, segments=labels)), True
+        return self.transform(render_element(image, plan, fill=self.fill, segments=labels))
 
 
 class _BlockBatches(Sampler[list[int]]):
@@ -471,13 +504,16 @@ def extract_layers(
                                 plans=element_plans, opts=options)
         targets.append(_Target(layer=layer.name, path=target_path, group=group))
     size = tuple(backbone.data_config["input_size"])
+    # DataLoader workers would each fill a copy of their own, then drop it.
+    cache = cache_for(dataset, None if options.row_cache_mb is None else options.row_cache_mb * 2**20) \
+        if options.num_workers == 0 else None
     for split in st.SPLITS:
-        rows = _ImageRows(dataset, split, image_transform(backbone.data_config, uint8=True), size)
+        rows = _ImageRows(dataset, split, image_transform(backbone.data_config, uint8=True), size, cache)
         _fill_part(targets, split, rows, split_meta=dataset.splits[split], forward=forward,
                    data_config=backbone.data_config, device=device, opts=options)
     if element_plans:
         fill = tuple(int(round(255 * m)) for m in backbone.data_config["mean"])
-        rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config, uint8=True), fill)
+        rows = _ElementRows(dataset, element_plans, element_transform(backbone.data_config, uint8=True), fill, cache)
         _fill_part(targets, st.ELEMENTS, rows, split_meta=None, forward=forward,
                    data_config=backbone.data_config, device=device, opts=options)
     status = {}

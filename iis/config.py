@@ -251,6 +251,9 @@ class ExtractConfig(_Frozen):
     num_workers: int = Field(0, ge=0)  # DataLoader workers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA
+    # MiB of transformed images kept for the next model over the same data (num_workers 0 only);
+    # omitted: 1/16 of RAM; 0: none (iis/extract/rowcache.py).
+    row_cache_mb: int | None = Field(None, ge=0)
 
 
 @lru_cache(maxsize=1)

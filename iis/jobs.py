@@ -351,7 +351,8 @@ def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_work
     ex = cfg.extract
     return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
                           num_workers=ex.num_workers if num_workers is None else num_workers,
-                          device=device or ex.device, amp=ex.amp, **_given(shard=shard))
+                          device=device or ex.device, amp=ex.amp, row_cache_mb=ex.row_cache_mb,
+                          **_given(shard=shard))
 
 
 def _load_dataset(cfg: PipelineConfig):

