@@ -261,6 +261,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Said before the imports, so that a new user's first run does not sit silent while Python
+    # compiles torch's and timm's modules (the install skips byte-compiling; README, "Time").
+    log.info("run %s: loading torch, timm and Dask (the first run after an install also compiles them, "
+             "about 20 s)", args.pipeline)
     from iis.jobs import run_pipeline
 
     run_pipeline(_pipeline(args), workers=args.workers, scheduler=args.scheduler,
