@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -60,6 +60,15 @@ class RowCache:
             self.misses += 1
         else:
             self.hits += 1
+        return row
+
+    def get_or_make(self, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The row kept under ``key``, else ``make()``, kept if the budget has room. What
+        ``make`` raises propagates, and nothing is kept."""
+        row = self.get(key)
+        if row is None:
+            row = make()
+            self.put(key, row)
         return row
 
     def put(self, key: Hashable, row: torch.Tensor) -> None:
@@ -107,6 +116,13 @@ def cache_for(dataset: object, budget: int | None) -> RowCache | None:
         weakref.finalize(dataset, _caches.pop, key, None)
     cache.budget = budget
     return cache
+
+
+def bind(cache: RowCache | None, transform: object) -> tuple[RowCache | None, str | None]:
+    """``(cache, transform_key(transform))`` for a dataset of rows made by ``transform``;
+    ``(None, None)`` without a cache or when the transform has no stable name."""
+    key = transform_key(transform) if cache is not None else None
+    return (cache, key) if key is not None else (None, None)
 
 
 def transform_key(transform: object) -> str | None:

@@ -36,7 +36,7 @@ from iis.extract.layers import (
     probe_batch,
     resolve_layers,
 )
-from iis.extract.rowcache import RowCache, cache_for, transform_key
+from iis.extract.rowcache import RowCache, bind, cache_for
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -105,24 +105,21 @@ class _ImageRows(Dataset):
     def __init__(self, dataset: ImageDataset, split: str, transform: Callable, size: tuple[int, int, int],
                  cache: RowCache | None = None):
         self.dataset, self.split, self.transform, self.size = dataset, split, transform, size
-        key = transform_key(transform) if cache is not None else None
-        self.cache, self.key = (cache, key) if key is not None else (None, None)
+        self.cache, self.key = bind(cache, transform)
 
     def __len__(self) -> int:
         return len(self.dataset.splits[self.split].labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
-        key = (self.key, self.split, index)
-        if self.cache is not None and (row := self.cache.get(key)) is not None:
-            return row, True
+        def make() -> torch.Tensor:
+            return self.transform(self.dataset.load(self.split, index))
+
         try:
-            row = self.transform(self.dataset.load(self.split, index))
+            row = make() if self.cache is None else self.cache.get_or_make((self.key, self.split, index), make)
         except ImageLoadError as err:
             # Never substitute another image: the row keeps its place, marked invalid.
             log.warning("invalid sample %s[%d]: %s", self.split, index, err)
             return torch.zeros(self.size, dtype=torch.uint8), False
-        if self.cache is not None:
-            self.cache.put(key, row)
         return row, True
 
 
@@ -140,21 +137,16 @@ class _ElementRows(Dataset):
         self.dataset, self.plans, self.transform, self.fill = dataset, plans, transform, fill
         self._source: tuple[int, Image.Image, dict[int, np.ndarray]] | None = None  # (index, image, {n: labels})
         # Kept under (transform, fill, plan): the fill (the backbone's mean colour) is part of the render.
-        key = transform_key(transform) if cache is not None else None
-        self.cache, self.key = (cache, key) if key is not None else (None, None)
+        self.cache, self.key = bind(cache, transform)
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
         plan = self.plans[index]
-        key = (self.key, self.fill, plan)
-        if self.cache is not None and (row := self.cache.get(key)) is not None:
-            return row, True
-        row = self._render(plan)
-        if self.cache is not None:
-            self.cache.put(key, row)
-        return row, True
+        if self.cache is None:
+            return self._render(plan), True
+        return self.cache.get_or_make((self.key, self.fill, plan), lambda: self._render(plan)), True
 
     def _render(self, plan: ElementPlan) -> torch.Tensor:
         if self._source is None or self._source[0] != plan.source_index:
