@@ -43,8 +43,7 @@ class RowCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # rows served from the cache
         self._rows: dict[Hashable, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._full_logged = False
@@ -56,9 +55,7 @@ class RowCache:
         """The row kept under ``key``, or None. Callers must not modify it (a DataLoader's
         collate copies it into the batch)."""
         row = self._rows.get(key)
-        if row is None:
-            self.misses += 1
-        else:
+        if row is not None:
             self.hits += 1
         return row
 
