@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from iis.analyze.allocator import reuse_freed_memory
 from iis.analyze.heads_batching import ChunkedRows, is_chunked
-from iis.analyze.heads_default import Schedule, fit_default
+from iis.analyze.heads_default import DenseHeads, Schedule, fit_default, fit_dense
 from iis.analyze.heads_model import HeadFit
 from iis.analyze.heads_reference import BATCH as REFERENCE_BATCH
 from iis.analyze.heads_reference import EPOCHS as REFERENCE_EPOCHS
@@ -34,7 +34,7 @@ from iis.analyze.heads_reference import fit_reference
 
 from iis.store_format import check_labels
 
-__all__ = ["PROTOCOLS", "ChunkedRows", "HeadFit", "fit_heads"]
+__all__ = ["PROTOCOLS", "ChunkedRows", "DenseHeads", "HeadFit", "fit_dense_heads", "fit_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def fit_heads(
     max_epochs: int | None = None,
     batch_size: int | None = None,
     warm_start: bool = True,
+    dense_heads: DenseHeads | None = None,
 ) -> HeadFit:
     """Fit the standard head (``ratios=None``) or one interpretable head per sparsity ratio.
 
@@ -75,6 +76,9 @@ def fit_heads(
         warm_start: in the default protocols, start every ratio's heads from the dense heads
             (``heads_default.fit_default``); False for a library whose concepts differ between
             ratios (one library per ratio). The reference protocol trains each ratio from scratch.
+        dense_heads: the dense heads a warm-started grid starts from, trained beforehand by
+            :func:`fit_dense_heads` on the same train split, seed and protocol (checked), so that
+            several fits of parts of one grid share them. The heads come out as without them.
 
     Returns:
         A :class:`HeadFit` with ``R = len(ratios)`` heads (1 for the standard head).
@@ -83,6 +87,8 @@ def fit_heads(
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if ratios is not None and len(ratios) == 0:
         raise ValueError("ratios must be None (standard head) or a non-empty sequence")
+    if dense_heads is not None and protocol == "reference":
+        raise ValueError("the reference protocol trains every ratio from scratch: it takes no dense heads")
     splits = {name: _check_split(name, split, num_classes) for name, split in
               (("train", train), ("val", val), ("test", test))}
     widths = {split[0].shape[1] for split in splits.values()}
@@ -100,12 +106,37 @@ def fit_heads(
     else:
         schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=max_epochs, batch_size=batch_size)
         fit = fit_default(splits, num_classes=num_classes, ratios=ratio_list, seed=seed, schedule=schedule,
-                          learn_scale=protocol == "default", warm_start=warm_start)
+                          learn_scale=protocol == "default", warm_start=warm_start, dense_heads=dense_heads)
         fit.protocol = protocol
     fit.fit_seconds = time.perf_counter() - start
     logger.info("fitted %d head(s) (%s protocol) in %.2fs; test top-1 %s", fit.num_heads, protocol,
                 fit.fit_seconds, np.round(fit.test_top1, 4).tolist())
     return fit
+
+
+def fit_dense_heads(*, train: Split, num_classes: int, seed: int, protocol: str = "default",
+                    max_epochs: int | None = None, batch_size: int | None = None) -> DenseHeads:
+    """Train the dense heads of a warm-started concept grid alone (one per L2 strength, every
+    concept kept), for :func:`fit_heads` (``dense_heads=``) to start from.
+
+    A grid split over several tasks trains them once this way instead of once per part; each part's
+    heads come out bit for bit as the whole grid's.
+
+    Args:
+        train: ``(X (N, K), y (N,))`` concept activations and labels, as given to :func:`fit_heads`.
+        protocol: ``"default"`` or ``"fixed-scale"`` (the reference protocol has no dense heads).
+    """
+    if protocol not in ("default", "fixed-scale"):
+        raise ValueError(f"protocol {protocol!r} has no dense heads to share; use 'default' or 'fixed-scale'")
+    x, y = _check_split("train", train, num_classes)
+    reuse_freed_memory()
+    schedule = Schedule.resolve(x.shape[0], epochs=max_epochs, batch_size=batch_size)
+    start = time.perf_counter()
+    dense = fit_dense((x, y), num_classes=num_classes, seed=seed, schedule=schedule,
+                      learn_scale=protocol == "default")
+    logger.info("fitted %d dense head(s) (%s protocol) in %.2fs", len(dense.heads.weight), protocol,
+                time.perf_counter() - start)
+    return dense
 
 
 def _check_split(name: str, split: Split, num_classes: int) -> Split:

@@ -16,8 +16,9 @@ measurements behind each.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -88,6 +89,12 @@ WARM_STEP_FRACTION = 0.75
 # sparser heads choose stronger penalties than the dense ones; benchmarks/README.md, "A window of
 # penalties").
 WARM_PENALTY_WINDOW = (2, 1)
+# The same for the sparse heads (keep <= SPARSE_KEEP_FRACTION), which train twice as long: none
+# weaker. Over 81 sparse heads (13 workload-seeds, three of them held-out shapes, and the demo's
+# 11 stores x 2 libraries) val never chose the penalty weaker than the dense heads' choice, so
+# leaving it out changes no head and saves 17% of the workloads' head-steps (benchmarks/README.md,
+# "A window of penalties").
+SPARSE_PENALTY_WINDOW = (2, 0)
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
@@ -99,25 +106,33 @@ def step_factors(keep: torch.Tensor, num_inputs: int, *, warm: bool = False) -> 
     ``num_inputs`` concepts; with ``warm`` (warm starts from the dense heads), ``WARM_STEP_FRACTION``
     for the other heads that drop a concept; else 1.
     """
-    sparse = keep <= SPARSE_KEEP_FRACTION * num_inputs
+    sparse = sparse_heads(keep, num_inputs)
     factors = torch.where(sparse, float(SPARSE_EPOCH_FACTOR), 1.0).double()
     if warm:
         factors = torch.where(~sparse & (keep < num_inputs), WARM_STEP_FRACTION, factors)
     return factors
 
 
-def penalty_window(anchor: int, num_penalties: int) -> slice:
+def sparse_heads(keep: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """``(H,)`` bool: the heads that keep at most ``SPARSE_KEEP_FRACTION`` of the ``num_inputs``
+    concepts (longer schedules, their own penalty window)."""
+    return keep <= SPARSE_KEEP_FRACTION * num_inputs
+
+
+def penalty_window(anchor: int, num_penalties: int, *, sparse: bool = False) -> slice:
     """The penalties (indices into ``CONCEPT_INVERSE_L2``) a warm-started ratio trains, given the
-    dense heads' val choice ``anchor``: :data:`WARM_PENALTY_WINDOW` around it, cut at the grid's ends."""
-    below, above = WARM_PENALTY_WINDOW
+    dense heads' val choice ``anchor``: :data:`WARM_PENALTY_WINDOW` around it (a sparse ratio's:
+    :data:`SPARSE_PENALTY_WINDOW`), cut at the grid's ends."""
+    below, above = SPARSE_PENALTY_WINDOW if sparse else WARM_PENALTY_WINDOW
     return slice(max(anchor - below, 0), min(anchor + above, num_penalties - 1) + 1)
 
 
-def warm_penalty_share() -> float:
+def warm_penalty_share(*, sparse: bool = False) -> float:
     """The widest :func:`penalty_window`, as a share of the concept heads' penalties: the most of a
-    ratio's heads that a warm-started grid trains."""
+    (sparse) ratio's heads that a warm-started grid trains."""
     penalties = range(len(CONCEPT_INVERSE_L2))
-    return max(len(penalties[penalty_window(anchor, len(penalties))]) for anchor in penalties) / len(penalties)
+    widest = max(len(penalties[penalty_window(anchor, len(penalties), sparse=sparse)]) for anchor in penalties)
+    return widest / len(penalties)
 
 
 def concept_lr_factor(inverse_l2: float) -> float:
@@ -306,9 +321,91 @@ def _onehot_terms(batch: int, blocks: int, num_classes: int, dtype: torch.dtype,
     return offsets, torch.full((1, 1), -1.0 / batch, dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class DenseHeads:
+    """The dense heads of a warm-started concept grid, trained once (:func:`fit_dense`) so that the
+    parts of a split grid share them instead of each training them again.
+
+    ``heads`` holds one head per penalty of ``CONCEPT_INVERSE_L2`` (every concept kept), trained
+    from zeros on the whole schedule. The other fields say what they were trained on; a fit that
+    is handed them checks each (:meth:`check`), as heads trained on other inputs would silently
+    start every other ratio from the wrong place.
+    """
+
+    heads: _Heads
+    num_classes: int
+    learn_scale: bool
+    seed: int
+    schedule: Schedule
+    train_digest: str  # sha256 of the train activations and labels
+
+    def check(self, x_train: torch.Tensor, y_train: torch.Tensor, *, num_classes: int, learn_scale: bool,
+              seed: int, schedule: Schedule) -> None:
+        """Raise ValueError unless these heads were trained on exactly these inputs and settings."""
+        mine = (self.num_classes, self.learn_scale, self.seed, self.schedule)
+        theirs = (num_classes, learn_scale, seed, schedule)
+        if mine != theirs:
+            raise ValueError(f"the dense heads were trained with (classes, learnt scale, seed, schedule) {mine}, "
+                             f"this fit asks {theirs}")
+        if train_digest(x_train, y_train) != self.train_digest:
+            raise ValueError("the dense heads were trained on other train activations than this fit's")
+
+
+def train_digest(x_train: torch.Tensor, y_train: torch.Tensor) -> str:
+    """sha256 of a train split's values, shape and dtype (activations, then labels)."""
+    digest = hashlib.sha256()
+    for t in (x_train, y_train):
+        array = t.contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+def _concept_trainer(x_train: torch.Tensor, y_train: torch.Tensor, *, num_classes: int, seed: int,
+                     schedule: Schedule) -> _Trainer:
+    return _Trainer(x_train, y_train, prep=torch.Tensor.float, num_classes=num_classes, standard=False, seed=seed,
+                    batch_size=schedule.batch_size, column_rate=_column_rates(CONCEPT_LRS, num_classes))
+
+
+def _column_rates(rates: Sequence[float], num_classes: int) -> torch.Tensor:
+    """``(P*C, 1)`` float32: each column block's base rate, repeated over its classes."""
+    return torch.tensor(rates, dtype=torch.float64).float().repeat_interleave(num_classes).view(-1, 1)
+
+
+def _train_dense(trainer: _Trainer, *, num_inputs: int, num_train: int, steps: int, learn_scale: bool) -> _Heads:
+    """One head per penalty of ``CONCEPT_INVERSE_L2``, every concept kept, trained from zeros."""
+    num_heads, num_classes = len(CONCEPT_INVERSE_L2), trainer.num_classes
+    option_c = torch.tensor(CONCEPT_INVERSE_L2, dtype=torch.float64).view(-1, 1).expand(-1, len(CONCEPT_LRS))
+    heads = _Heads.zeros(num_heads, len(CONCEPT_LRS) * num_classes, num_inputs, with_scale=learn_scale)
+    l2 = (1.0 / (option_c * num_train)).float().repeat_interleave(num_classes, dim=1)  # kept fraction 1
+    factor = torch.tensor([concept_lr_factor(c) for c in CONCEPT_INVERSE_L2], dtype=torch.float64)
+    trainer.train(heads, keep=torch.full((num_heads,), num_inputs), l2=l2, head_factor=factor,
+                  head_steps=torch.full((num_heads,), steps))
+    return heads
+
+
+def fit_dense(train: tuple[torch.Tensor, torch.Tensor], *, num_classes: int, seed: int, schedule: Schedule,
+              learn_scale: bool = True) -> DenseHeads:
+    """The dense heads :func:`fit_default` trains first for a warm-started grid, alone.
+
+    Args:
+        train: ``(X (N, K) concept activations, y (N,) int64)``, as :func:`fit_default` gets them.
+
+    ``fit_default(..., dense_heads=fit_dense(...))`` on the same train split, seed, schedule and model
+    fits the heads it fits without them, bit for bit: every call to the trainer draws its batches
+    anew from the seed.
+    """
+    x_train, y_train = materialize(train[0]).float(), train[1]
+    trainer = _concept_trainer(x_train, y_train, num_classes=num_classes, seed=seed, schedule=schedule)
+    with denormals_flushed():
+        heads = _train_dense(trainer, num_inputs=x_train.shape[1], num_train=x_train.shape[0], steps=schedule.steps,
+                             learn_scale=learn_scale)
+    return DenseHeads(heads, num_classes, learn_scale, seed, schedule, train_digest(x_train, y_train))
+
+
 def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_classes: int,
                 ratios: list[float] | None, seed: int, schedule: Schedule, learn_scale: bool = True,
-                warm_start: bool = True) -> HeadFit:
+                warm_start: bool = True, dense_heads: DenseHeads | None = None) -> HeadFit:
     """Fit the standard head (``ratios`` None) or every ratio's interpretable head.
 
     Internally ``H = R * M`` concept heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2``
@@ -319,7 +416,7 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     With ``warm_start`` the ``M`` dense heads (every concept kept, as at s = 0) train first, from
     zeros, and every other ratio's head of the same penalty starts from them, on a shorter schedule
     unless it is sparse (:func:`step_factors`); those ratios train only the penalties of
-    :func:`penalty_window` around the dense heads' val choice. The dense heads are trained whether
+    :func:`penalty_window` around the dense heads' val choice (the sparse ratios their own). The dense heads are trained whether
     or not the grid holds s = 0, so a ratio's head does not depend on which other ratios are fitted
     beside it.
 
@@ -331,6 +428,8 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             fixed standardisation ``γ = 1, β = 0``.
         warm_start: start the concept heads from the dense ones (for a library whose concepts are
             the same at every ratio); False: every head from zeros on the whole schedule.
+        dense_heads: those dense heads, already trained by :func:`fit_dense` on the same train split
+            (checked), so that they are not trained again; only with ``warm_start``.
     """
     (x_train, y_train), (x_val, y_val) = splits["train"], splits["val"]
     num_train, num_inputs = x_train.shape
@@ -388,35 +487,45 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         raise ValueError("a learnt (γ, β) shares its head's one learning rate")
     heads = _Heads.zeros(num_heads, num_options * num_classes, num_inputs, with_scale=with_scale)
     trained = torch.ones(num_heads, dtype=torch.bool)  # heads outside a warm ratio's penalty window do not train
-    trainer = _Trainer(x_train, y_train, prep=prep, num_classes=num_classes, standard=standard, seed=seed,
-                       batch_size=schedule.batch_size,
-                       column_rate=column_rate.float().repeat_interleave(num_classes).view(-1, 1))
+    if standard:
+        trainer = _Trainer(x_train, y_train, prep=prep, num_classes=num_classes, standard=True, seed=seed,
+                           batch_size=schedule.batch_size, column_rate=_column_rates(column_rate.tolist(), num_classes))
+    else:
+        trainer = _concept_trainer(x_train, y_train, num_classes=num_classes, seed=seed, schedule=schedule)
     dense = keep == num_inputs
     warm = warm_start and not standard and not bool(dense.all())
     factors = step_factors(keep, num_inputs, warm=warm)  # 1 for the standard head (one dense head, not warm)
     head_steps = (schedule.steps * factors).round().clamp(min=1).to(torch.int64)
+    if dense_heads is not None:
+        if standard or not warm_start:
+            raise ValueError("dense heads were given to a fit that does not start from them "
+                             "(the standard head, or warm_start=False)")
+        dense_heads.check(x_train, y_train, num_classes=num_classes, learn_scale=with_scale, seed=seed, schedule=schedule)
     with denormals_flushed():
         if warm:
             # The dense heads first (one per penalty; the grid's own s = 0 heads where it has them),
             # then every other ratio's heads of the penalties in the window, each from the dense head
-            # of its penalty.
-            anchor = _Heads.zeros(heads_per_ratio, num_options * num_classes, num_inputs, with_scale=with_scale)
-            rows = slice(0, heads_per_ratio)  # one head per penalty (its kept fraction is 1)
-            anchor_l2 = (1.0 / (option_c[rows] * num_train)).float().repeat_interleave(num_classes, dim=1)
-            trainer.train(anchor, keep=torch.full((heads_per_ratio,), num_inputs), l2=anchor_l2,
-                          head_factor=head_factor[rows], head_steps=torch.full((heads_per_ratio,), schedule.steps))
+            # of its penalty. (`anchor` is only read below: `take` copies.)
+            anchor = dense_heads.heads if dense_heads is not None else _train_dense(
+                trainer, num_inputs=num_inputs, num_train=num_train, steps=schedule.steps, learn_scale=with_scale)
             # The other ratios train only the penalties near the dense heads' val choice.
             anchor_val = _val_top1(anchor.weight, anchor.bias, anchor.affine, torch.full((heads_per_ratio,), num_inputs),
                                    prep_val=x_val, y_val=y_val, num_classes=num_classes, standard=False)
-            window = penalty_window(int(anchor_val.max(dim=1).values.argmax()), heads_per_ratio)
+            choice = int(anchor_val.max(dim=1).values.argmax())
             penalty = torch.arange(num_heads) % heads_per_ratio
-            trained = dense | ((penalty >= window.start) & (penalty < window.stop))
+            sparse = sparse_heads(keep, num_inputs)
+            trained = dense.clone()
+            for kind, window in ((~sparse, penalty_window(choice, heads_per_ratio)),
+                                 (sparse, penalty_window(choice, heads_per_ratio, sparse=True))):
+                trained |= kind & (penalty >= window.start) & (penalty < window.stop)
             rest = torch.nonzero(trained & ~dense).view(-1)
             started = anchor.take(penalty[rest])
             trainer.train(started, keep=keep[rest], l2=l2_per_column[rest], head_factor=head_factor[rest],
                           head_steps=head_steps[rest])
             heads.scatter(torch.nonzero(dense).view(-1), anchor.take(penalty[dense]))
             heads.scatter(rest, started)
+        elif dense_heads is not None:  # every ratio keeps every concept: its heads are the dense heads
+            heads.scatter(torch.arange(num_heads), dense_heads.heads.take(torch.arange(num_heads) % heads_per_ratio))
         else:
             trainer.train(heads, keep=keep, l2=l2_per_column, head_factor=head_factor, head_steps=head_steps)
     weight, bias, affine = heads.weight, heads.bias, heads.affine

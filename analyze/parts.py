@@ -3,12 +3,12 @@
 An analysis of one store and one library is two tasks: the standard head and the library's heads,
 the second several times longer. On a cluster with at least twice as many task slots as library
 tasks, the grid is split:
-one task builds the library, each part task projects the store on it and fits the heads of its
-ratios, and the parts are merged where the tables are written
+one task builds the library, one trains the dense heads that every other ratio's heads start from
+(warm starts), each part task projects the store on the library and fits the heads of its ratios
+from those dense heads, and the parts are merged where the tables are written
 (:func:`iis.analyze.tasks.merge_parts`). A per-ratio library (end2end) is built once per ratio
-anyway: each part builds and fits its own ratios. The heads of a ratio do not depend on the others'
-(each part trains the dense heads the others start from itself, the same ones), so a split grid
-fits the same heads (``tests/test_parts.py``).
+anyway, and its heads start from zeros: each part builds and fits its own ratios. The heads of a
+ratio do not depend on the others', so a split grid fits the same heads (``tests/test_parts.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from iis.analyze.activations import keep_counts
-from iis.analyze.heads_default import step_factors, warm_penalty_share
+from iis.analyze.heads_default import sparse_heads, step_factors, warm_penalty_share
 from iis.analyze.tasks import STANDARD, TaskSpec, warm_starts
 
 
@@ -29,8 +29,8 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     heads that drop a concept shorter (:func:`~iis.analyze.heads_default.step_factors`, the
     trainer's own rule) and for a window of the penalties only (at most
     :func:`~iis.analyze.heads_default.warm_penalty_share` of them; the same share at every such
-    ratio); a step costs about the same at every ratio (dense products). With warm
-    starts the dense heads (a ratio that keeps every concept) are trained by every task or part
+    ratio, a smaller one at the sparse ratios); a step costs about the same at every ratio (dense products). With warm
+    starts the dense heads (a ratio that keeps every concept) are trained once for the whole grid
     anyway (:func:`task_cost` counts them), so such a ratio costs nothing more. The reference protocol trains
     every ratio alike. (A per-ratio library's build, end2end's training, is about alike at every
     ratio too; the heads' share tips the balance.)
@@ -40,7 +40,8 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     keep = keep_counts(list(ratios), num_concepts)
     costs = step_factors(keep, num_concepts, warm=warm)
     if warm:
-        costs = torch.where(keep >= num_concepts, 0.0, costs * warm_penalty_share())
+        share = torch.where(sparse_heads(keep, num_concepts), warm_penalty_share(sparse=True), warm_penalty_share())
+        costs = torch.where(keep >= num_concepts, 0.0, costs * share)
     return costs.tolist()
 
 
@@ -50,13 +51,15 @@ def _warm(spec: TaskSpec) -> bool:
 
 
 def task_cost(spec: TaskSpec) -> int:
-    """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all, and
-    with warm starts the dense heads, 1): the order tasks start in, longest first. The standard
-    head, one head against a grid's dozens, counts 0."""
+    """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all; a
+    whole warm-started grid also its dense heads, 1, which a split grid trains once, before its
+    parts): the order tasks start in, longest first. The standard head, one head against a
+    grid's dozens, counts 0."""
     if spec.library == STANDARD:
         return 0
     warm = _warm(spec)
-    return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=warm)) + warm)
+    return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=warm))
+                 + (warm and spec.part is None))
 
 
 def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, protocol: str,
@@ -64,7 +67,7 @@ def split_ratios(ratios: Sequence[float], parts: int, *, num_concepts: int, prot
     """``ratios`` in at most ``parts`` groups of about equal cost (:func:`ratio_costs`), each ascending.
 
     Longest-first greedy: each ratio, costliest first, joins the group with the least cost so far.
-    (With ``warm`` starts every group also trains the dense heads: the same cost in each.)
+    (With ``warm`` starts the dense heads are trained once, before the parts: no group's cost.)
     """
     if parts < 1:
         raise ValueError(f"parts must be at least 1, got {parts}")

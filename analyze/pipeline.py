@@ -19,7 +19,17 @@ from iis.analyze.ranking import ranking_current, ranking_rows, save_correctness
 from iis.analyze.sources import check_sources, store_layer
 from iis.analyze.store import FeatureStore, StoreError, open_feature_store
 from iis.analyze.summary import correlated, correlation_rows, iis_rows
-from iis.analyze.tasks import STANDARD, TaskResult, TaskSpec, build_task, merge_parts, run_part, run_task
+from iis.analyze.tasks import (
+    STANDARD,
+    TaskResult,
+    TaskSpec,
+    build_task,
+    dense_task,
+    merge_parts,
+    run_part,
+    run_task,
+    warm_starts,
+)
 from iis.analyze.versioning import analysis_version, models_by_version, version_caveat, version_label
 
 from iis.progress import progress
@@ -192,12 +202,18 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
             # k-means runs once, and every part projects on the same concepts. A per-ratio library's
             # parts build their own ratios' libraries (run_task).
             shared = not get_library(spec.library).per_ratio
+            dense = None
             if shared:
                 libraries[i] = client.submit(build_task, spec, key=f"{spec.key}-library", pure=False,
                                              priority=task_cost(spec))
+                # A warm-started grid's dense heads, which every part's other heads start from, are
+                # trained once, right after the library, instead of once in every part.
+                if warm_starts(spec) and spec.protocol != "reference":
+                    dense = client.submit(dense_task, spec, libraries[i], key=f"{spec.key}-dense", pure=False,
+                                          priority=task_cost(spec))
             for j, part in enumerate(plan[i]):
                 part_spec = replace(spec, part=part, part_label=f"{j + 1}of{len(plan[i])}")
-                task = (run_part, part_spec, libraries[i]) if shared else (run_task, part_spec)
+                task = (run_part, part_spec, libraries[i], dense) if shared else (run_task, part_spec)
                 futures.append(client.submit(*task, key=part_spec.key, pure=False, priority=task_cost(part_spec)))
                 owner[futures[-1].key] = (i, part_spec)
         done: dict[int, list[TaskResult]] = {}

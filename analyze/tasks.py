@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from iis.analyze.allocator import reuse_freed_memory
 from iis.analyze.artifacts import save_library
-from iis.analyze.heads import HeadFit, fit_heads
+from iis.analyze.heads import DenseHeads, HeadFit, fit_dense_heads, fit_heads
 from iis.analyze.heads_model import concat_fits
 from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
 from iis.analyze.libraries.base import TextInputs
@@ -208,10 +208,10 @@ def warm_starts(spec: TaskSpec) -> bool:
 
 
 def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
-         ratios: list[float] | None, spec: TaskSpec) -> HeadFit:
+         ratios: list[float] | None, spec: TaskSpec, dense: DenseHeads | None = None) -> HeadFit:
     return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
                      num_classes=num_classes, ratios=ratios, seed=spec.seed, protocol=spec.protocol,
-                     warm_start=warm_starts(spec))
+                     warm_start=warm_starts(spec), dense_heads=dense)
 
 
 def _text_inputs(spec: TaskSpec, train: SplitData, val: SplitData) -> TextInputs:
@@ -340,13 +340,14 @@ def _library_inputs(spec: TaskSpec, store: FeatureStore) -> tuple[FeatureStore, 
 
 
 def _fit_library(spec: TaskSpec, store: FeatureStore, lib: ConceptLibrary, ratios: list[float],
-                 caveat: str | None) -> tuple[HeadFit, list[dict], np.ndarray]:
-    """Project every split on ``lib`` and fit the heads of ``ratios``: the fit, its accuracy rows
-    and the test ids."""
+                 caveat: str | None, dense: DenseHeads | None = None) -> tuple[HeadFit, list[dict], np.ndarray]:
+    """Project every split on ``lib`` and fit the heads of ``ratios`` (from ``dense``, the dense heads
+    trained by :func:`dense_task`, when given): the fit, its accuracy rows and the test ids."""
     # Projection happens chunk by chunk inside the reader: N x K is held, never N x D.
     splits = {s: store.read_split(s, transform=lib.activations) for s in ("train", "val", "test")}
     sizes = {s: len(d.labels) for s, d in splits.items()}
-    fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=store.num_classes, ratios=ratios, spec=spec)
+    fit = _fit(splits["train"], splits["val"], splits["test"], num_classes=store.num_classes, ratios=ratios, spec=spec,
+               dense=dense)
     # Rows carry the requested K: a text library may keep fewer concepts (K' <= K, filters),
     # and the tables line libraries up by the K the user asked for.
     rows = _accuracy_rows(fit, spec, library=spec.library, num_concepts=spec.num_concepts, ratios=ratios,
@@ -388,20 +389,38 @@ def build_task(spec: TaskSpec) -> ConceptLibrary:
                              options=spec.options)
 
 
-def run_part(spec: TaskSpec, lib: ConceptLibrary) -> TaskResult:
+def dense_task(spec: TaskSpec, lib: ConceptLibrary) -> DenseHeads:
+    """Train the dense heads of a split, warm-started grid once, on the shared library ``lib``: every
+    part (:func:`run_part`) starts its heads from them instead of training them again."""
+    if not warm_starts(spec) or spec.protocol == "reference":
+        raise RuntimeError(f"{spec.key}: only a warm-started grid of the default protocols has dense heads to share")
+    with _task_context(spec):
+        start = time.perf_counter()
+        store = open_feature_store(Path(spec.store))
+        train = store.read_split("train", transform=lib.activations)
+        dense = fit_dense_heads(train=(train.x, train.labels), num_classes=store.num_classes, seed=spec.seed,
+                                protocol=spec.protocol)
+        log.info("%s %s seed %d: dense heads in %.1f s", store.model, spec.library, spec.seed,
+                 time.perf_counter() - start)
+        return dense
+
+
+def run_part(spec: TaskSpec, lib: ConceptLibrary, dense: DenseHeads | None = None) -> TaskResult:
     """Fit the heads of ``spec.part``, a part of the ratio grid, on the shared library ``lib``.
 
     The heads of a ratio do not depend on the other ratios' (in the default protocol every head
     sees the same batches, drawn from the task's seed; the reference seeds each ratio's head from
-    (seed, ratio)), so a split grid gives the heads of the whole one. The result carries its fit
-    and the digest of the library it fitted on, for :func:`merge_parts`; nothing is saved here.
+    (seed, ratio)), so a split grid gives the heads of the whole one. ``dense``, the grid's dense
+    heads from :func:`dense_task`, spares the part training them itself (checked to be trained on
+    this part's train activations). The result carries its fit and the digest of the library it
+    fitted on, for :func:`merge_parts`; nothing is saved here.
     """
     if spec.part is None:
         raise RuntimeError("run_part needs a spec with a part of the ratio grid")
     with _task_context(spec):
         start = time.perf_counter()
         store = open_feature_store(Path(spec.store))
-        fit, rows, test_ids = _fit_library(spec, store, lib, list(spec.part), clip_caveat(spec.clip_store))
+        fit, rows, test_ids = _fit_library(spec, store, lib, list(spec.part), clip_caveat(spec.clip_store), dense)
         log.info("%s %s seed %d: ratios %s in %.1f s", store.model, spec.library, spec.seed,
                  ", ".join(f"{r:g}" for r in spec.part), time.perf_counter() - start)
         return TaskResult(spec, rows, [], fit.test_correct, test_ids, fit=fit,

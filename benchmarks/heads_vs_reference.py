@@ -13,6 +13,7 @@ points; ours >= ceiling - 0.3 points; the heads >= 30x faster than the reference
     python benchmarks/heads_vs_reference.py                           # every workload, seed 0
     python benchmarks/heads_vs_reference.py --workloads planted-20k --ceiling
     python benchmarks/heads_vs_reference.py --quick                   # a small planted workload
+    python benchmarks/heads_vs_reference.py --planted n_train=10000,dim=256,classes=10,concepts=60 --ceiling
 
 Wall time is the speed aim's measure; CPU time is printed beside it, as on a shared machine it
 moves less with other processes' load.
@@ -35,7 +36,7 @@ from iis.analyze.heads import HeadFit, fit_heads
 from iis.analyze.metrics import accuracy_retention, normalized_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import QUICK, WORKLOADS, make  # noqa: E402
+from workloads import QUICK, WORKLOADS, make, planted_from_text  # noqa: E402
 
 RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 HEAD_NAMES = ["standard", *[f"s={r:g}" for r in RATIOS]]
@@ -164,6 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {list(WORKLOADS)}")
     parser.add_argument("--quick", action="store_true", help="one small planted workload (smoke test)")
+    parser.add_argument("--planted", metavar="FIELD=VALUE,...",
+                        help="one planted workload of your own instead (fields of iis.analyze.planted.PlantedSpec; "
+                             "the rest keep its defaults), to try a shape the named workloads do not cover")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ceiling", action="store_true",
                         help=f"also fit each head on a {CEILING_EPOCH_FACTOR}x schedule, C on val from {CEILING_CONCEPT_C} "
@@ -171,7 +175,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every fit (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    chosen = QUICK if args.quick else {n: WORKLOADS[n] for n in args.workloads.split(",")}
+    if args.planted:
+        chosen = {"planted-custom": planted_from_text(args.planted)}
+    else:
+        chosen = QUICK if args.quick else {n: WORKLOADS[n] for n in args.workloads.split(",")}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}, "
           f"ratios {RATIOS}")
     warm_up()

@@ -34,7 +34,7 @@ from iis.analyze import heads_default as default
 from iis.analyze.activations import keep_counts
 from iis.analyze.heads_default import Schedule, fit_default
 from warm_start import RATIOS, store_splits
-from workloads import QUICK, WORKLOADS, make
+from workloads import QUICK, WORKLOADS, make, planted_from_text
 
 log = logging.getLogger("penalty_window")
 
@@ -106,15 +106,21 @@ def choose(group: pd.DataFrame, allowed: np.ndarray) -> float:
     return float(sub.iloc[int(np.argmax(sub["val"].to_numpy()))]["test"])
 
 
-def window_rules() -> dict[str, tuple[int, int, bool, bool]]:
-    """name -> (below, above, sparse heads windowed too, shifted inside the grid at its ends)."""
+def window_rules() -> dict[str, tuple[int, int, tuple[int, int] | None, bool]]:
+    """name -> (below, above, the sparse heads' own (below, above) or None for every penalty,
+    shifted inside the grid at its ends)."""
     rules = {}
     for below, above in [(0, 0), (1, 0), (0, 1), (1, 1), (2, 1), (1, 2), (2, 2)]:
-        rules[f"-{below}/+{above}"] = (below, above, True, False)
-        rules[f"-{below}/+{above}, sparse: all"] = (below, above, False, False)
+        rules[f"-{below}/+{above}"] = (below, above, (below, above), False)
+        rules[f"-{below}/+{above}, sparse: all"] = (below, above, None, False)
     for below, above in [(1, 1), (2, 1), (1, 2), (2, 2)]:
-        rules[f"-{below}/+{above} shifted"] = (below, above, True, True)
-        rules[f"-{below}/+{above} shifted, sparse: all"] = (below, above, False, True)
+        rules[f"-{below}/+{above} shifted"] = (below, above, (below, above), True)
+        rules[f"-{below}/+{above} shifted, sparse: all"] = (below, above, None, True)
+    # The sparse heads choose stronger penalties than the dense ones: windows reaching further down
+    # for them alone.
+    for others in [(2, 1), (2, 0), (1, 1)]:
+        for sparse in [(2, 0), (3, 1), (3, 0), (4, 0), (9, 1), (9, 0)]:
+            rules[f"-{others[0]}/+{others[1]}, sparse: -{sparse[0]}/+{sparse[1]}"] = (*others, sparse, False)
     return rules
 
 
@@ -134,12 +140,14 @@ def score(table: pd.DataFrame) -> pd.DataFrame:
     penalties = table["penalty"].max() + 1
     for (case, seed), grid in table.groupby(["case", "seed"], sort=False):
         num_inputs = int(grid["num_inputs"].iloc[0])
-        if "anchor" in grid:
+        if "anchor" in grid and grid["anchor"].notna().all():
             anchor = int(grid["anchor"].iloc[0])
         else:  # files recorded before the anchor column: the dense heads' val in the final evaluation
             anchor = int(np.argmax(grid[grid["keep"] == num_inputs].sort_values("penalty")["val"].to_numpy()))
-        for name, (below, above, sparse_too, shifted) in window_rules().items():
+        for name, (below, above, sparse_window, shifted) in window_rules().items():
             first, last = window(anchor, below, above, penalties, shifted)
+            if sparse_window is not None:
+                sparse_first, sparse_last = window(anchor, *sparse_window, penalties, shifted)
             diffs, steps, full_steps = [], 0.0, 0.0
             for _, group in grid.groupby("ratio"):
                 group = group.sort_values("penalty")
@@ -148,8 +156,10 @@ def score(table: pd.DataFrame) -> pd.DataFrame:
                 factor = default.SPARSE_EPOCH_FACTOR if sparse else (1.0 if dense else default.WARM_STEP_FRACTION)
                 m = group["penalty"].to_numpy()
                 allowed = np.ones(len(m), bool)
-                if not dense and (sparse_too or not sparse):
+                if not dense and not sparse:
                     allowed = (m >= first) & (m <= last)
+                elif sparse and sparse_window is not None:
+                    allowed = (m >= sparse_first) & (m <= sparse_last)
                 diffs.append(choose(group, allowed) - choose(group, np.ones(len(m), bool)))
                 steps += factor * allowed.sum()
                 full_steps += factor * penalties
@@ -163,6 +173,9 @@ def score(table: pd.DataFrame) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="*", default=[], choices=[*WORKLOADS, *QUICK])
+    parser.add_argument("--planted", action="append", default=[], metavar="FIELD=VALUE,...",
+                        help="a planted workload of your own (fields of PlantedSpec), recorded as "
+                             "planted-custom-<i>; may be given several times")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--stores", nargs="*", default=[])
     parser.add_argument("--libraries", nargs="+", default=["prototype", "cluster"])
@@ -176,14 +189,17 @@ def main() -> None:
     torch.set_num_threads(1)
     tables = [pd.read_parquet(p) for p in args.score]
     recorded = []
-    for name in args.workloads:
+    named = {**WORKLOADS, **QUICK}
+    cases = {name: named[name] for name in args.workloads}
+    cases.update({f"planted-custom-{i}": planted_from_text(text) for i, text in enumerate(args.planted)})
+    for name, spec in cases.items():
         for seed in args.seeds:
-            _, activations, _ = make({**WORKLOADS, **QUICK}[name], seed)
+            _, activations, _ = make(spec, seed)
             splits = {k: (x.float(), y) for k, (x, y) in activations.items()}
             if args.compare:
-                compare(name, splits, {**WORKLOADS, **QUICK}[name].classes, seed, args.compare)
+                compare(name, splits, spec.classes, seed, args.compare)
                 continue
-            recorded.append(record_grid(name, splits, {**WORKLOADS, **QUICK}[name].classes, seed))
+            recorded.append(record_grid(name, splits, spec.classes, seed))
             log.info("%s seed %d: %.1f CPU-s", name, seed, recorded[-1]["cpu"].iloc[0])
     for store in args.stores:
         for library in args.libraries:

@@ -4,7 +4,7 @@ activations under its library, and the class count."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from iis.analyze.activations import concept_activations
@@ -41,6 +41,23 @@ WORKLOADS: dict[str, PlantedSpec | Gaussian] = {
     "gaussian-20k": Gaussian(),
 }
 QUICK = {"planted-quick": PlantedSpec(n_train=6_000, n_val=1_000, n_test=1_000, dim=128, classes=20, concepts=60)}
+
+
+def planted_from_text(text: str) -> PlantedSpec:
+    """A :class:`PlantedSpec` from ``"field=value,field=value"``; unnamed fields keep their defaults."""
+    types = {f.name: f.type for f in fields(PlantedSpec)}
+    changes: dict[str, int | float] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise SystemExit(f"--planted: {item!r} is not FIELD=VALUE with FIELD one of {sorted(types)}")
+        cast = int if types[key] in (int, "int") else float
+        try:
+            changes[key] = cast(value)
+        except ValueError:
+            raise SystemExit(f"--planted: {key} wants {'an integer' if cast is int else 'a number'}, got {value!r}") from None
+    return replace(PlantedSpec(), **changes)
 
 
 def make(spec: PlantedSpec | Gaussian, seed: int) -> tuple[dict[str, Split], dict[str, Split], torch.Tensor]:

@@ -38,7 +38,7 @@ import zarr
 from iis.analyze import tables
 from iis.analyze.pipeline import ClusterOptions, analyze_stores, shared_cluster
 from iis.analyze.store import StoreError
-from iis.analyze.tasks import TaskSpec, build_task, merge_parts, run_part, run_task
+from iis.analyze.tasks import TaskSpec, build_task, dense_task, merge_parts, run_part, run_task
 from iis.extract import store as st
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,7 +326,10 @@ def test_parts_merged_in_any_order_are_the_whole_task(stores, tmp_path):
     whole = run_task(spec)
     split = replace(spec, library_dir=str(tmp_path / "split"))
     lib = build_task(split)
-    parts = [run_part(replace(split, part=part), lib) for part in ((0.0, 0.9), (0.5,))]
+    # As run_tasks runs a split grid: the dense heads trained once and shared; one part here trains
+    # them itself instead, as a part run on its own does.
+    dense = dense_task(split, lib)
+    parts = [run_part(replace(split, part=(0.0, 0.9)), lib, dense), run_part(replace(split, part=(0.5,)), lib)]
     merged = merge_parts(split, lib, parts[::-1])
 
     def timeless(rows):
@@ -347,6 +350,10 @@ def test_parts_merged_in_any_order_are_the_whole_task(stores, tmp_path):
         merge_parts(split, lib, [parts[0], run_part(replace(split, part=(0.5,)), other)])
     with pytest.raises(RuntimeError, match="not the grid"):
         merge_parts(split, lib, parts[:1])
+    # Dense heads trained on another library's activations are refused, not started from.
+    prototype = replace(split, library="prototype")
+    with pytest.raises(ValueError, match="other train activations"):
+        run_part(replace(split, part=(0.5,)), lib, dense_task(prototype, build_task(prototype)))
 
 
 @pytest.mark.slow

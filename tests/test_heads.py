@@ -7,7 +7,7 @@ import iis.analyze.heads_reference as reference
 import numpy as np
 import pytest
 import torch
-from iis.analyze.activations import keep_count
+from iis.analyze.activations import keep_count, keep_counts
 from iis.analyze.heads import fit_heads
 
 
@@ -153,16 +153,23 @@ def test_warm_ratios_train_only_the_penalties_next_to_the_dense_heads_choice(mon
     ratios = [0.0, 0.5, 0.9]
     windowed = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
     anchor_val, final_val = seen[0].view(-1), seen[-1].view(len(ratios), len(grid)).clone()
-    window = default.penalty_window(int(anchor_val.argmax()), len(grid))
-    below, above = default.WARM_PENALTY_WINDOW
-    assert window.stop - window.start <= below + above + 1 < len(grid)
-    monkeypatch.setattr(default, "WARM_PENALTY_WINDOW", (len(grid), len(grid)))  # every penalty everywhere
+    num_inputs = splits["train"][0].shape[1]
+    sparse = default.sparse_heads(keep_counts(ratios, num_inputs), num_inputs).tolist()
+    assert sparse == [False, False, True]  # s = 0.9 keeps 2 of 20 columns: the sparse window
+    windows = [default.penalty_window(int(anchor_val.argmax()), len(grid), sparse=sp) for sp in sparse]
+    for sp, window in zip(sparse, windows):
+        below, above = default.SPARSE_PENALTY_WINDOW if sp else default.WARM_PENALTY_WINDOW
+        assert window.stop - window.start <= below + above + 1 < len(grid)
+    everywhere = (len(grid), len(grid))
+    monkeypatch.setattr(default, "WARM_PENALTY_WINDOW", everywhere)
+    monkeypatch.setattr(default, "SPARSE_PENALTY_WINDOW", everywhere)
     seen.clear()
     whole = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
     whole_val = seen[-1].view(len(ratios), len(grid))
     torch.testing.assert_close(final_val[0], whole_val[0])  # the dense heads: every penalty
     assert windowed.inverse_l2[0] == whole.inverse_l2[0]
     for r in (1, 2):
+        window = windows[r]
         torch.testing.assert_close(final_val[r, window], whole_val[r, window])  # the same heads
         outside = torch.ones(len(grid), dtype=torch.bool)
         outside[window] = False

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from iis.analyze.activations import concept_activations
-from iis.analyze.heads import fit_heads
+from iis.analyze.heads import fit_dense_heads, fit_heads
 from iis.analyze.heads_model import concat_fits
 from iis.analyze.parts import plan_parts, ratio_costs, split_ratios, task_cost
 from iis.analyze.pipeline import ClusterOptions
@@ -29,15 +29,17 @@ def test_ratio_costs_follow_the_trainers_schedules():
     # keep <= 10% of 200 concepts from s = 0.9 on: those heads train twice the steps.
     assert ratio_costs(GRID, 200, "default") == [1, 1, 1, 1, 1, 2, 2, 2]
     assert ratio_costs(GRID, 200, "reference") == [1] * 8
-    # Warm-started: the dense heads (s = 0) come with every task (their cost is counted once a
-    # task or part), the other non-sparse heads train 3/4 of the schedule, and every other ratio
-    # trains at most 4 of the 6 penalties (a window around the dense heads' choice).
+    # Warm-started: the dense heads (s = 0) are trained once for the grid (counted once, in the
+    # whole task's cost), the other non-sparse heads train 3/4 of the schedule, and every other
+    # ratio trains at most 4 of the 6 penalties (a window around the dense heads' choice), the
+    # sparse ones at most 3 (their window has none weaker).
     assert default.WARM_STEP_FRACTION == 0.75
-    assert (default.WARM_PENALTY_WINDOW, len(default.CONCEPT_INVERSE_L2)) == ((2, 1), 6)
-    assert ratio_costs(GRID, 200, "default", warm=True) == pytest.approx([0] + [0.5] * 4 + [4 / 3] * 3)
+    assert (default.WARM_PENALTY_WINDOW, default.SPARSE_PENALTY_WINDOW) == ((2, 1), (2, 0))
+    assert len(default.CONCEPT_INVERSE_L2) == 6
+    assert ratio_costs(GRID, 200, "default", warm=True) == pytest.approx([0] + [0.5] * 4 + [1] * 3)
     # Tasks start longest first: the whole grid, then its parts, then the standard head.
-    assert task_cost(_spec("prototype")) == 7  # 1 (dense heads) + 4 x 0.5 + 3 x 4/3
-    assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 4  # 1 + 0.5 + 8/3, rounded
+    assert task_cost(_spec("prototype")) == 6  # 1 (dense heads) + 4 x 0.5 + 3 x 1
+    assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 3  # 0.5 + 2 (the dense heads train before)
     assert task_cost(_spec("prototype", protocol="reference")) == 8
     assert task_cost(_spec("end2end")) == 11  # one library per ratio: every head from zeros
     assert task_cost(_spec(STANDARD)) == 0
@@ -55,7 +57,7 @@ def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts, warm):
     # Greedy longest-first is within the largest single cost of a perfect balance.
     assert max(loads) - min(loads) <= 2
     if parts == 2:
-        assert sorted(loads) == pytest.approx([17 / 6, 19 / 6] if warm else [5, 6])
+        assert sorted(loads) == pytest.approx([2.5, 2.5] if warm else [5, 6])
 
 
 def test_plan_splits_only_when_slots_would_idle():
@@ -111,3 +113,37 @@ def test_parts_fit_the_heads_of_the_whole_grid(protocol):
     assert len(set(whole.test_top1)) > 1  # the heads differ: a mix-up of ratios would show
     with pytest.raises(ValueError, match="overlap"):
         concat_fits([parts[0], parts[0]])
+    if protocol == "reference":
+        return
+    # The dense heads trained once and shared by the parts (as a split analysis does): the same
+    # heads again, a part of the dense ratio alone included.
+    dense = fit_dense_heads(train=splits["train"], num_classes=spec.classes, seed=3, protocol=protocol)
+    shared = concat_fits([fit_heads(**splits, ratios=part, dense_heads=dense, **kw)
+                          for part in ([0.5, 0.95], [0.9], [0.0])])
+    for name in ("weight", "bias", "input_scale"):
+        assert torch.equal(getattr(shared, name), getattr(whole, name)), name
+    np.testing.assert_array_equal(shared.test_correct, whole.test_correct)
+
+
+def test_shared_dense_heads_are_refused_for_another_fit():
+    """Dense heads trained on other inputs or settings would start every other ratio from the wrong
+    place: each mismatch is refused by name."""
+    spec = PlantedSpec(n_train=600, n_val=200, n_test=200, dim=40, classes=5, concepts=24, per_class=3)
+    features, directions = planted_concepts(spec, 1)
+    splits = {name: (concept_activations(z, directions), y) for name, (z, y) in features.items()}
+    dense = fit_dense_heads(train=splits["train"], num_classes=5, seed=0, max_epochs=1)
+    kw = dict(num_classes=5, ratios=[0.5], max_epochs=1, dense_heads=dense)
+    x, y = splits["train"]
+    with pytest.raises(ValueError, match="other train activations"):
+        fit_heads(**{**splits, "train": (x, y.roll(1))}, seed=0, **kw)
+    with pytest.raises(ValueError, match="seed"):
+        fit_heads(**splits, seed=1, **kw)
+    with pytest.raises(ValueError, match="schedule"):
+        fit_heads(**splits, seed=0, **{**kw, "max_epochs": 2})
+    with pytest.raises(ValueError, match="learnt scale"):
+        fit_heads(**splits, seed=0, protocol="fixed-scale", **kw)
+    with pytest.raises(ValueError, match="does not start from them"):
+        fit_heads(**splits, seed=0, warm_start=False, **kw)
+    with pytest.raises(ValueError, match="no dense heads"):
+        fit_dense_heads(train=splits["train"], num_classes=5, seed=0, protocol="reference")
+    fit_heads(**splits, seed=0, **kw)  # the matching fit is accepted
