@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from iis.analyze.activations import keep_counts
 from iis.analyze.heads_default import sparse_heads, step_factors, warm_penalty_share
-from iis.analyze.tasks import STANDARD, TaskSpec, warm_starts
+from iis.analyze.tasks import STANDARD, TaskSpec, trains_dense_heads
 
 
 def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, warm: bool = False) -> list[float]:
@@ -45,11 +45,6 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     return costs.tolist()
 
 
-def _warm(spec: TaskSpec) -> bool:
-    """Whether the task's trainer starts its heads from the dense heads, which it trains first."""
-    return spec.protocol != "reference" and warm_starts(spec)
-
-
 def task_cost(spec: TaskSpec) -> int:
     """A task's training work in the units of :func:`ratio_costs` (its part's ratios, or all; a
     whole warm-started grid also its dense heads, 1, which a split grid trains once, before its
@@ -57,7 +52,7 @@ def task_cost(spec: TaskSpec) -> int:
     grid's dozens, counts 0."""
     if spec.library == STANDARD:
         return 0
-    warm = _warm(spec)
+    warm = trains_dense_heads(spec)
     return round(sum(ratio_costs(spec.fitted_ratios, spec.num_concepts, spec.protocol, warm=warm))
                  + (warm and spec.part is None))
 
@@ -108,7 +103,7 @@ def plan_parts(specs: Sequence[TaskSpec], *, slots: int, head_parts: int | None)
     for i in candidates:
         spec = specs[i]
         groups = split_ratios(spec.ratios, parts, num_concepts=spec.num_concepts, protocol=spec.protocol,
-                              warm=_warm(spec))
+                              warm=trains_dense_heads(spec))
         if len(groups) > 1:
             plan[i] = groups
     return plan

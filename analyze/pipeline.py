@@ -28,7 +28,7 @@ from iis.analyze.tasks import (
     merge_parts,
     run_part,
     run_task,
-    warm_starts,
+    trains_dense_heads,
 )
 from iis.analyze.versioning import analysis_version, models_by_version, version_caveat, version_label
 
@@ -208,7 +208,7 @@ def run_tasks(specs: Sequence[TaskSpec], options: ClusterOptions) -> list[TaskRe
                                              priority=task_cost(spec))
                 # A warm-started grid's dense heads, which every part's other heads start from, are
                 # trained once, right after the library, instead of once in every part.
-                if warm_starts(spec) and spec.protocol != "reference":
+                if trains_dense_heads(spec):
                     dense = client.submit(dense_task, spec, libraries[i], key=f"{spec.key}-dense", pure=False,
                                           priority=task_cost(spec))
             for j, part in enumerate(plan[i]):

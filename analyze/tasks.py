@@ -207,6 +207,12 @@ def warm_starts(spec: TaskSpec) -> bool:
     return spec.library != STANDARD and not get_library(spec.library).per_ratio
 
 
+def trains_dense_heads(spec: TaskSpec) -> bool:
+    """Whether a task's trainer fits dense heads first and starts its other heads from them: a
+    warm-started library (:func:`warm_starts`) in the default protocols, not the reference."""
+    return spec.protocol != "reference" and warm_starts(spec)
+
+
 def _fit(train: SplitData, val: SplitData, test: SplitData, *, num_classes: int,
          ratios: list[float] | None, spec: TaskSpec, dense: DenseHeads | None = None) -> HeadFit:
     return fit_heads(train=(train.x, train.labels), val=(val.x, val.labels), test=(test.x, test.labels),
@@ -392,7 +398,7 @@ def build_task(spec: TaskSpec) -> ConceptLibrary:
 def dense_task(spec: TaskSpec, lib: ConceptLibrary) -> DenseHeads:
     """Train the dense heads of a split, warm-started grid once, on the shared library ``lib``: every
     part (:func:`run_part`) starts its heads from them instead of training them again."""
-    if not warm_starts(spec) or spec.protocol == "reference":
+    if not trains_dense_heads(spec):
         raise RuntimeError(f"{spec.key}: only a warm-started grid of the default protocols has dense heads to share")
     with _task_context(spec):
         start = time.perf_counter()
