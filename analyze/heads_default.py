@@ -34,6 +34,12 @@ from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 # "Head trainer").
 STEPS = 1000
 BATCH = 256
+# ...and at least this many epochs: on a large train set STEPS batches are a fraction of an epoch. On
+# one planted spec (planted-100k's) with N_train grown to 400k, the dense heads' val-chosen test top-1
+# at 1,000 / 2,000 / 3,000 / 4,000 steps (0.6 / 1.3 / 1.9 / 2.6 epochs) was 64.13 / 64.92 / 64.97 /
+# 64.95, while at 100k 4x the steps gained nothing (64.41 / 64.42) and at 25k lost 0.4
+# (benchmarks/README.md, "Steps and the train size"). Below 128k rows (BATCH 256) STEPS rule.
+MIN_EPOCHS = 2
 # Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
 # inputs like signal on a few hundred images).
 MIN_BATCHES_PER_EPOCH = 8
@@ -182,10 +188,13 @@ class Schedule:
 
     @classmethod
     def resolve(cls, num_train: int, *, epochs: int | None, batch_size: int | None) -> Schedule:
-        """``STEPS`` steps, or ``epochs`` whole epochs when given; batches of ``BATCH`` rows, fewer
-        on a small train set."""
+        """``STEPS`` steps (at least ``MIN_EPOCHS`` epochs), or ``epochs`` whole epochs when given;
+        batches of ``BATCH`` rows, fewer on a small train set."""
         batch = batch_size or min(BATCH, max(1, num_train // MIN_BATCHES_PER_EPOCH))
-        steps = STEPS if epochs is None else epochs * math.ceil(num_train / batch)
+        if epochs is None:
+            steps = max(STEPS, math.ceil(MIN_EPOCHS * num_train / batch))
+        else:
+            steps = epochs * math.ceil(num_train / batch)
         return cls(steps=steps, batch_size=batch)
 
 

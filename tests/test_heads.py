@@ -285,6 +285,20 @@ def test_reference_protocol_selects_on_test(monkeypatch):
     assert fit.input_scale.shape == (1, 2, 31)
 
 
+def test_schedule_is_a_fixed_number_of_steps_until_that_is_too_few_epochs():
+    """STEPS batches whatever the train size, but at least MIN_EPOCHS epochs on a large one (a
+    fraction of an epoch left 400k-row heads 0.8 points short); batches shrink on a tiny one."""
+    resolve = default.Schedule.resolve
+    assert (default.STEPS, default.BATCH, default.MIN_EPOCHS) == (1000, 256, 2)
+    assert resolve(3_500, epochs=None, batch_size=None) == default.Schedule(steps=1000, batch_size=256)
+    assert resolve(100_000, epochs=None, batch_size=None).steps == 1000  # 1000 batches are 2.56 epochs
+    assert resolve(128_000, epochs=None, batch_size=None).steps == 1000  # the crossing
+    assert resolve(400_000, epochs=None, batch_size=None).steps == 3125  # 2 epochs of 1563 batches
+    assert resolve(1_281_167, epochs=None, batch_size=None).steps == 10_010  # ImageNet-1k's train split
+    assert resolve(800, epochs=None, batch_size=None) == default.Schedule(steps=1000, batch_size=100)
+    assert resolve(400_000, epochs=3, batch_size=None).steps == 3 * 1563  # epochs given: exactly those
+
+
 def test_invalid_arguments_raise():
     splits = _splits()
     with pytest.raises(ValueError, match="protocol"):
