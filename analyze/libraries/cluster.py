@@ -13,7 +13,6 @@ import torch
 from iis.analyze.activations import normalize_concepts
 from iis.analyze.libraries import register_library
 from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
-from sklearn.cluster import KMeans
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +98,10 @@ def build_cluster(
         rng = np.random.default_rng(seed)
         used = np.sort(rng.choice(num_elements, size=MAX_KMEANS_ELEMENTS, replace=False))
         logger.info("cluster: k-means on %d of %d elements (seed %d)", used.size, num_elements, seed)
+    # Imported here: scikit-learn (with scipy.stats) is a third of an analysis process' import time,
+    # and only this library and end2end's initialisation use it.
+    from sklearn.cluster import KMeans
+
     kmeans = KMeans(n_clusters=num_concepts, init="k-means++", n_init=_N_INIT, random_state=seed)
     kmeans.fit(unit[used].numpy())
     centroids = normalize_concepts(torch.from_numpy(np.asarray(kmeans.cluster_centers_, dtype=np.float32)))

@@ -20,7 +20,6 @@ from iis.analyze.activations import concept_activations, keep_count, keep_mask, 
 from iis.analyze.libraries import register_library
 from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
 from pydantic import Field
-from sklearn.cluster import kmeans_plusplus
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +115,8 @@ def _init_logits(
         return config.random_init_std * torch.randn(elements.shape[0], num_concepts, generator=generator)
     if config.init != "anchors":
         raise ValueError(f"unknown end2end init {config.init!r}; known: anchors, random")
+    from sklearn.cluster import kmeans_plusplus  # here, not at the top: see the cluster library's KMeans
+
     _, anchors = kmeans_plusplus(elements.numpy(), num_concepts, random_state=seed)
     return config.init_scale * (elements @ elements[torch.from_numpy(anchors)].T)
 
