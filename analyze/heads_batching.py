@@ -13,6 +13,16 @@ import torch
 
 # Rows per block when a whole split is walked (evaluation, moments), to bound the temporaries.
 EVAL_CHUNK = 4096
+# Entries of a stack of heads' (H, rows, K) inputs per block when many heads are evaluated at once
+# (32 MB in float32): at 4,096 rows, 48 heads of K 200 made 1.3 GB of temporaries, and K 2,000
+# would make ten times as much (benchmarks/README.md, "analyze_scaling.py").
+EVAL_STACK_ENTRIES = 1 << 23
+
+
+def stacked_eval_rows(num_heads: int, num_inputs: int) -> int:
+    """Rows per block for evaluating ``num_heads`` heads of ``num_inputs`` inputs together: at most
+    ``EVAL_CHUNK``, fewer so that a block's ``(H, rows, K)`` tensors hold ``EVAL_STACK_ENTRIES``."""
+    return max(1, min(EVAL_CHUNK, EVAL_STACK_ENTRIES // max(1, num_heads * num_inputs)))
 
 
 class ChunkedRows(Protocol):

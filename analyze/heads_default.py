@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from iis.analyze.activations import keep_counts, keep_mask
-from iis.analyze.heads_batching import EVAL_CHUNK, column_moments, epoch_batches, materialize
+from iis.analyze.heads_batching import column_moments, epoch_batches, materialize, stacked_eval_rows
 from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 
 # Optimiser steps per head, whatever the train size (the sparsest heads: SPARSE_EPOCH_FACTOR times
@@ -664,11 +664,12 @@ def _val_top1(weight: torch.Tensor, bias: torch.Tensor, affine: torch.Tensor | N
     """Val top-1 of every (head, learning rate): ``(H, L)`` float64, ``H = R * M`` heads."""
     num_heads = weight.shape[0]
     correct = torch.zeros(num_heads, weight.shape[1] // num_classes, dtype=torch.float64)
-    for start in range(0, prep_val.shape[0], EVAL_CHUNK):
-        xb = prep_val[start : start + EVAL_CHUNK]
+    rows = stacked_eval_rows(num_heads, weight.shape[2])
+    for start in range(0, prep_val.shape[0], rows):
+        xb = prep_val[start : start + rows]
         inputs = xb.unsqueeze(0) if standard else head_grid_inputs(xb, affine, keep)[0]
         logits = class_major_logits(inputs, weight, bias).view(num_heads, -1, num_classes, xb.shape[0])
-        correct += (logits.argmax(dim=2) == y_val[start : start + EVAL_CHUNK]).sum(dim=-1)
+        correct += (logits.argmax(dim=2) == y_val[start : start + rows]).sum(dim=-1)
     return correct / prep_val.shape[0]
 
 

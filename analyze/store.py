@@ -50,7 +50,8 @@ class SplitData:
     """One split's valid rows.
 
     Attributes:
-        x: ``(N, K)`` float32 — features, or their projection.
+        x: ``(N, K)`` float32 — features, or their projection (raw features read with
+            ``stored_dtype``: the store's dtype).
         labels: ``(N,)`` int64.
         ids: ``(N,)`` str.
         rows: ``(N,)`` int64 position of each row in the stored split (invalid rows skipped).
@@ -235,7 +236,8 @@ class FeatureStore:
             yield slice(start, min(start + step, rows))
 
     def read_split(
-        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, split: str, *, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        stored_dtype: bool = False,
     ) -> SplitData:
         """The usable rows of a split (valid, every feature finite), read chunk by chunk in one pass.
 
@@ -244,6 +246,8 @@ class FeatureStore:
             transform: applied to each chunk's ``(b, D)`` float32 features, e.g. a concept
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
+            stored_dtype: without a transform, keep the features in the store's dtype (float16
+                stores: half the memory of float32; the values are the same once converted).
 
         Raises:
             StoreError: a label out of range, fewer than 2 classes, or a transform that gave
@@ -266,7 +270,8 @@ class FeatureStore:
             usable[rows] = keep
             if not finite.any():
                 continue
-            chunk = torch.from_numpy(part[finite].astype(np.float32))
+            chunk = part[finite]
+            chunk = torch.from_numpy(chunk if stored_dtype and transform is None else chunk.astype(np.float32))
             if transform is not None:
                 chunk = transform(chunk)
                 if not torch.isfinite(chunk).all():
@@ -277,7 +282,7 @@ class FeatureStore:
             x[filled : filled + chunk.shape[0]] = chunk
             filled += chunk.shape[0]
         if x is None:
-            x = torch.empty((0, self.feature_dim))
+            x = torch.empty((0, self.feature_dim), dtype=torch.float32)
         elif filled < x.shape[0]:
             x = x[:filled].clone()  # rows were dropped: do not keep the unused tail alive
         labels = np.asarray(g["labels"][:], dtype=np.int64)[usable]

@@ -303,6 +303,48 @@ def test_non_finite_inputs_and_out_of_range_labels_are_refused():
     assert np.isfinite(fit_heads(**splits, num_classes=spec.classes, ratios=[0.5], seed=0, max_epochs=1).test_top1).all()
 
 
+def test_non_finite_rows_are_counted_block_by_block_and_overflowing_sums_are_not_flagged():
+    """The check sums a block of rows before looking at its entries: rows with NaN, +inf or -inf in
+    any block are counted exactly, and finite values whose sum overflows float32 are not flagged."""
+    from iis.analyze.heads import _non_finite_rows
+    from iis.analyze.heads_batching import EVAL_CHUNK
+
+    x = torch.randn(2 * EVAL_CHUNK + 100, 6)
+    assert _non_finite_rows(x) == 0
+    x[EVAL_CHUNK + 5] = 3e38  # finite, but the block's float32 sum is inf
+    x[7, 2], x[EVAL_CHUNK + 9, 0], x[2 * EVAL_CHUNK + 50, 5] = float("nan"), float("inf"), float("-inf")
+    x[2 * EVAL_CHUNK + 51, :2] = float("inf")  # one row, two entries
+    assert _non_finite_rows(x) == 4
+    assert _non_finite_rows(x.double()) == 4
+    assert _non_finite_rows(x.clamp(-1e4, 1e4).half()) == 1  # the infinities clamp; the NaN stays
+    assert _non_finite_rows(torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0).half()) == 1  # 3e38: float16 inf
+    y = torch.zeros(x.shape[0], dtype=torch.int64)
+    with pytest.raises(ValueError, match="train: 4 row"):
+        fit_heads(train=(x, y), val=(x[:10].nan_to_num(), y[:10]), test=(x[:10].nan_to_num(), y[:10]),
+                  num_classes=2, ratios=None, seed=0)
+
+
+def test_val_top1_of_many_heads_is_the_same_in_blocks_of_any_size(monkeypatch):
+    """Many heads are evaluated on val in blocks of rows sized to bound the (H, rows, K) temporaries;
+    the counts do not depend on the block size (blocks of 7 rows, a last block short, against one)."""
+    import iis.analyze.heads_batching as batching
+
+    splits, spec = _planted_activations()
+    x_val, y_val = splits["val"]
+    g = torch.Generator().manual_seed(0)
+    heads, k = 12, spec.concepts
+    weight, bias = torch.randn(heads, spec.classes, k, generator=g), torch.randn(heads, spec.classes, 1, generator=g)
+    affine = torch.stack([1 + 0.3 * torch.randn(heads, k, generator=g), 0.1 * torch.randn(heads, k, generator=g)], 1)
+    keep = torch.tensor([k, 30, 6, 3] * 3)
+    args = dict(prep_val=x_val, y_val=y_val, num_classes=spec.classes, standard=False)
+    assert batching.stacked_eval_rows(heads, k) >= x_val.shape[0]  # one block
+    whole = default._val_top1(weight, bias, affine, keep, **args)
+    monkeypatch.setattr(batching, "EVAL_STACK_ENTRIES", 7 * heads * k)
+    assert batching.stacked_eval_rows(heads, k) == 7 and x_val.shape[0] % 7 != 0
+    torch.testing.assert_close(default._val_top1(weight, bias, affine, keep, **args), whole, rtol=0, atol=0)
+    assert 0.0 < float(whole.min()) and float(whole.max()) < 1.0
+
+
 def test_keep_mask_caches_threshold_indices_for_batches_only():
     """A trainer's batch-sized calls reuse their threshold indices; a split-sized call computes
     them without caching them (megabytes an entry), and both equal the ranks' selection."""

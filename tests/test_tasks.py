@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from iis.analyze import tasks
 from iis.analyze.store import FeatureStore
 from iis.analyze.tasks import TaskSpec, run_task
@@ -48,19 +49,38 @@ def test_standard_head_holds_train_within_the_budget_and_streams_beyond(tmp_path
         return original(self, split, **kwargs)
 
     monkeypatch.setattr(FeatureStore, "read_split", spy)
+    seen_train = []
+    original_fit = tasks.fit_heads
+
+    def fit_spy(**kwargs):
+        seen_train.append(kwargs["train"][0])
+        return original_fit(**kwargs)
+
+    monkeypatch.setattr(tasks, "fit_heads", fit_spy)
     spec = dict(store=str(path), library="standard", seed=0, num_concepts=0, ratios=(0.0,), bootstrap=0)
-    held = run_task(TaskSpec(**spec, memory_budget=4 * SIZES["train"] * DIM))  # exactly fits
+    # The store is float16: held as stored, 2 bytes a feature.
+    held = run_task(TaskSpec(**spec, memory_budget=2 * SIZES["train"] * DIM))  # exactly fits
     assert "train" in reads
+    assert seen_train[-1].dtype == torch.float16 and tuple(seen_train[-1].shape) == (SIZES["train"], DIM)
     reads.clear()
-    streamed = run_task(TaskSpec(**spec, memory_budget=4 * SIZES["train"] * DIM - 1))  # one byte short
+    streamed = run_task(TaskSpec(**spec, memory_budget=2 * SIZES["train"] * DIM - 1))  # one byte short
     assert "train" not in reads
+    # Held in float16 or in float32, the values and so the head are the same, bit for bit.
+    monkeypatch.setattr(FeatureStore, "read_split", lambda self, split, **kw: original(self, split, **{
+        **kw, "stored_dtype": False}))
+    as_float32 = run_task(TaskSpec(**spec, memory_budget=2 * SIZES["train"] * DIM))
+    assert seen_train[-1].dtype == torch.float32
+    same = ("val_top1", "test_top1", "test_top5", "inverse_l2", "learning_rate", "n_train")
+    assert [{k: r[k] for k in same} for r in as_float32.accuracy_rows] == [{k: r[k] for k in same}
+                                                                          for r in held.accuracy_rows]
+    np.testing.assert_array_equal(as_float32.test_correct, held.test_correct)
     held_top1, streamed_top1 = held.accuracy_rows[0]["test_top1"], streamed.accuracy_rows[0]["test_top1"]
     assert held_top1 > 0.6  # chance is 0.25
     # Streaming shuffles within chunks, holding shuffles all rows: the same model, another batch order.
     assert abs(held_top1 - streamed_top1) < 0.03
     assert held.accuracy_rows[0]["n_train"] == streamed.accuracy_rows[0]["n_train"] == SIZES["train"]
     # The default budget is a share of this machine's RAM: far above this store.
-    assert tasks.memory_budget(None) > 4 * SIZES["train"] * DIM
+    assert tasks.memory_budget(None) > 2 * SIZES["train"] * DIM
 
 
 @pytest.mark.parametrize("protocol", ["default", "fixed-scale"])
