@@ -28,9 +28,9 @@ from iis.analyze.activations import keep_counts, keep_mask
 from iis.analyze.heads_batching import column_moments, epoch_batches, materialize, stacked_eval_rows
 from iis.analyze.heads_model import HeadFit, empty_fit, evaluate
 
-# Optimiser steps per head, whatever the train size (the sparsest heads: SPARSE_EPOCH_FACTOR times
-# as many): enough for every head to reach its L-BFGS optimum on small planted workloads
-# (tests/test_heads_training.py), and more buys nothing on large ones (benchmarks/README.md,
+# Optimiser steps per head, however small the train set (the sparsest heads: SPARSE_EPOCH_FACTOR
+# times as many): enough for every head to reach its L-BFGS optimum on small planted workloads
+# (tests/test_heads_training.py), and more bought nothing at 100k rows (benchmarks/README.md,
 # "Head trainer").
 STEPS = 1000
 BATCH = 256
@@ -38,7 +38,7 @@ BATCH = 256
 # one planted spec (planted-100k's) with N_train grown to 400k, the dense heads' val-chosen test top-1
 # at 1,000 / 2,000 / 3,000 / 4,000 steps (0.6 / 1.3 / 1.9 / 2.6 epochs) was 64.13 / 64.92 / 64.97 /
 # 64.95, while at 100k 4x the steps gained nothing (64.41 / 64.42) and at 25k lost 0.4
-# (benchmarks/README.md, "Steps and the train size"). Below 128k rows (BATCH 256) STEPS rule.
+# (benchmarks/README.md, "steps_vs_train_size.py"). Below 128k rows (BATCH 256) STEPS rule.
 MIN_EPOCHS = 2
 # Small train sets get smaller batches, at least this many per epoch (full-batch Adam weights noise
 # inputs like signal on a few hundred images).

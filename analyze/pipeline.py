@@ -49,7 +49,7 @@ class ClusterOptions:
         workers: LocalCluster worker processes.
         threads: torch/BLAS threads per task (and Dask threads per worker: one task each).
         synchronous: run every task in this process, in order, without Dask.
-        memory_budget: bytes of train features (as stored) one task's standard head may hold in
+        memory_budget: bytes of train features (float16 stays float16) one task's standard head may hold in
             memory (beyond it, they stream from the store); None: a share of each worker's RAM
             (:data:`iis.analyze.tasks.MEMORY_FRACTION`).
         shared: a LocalCluster that this and later analyses use, started on first use

@@ -50,8 +50,8 @@ class SplitData:
     """One split's valid rows.
 
     Attributes:
-        x: ``(N, K)`` float32 — features, or their projection (raw features read with
-            ``stored_dtype``: the store's dtype).
+        x: ``(N, K)`` float32 — features, or their projection (a float16 store's raw features
+            read with ``stored_dtype``: float16).
         labels: ``(N,)`` int64.
         ids: ``(N,)`` str.
         rows: ``(N,)`` int64 position of each row in the stored split (invalid rows skipped).
@@ -246,8 +246,9 @@ class FeatureStore:
             transform: applied to each chunk's ``(b, D)`` float32 features, e.g. a concept
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
-            stored_dtype: without a transform, keep the features in the store's dtype (float16
-                stores: half the memory of float32; the values are the same once converted).
+            stored_dtype: without a transform, keep a float16 store's features as float16 (half
+                the memory of float32; the values are the same once converted); other dtypes
+                become float32 as always.
 
         Raises:
             StoreError: a label out of range, fewer than 2 classes, or a transform that gave
@@ -271,7 +272,8 @@ class FeatureStore:
             if not finite.any():
                 continue
             chunk = part[finite]
-            chunk = torch.from_numpy(chunk if stored_dtype and transform is None else chunk.astype(np.float32))
+            keep_half = stored_dtype and transform is None and chunk.dtype == np.float16
+            chunk = torch.from_numpy(chunk if keep_half else chunk.astype(np.float32))
             if transform is not None:
                 chunk = transform(chunk)
                 if not torch.isfinite(chunk).all():

@@ -301,16 +301,16 @@ def _run(spec: TaskSpec) -> TaskResult:
 
 
 def _run_standard(spec: TaskSpec, store: FeatureStore, start: float) -> TaskResult:
-    # Train is held when its features, in the store's dtype, fit the budget: every epoch then draws
-    # batches from memory instead of decoding the store again (a 100k x 512 standard head spent
-    # most of its time there). Held as stored (a float16 store's in half the memory of float32;
-    # batches become float32 as they are drawn, the same values). Beyond the budget it streams
+    # Train is held when its features fit the budget: every epoch then draws batches from memory
+    # instead of decoding the store again (a 100k x 512 standard head spent most of its time
+    # there). A float16 store's are held as float16 (half the memory of float32; batches become
+    # float32 as they are drawn, the same values), any other as float32. Beyond the budget it streams
     # chunk by chunk; val and test are read whole. Decided from the stored array's shape (every
     # row, an upper bound on the usable ones), so that the split is decoded once, not scanned
     # first to count its usable rows.
     stored = store.group["train"]["features"]
     stored_rows, dim = stored.shape
-    held = np.dtype(stored.dtype).itemsize * stored_rows * dim <= memory_budget(spec.memory_budget)
+    held = (2 if np.dtype(stored.dtype) == np.float16 else 4) * stored_rows * dim <= memory_budget(spec.memory_budget)
     if held:
         train = store.read_split("train", stored_dtype=True)
         train_x, labels = train.x, train.labels

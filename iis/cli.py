@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_count(1), help="LocalCluster worker processes (default 2)")
     p.add_argument("--threads", type=_count(1), help="torch/BLAS threads per task (default 1)")
     p.add_argument("--memory-budget-mb", type=_count(1),
-                   help="MB of train features (in the store's dtype) a standard head may hold in memory "
+                   help="MB of train features (float16 stores: as float16) a standard head may hold in memory "
                         "before it streams them from the store (default: a quarter of the machine's RAM)")
     p.add_argument("--head-parts", type=_count(1),
                    help="tasks each library's ratio grid is split over, so that idle workers share it "
