@@ -40,6 +40,13 @@ TEXT_GROUP = "text"
 TEXT_FORMAT = "iis-clip-text"
 
 
+def held_dtype(stored: np.dtype) -> np.dtype:
+    """The dtype :meth:`FeatureStore.read_split` holds raw features in with ``stored_dtype``:
+    float16 stays float16 (half of float32's memory, the same values once converted); any other
+    becomes float32."""
+    return np.dtype(np.float16) if np.dtype(stored) == np.float16 else np.dtype(np.float32)
+
+
 def as_str(values: np.ndarray) -> np.ndarray:
     """Zarr returns variable-length strings as numpy StringDType; callers get plain ``<U``."""
     return np.asarray(values).astype(object).astype(str)
@@ -246,9 +253,8 @@ class FeatureStore:
             transform: applied to each chunk's ``(b, D)`` float32 features, e.g. a concept
                 projection ``(b, D) -> (b, K)``; the full ``N x D`` matrix is never held
                 when one is given. None keeps the features, as float32.
-            stored_dtype: without a transform, keep a float16 store's features as float16 (half
-                the memory of float32; the values are the same once converted); other dtypes
-                become float32 as always.
+            stored_dtype: without a transform, hold the features in :func:`held_dtype` (a
+                float16 store's stay float16) instead of float32.
 
         Raises:
             StoreError: a label out of range, fewer than 2 classes, or a transform that gave
@@ -271,9 +277,8 @@ class FeatureStore:
             usable[rows] = keep
             if not finite.any():
                 continue
-            chunk = part[finite]
-            keep_half = stored_dtype and transform is None and chunk.dtype == np.float16
-            chunk = torch.from_numpy(chunk if keep_half else chunk.astype(np.float32))
+            dtype = held_dtype(part.dtype) if stored_dtype and transform is None else np.float32
+            chunk = torch.from_numpy(part[finite].astype(dtype, copy=False))
             if transform is not None:
                 chunk = transform(chunk)
                 if not torch.isfinite(chunk).all():

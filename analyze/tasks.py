@@ -23,7 +23,7 @@ from iis.analyze.heads_model import concat_fits
 from iis.analyze.libraries import ConceptLibrary, LibraryInputs, build_library, get_library
 from iis.analyze.libraries.base import TextInputs
 from iis.analyze.metrics import accuracy_ci
-from iis.analyze.store import FeatureStore, SplitData, StoreError, as_str, open_feature_store
+from iis.analyze.store import FeatureStore, SplitData, StoreError, as_str, held_dtype, open_feature_store
 from iis.analyze.versioning import analysis_version
 from threadpoolctl import threadpool_limits
 
@@ -310,7 +310,7 @@ def _run_standard(spec: TaskSpec, store: FeatureStore, start: float) -> TaskResu
     # first to count its usable rows.
     stored = store.group["train"]["features"]
     stored_rows, dim = stored.shape
-    held = (2 if np.dtype(stored.dtype) == np.float16 else 4) * stored_rows * dim <= memory_budget(spec.memory_budget)
+    held = held_dtype(stored.dtype).itemsize * stored_rows * dim <= memory_budget(spec.memory_budget)
     if held:
         train = store.read_split("train", stored_dtype=True)
         train_x, labels = train.x, train.labels
