@@ -37,12 +37,10 @@ def dense_heads_top1(splits: dict, classes: int, steps: int) -> tuple[float, tor
     """Train the dense heads for ``steps`` batches; CPU seconds, val and test top-1 per penalty ``(M,)``."""
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = (splits[s] for s in ("train", "val", "test"))
     num_train, num_inputs = x_train.shape
-    schedule = default.Schedule.resolve(num_train, epochs=None, batch_size=None)
-    trainer = default._concept_trainer(x_train, y_train, num_classes=classes, seed=0, schedule=schedule)
+    batch = default.Schedule.resolve(num_train, epochs=None, batch_size=None).batch_size
     cpu = time.process_time()
-    with default.denormals_flushed():
-        heads = default._train_dense(trainer, num_inputs=num_inputs, num_train=num_train, steps=steps,
-                                     learn_scale=True)
+    heads = default.fit_dense((x_train, y_train), num_classes=classes, seed=0,
+                              schedule=default.Schedule(steps=steps, batch_size=batch)).heads
     cpu = time.process_time() - cpu
     keep = torch.full((len(default.CONCEPT_INVERSE_L2),), num_inputs)
 
