@@ -36,6 +36,8 @@ from iis.progress import progress
 
 log = logging.getLogger(__name__)
 
+# Loaded in every LocalCluster worker (quiets a shutdown race's log noise; see the module).
+WORKER_PRELOAD = "iis.analyze.dask_worker"
 ANALYSIS_TABLES = ("accuracy", "concepts", "iis", "correlation", "ranking")  # what one analysis commits together
 
 
@@ -92,7 +94,8 @@ def start_local_cluster(options: ClusterOptions) -> object:
     # zarr), which outlasts the nanny's 4 s close and gets it killed (a warning, a traceback).
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         return LocalCluster(n_workers=options.workers, threads_per_worker=1, processes=True,
-                            dashboard_address="127.0.0.1:0", env=_thread_env(options.threads))
+                            dashboard_address="127.0.0.1:0", env=_thread_env(options.threads),
+                            preload=[WORKER_PRELOAD])
 
 
 class SharedCluster:

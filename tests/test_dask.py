@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ import pandas as pd
 import pytest
 import zarr
 from iis.analyze import tables
-from iis.analyze.pipeline import ClusterOptions, analyze_stores, shared_cluster
+from iis.analyze.pipeline import WORKER_PRELOAD, ClusterOptions, analyze_stores, shared_cluster
 from iis.analyze.store import StoreError
 from iis.analyze.tasks import TaskSpec, build_task, dense_task, merge_parts, run_part, run_task
 from iis.extract import store as st
@@ -221,7 +222,7 @@ class DaskProcesses:
                                      folder / "scheduler.log", folder))
             for i in range(workers):
                 cmd = [DASK, "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
-                       "--no-dashboard", "--death-timeout", "60", "--name", f"w{i}"]
+                       "--no-dashboard", "--death-timeout", "60", "--name", f"w{i}", "--preload", WORKER_PRELOAD]
                 self.procs.append(_start(cmd + ([] if nanny else ["--no-nanny"]), folder / f"worker{i}.log", folder))
             self.client = Client(self.address, timeout="60s")
             self.client.wait_for_workers(workers, timeout=90)
@@ -284,6 +285,12 @@ _executing, _executed = _on_workers()
 # ------------------------------------------------------------------------------------------
 
 
+def _has_heartbeat_filter() -> bool:
+    from iis.analyze.dask_worker import ClosingHeartbeatFilter
+
+    return any(isinstance(f, ClosingHeartbeatFilter) for f in logging.getLogger("distributed.worker").filters)
+
+
 @pytest.mark.slow
 def test_local_cluster_matches_synchronous_run(stores, reference, tmp_path):
     # Two analyses share one LocalCluster, as `iis run` shares it between the models and the
@@ -292,6 +299,11 @@ def test_local_cluster_matches_synchronous_run(stores, reference, tmp_path):
         assert cluster.shared is not None and cluster.shared.address is None
         analyze_stores(stores, results=tmp_path / "results", cluster=cluster, **ANALYSIS)
         first = cluster.shared.address
+        from distributed import Client
+
+        # Every worker loaded the preload that quiets the shutdown race's heartbeat error.
+        with Client(first, timeout="30s") as client:
+            assert set(client.run(_has_heartbeat_filter).values()) == {True}
         analyze_stores(stores[:1], results=tmp_path / "again", cluster=cluster, **ANALYSIS)
         assert first is not None and cluster.shared.address == first
     assert cluster.shared.address is None
