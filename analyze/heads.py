@@ -87,6 +87,9 @@ def fit_heads(
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if ratios is not None and len(ratios) == 0:
         raise ValueError("ratios must be None (standard head) or a non-empty sequence")
+    if ratios is not None and len({float(r) for r in ratios}) != len(ratios):
+        # The tables key a head by its ratio: a repeated one would be fitted twice, then one dropped.
+        raise ValueError(f"ratios must not repeat, got {list(ratios)}")
     if dense_heads is not None and protocol == "reference":
         raise ValueError("the reference protocol trains every ratio from scratch: it takes no dense heads")
     splits = {name: _check_split(name, split, num_classes) for name, split in

@@ -108,7 +108,9 @@ def score_ci(
         ratios: ``(R,)`` the sparsity ratios of the rows of ``ratio_correct``.
 
     Returns:
-        ``(low, high)`` of the IIS.
+        ``(low, high)`` of the IIS. A resample in which the standard head gets no image right has
+        no IIS (its retention divides by zero); such resamples are left out, and when they are
+        more than half the interval is NaN.
     """
     standard = np.asarray(standard_correct, dtype=np.float64)
     rows = np.asarray(ratio_correct, dtype=np.float64)
@@ -123,11 +125,26 @@ def score_ci(
             retention = accuracy / standard_sample.mean(axis=axis)[..., None]
         return trapezoid(retention, grid, axis=-1)
 
-    result = stats.bootstrap(
-        (standard, *by_ratio.T), statistic, n_resamples=n_resamples, confidence_level=confidence,
-        method="percentile", vectorized=True, paired=True, axis=-1, rng=np.random.default_rng(seed),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    with warnings.catch_warnings():
+        # Degenerate resamples (the standard head never right) give inf or NaN; counted below.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.bootstrap(
+            (standard, *by_ratio.T), statistic, n_resamples=n_resamples, confidence_level=confidence,
+            method="percentile", vectorized=True, paired=True, axis=-1, rng=np.random.default_rng(seed),
+        )
+    return _finite_percentile_interval(result.bootstrap_distribution, n_resamples, confidence)
+
+
+def _finite_percentile_interval(distribution: np.ndarray, n_resamples: int, confidence: float) -> tuple[float, float]:
+    """The percentile interval of a bootstrap distribution's finite values; NaN when fewer than
+    half of the ``n_resamples`` are finite (an interval from the rest would be a guess)."""
+    values = np.asarray(distribution, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size * 2 < n_resamples:
+        return math.nan, math.nan
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return float(low), float(high)
 
 
 CORRELATIONS = (("pearson", "pearson_r"), ("spearman", "spearman_rho"), ("kendall", "kendall_tau"))
@@ -211,7 +228,6 @@ def correlation_ci(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2000, con
         return stats.pearsonr(stats.rankdata(a, axis=axis), stats.rankdata(b, axis=axis), axis=axis).statistic
 
     out = {}
-    alpha = (1 - confidence) / 2
     for (name, _), statistic in zip(CORRELATIONS, (pearson, spearman, kendall_tau_b)):
         with warnings.catch_warnings():
             # Degenerate resamples (a constant side) are expected and give NaN; counted below.
@@ -221,13 +237,8 @@ def correlation_ci(x: np.ndarray, y: np.ndarray, *, n_resamples: int = 2000, con
                 confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
                 batch=_pair_batch(len(first)),
             )
-        values = np.asarray(result.bootstrap_distribution, dtype=np.float64)
-        values = values[np.isfinite(values)]
-        if values.size * 2 < n_resamples:
-            low = high = math.nan
-        else:
-            low, high = (float(v) for v in np.quantile(values, [alpha, 1 - alpha]))
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = _finite_percentile_interval(
+            result.bootstrap_distribution, n_resamples, confidence)
     return out
 
 

@@ -420,6 +420,9 @@ def analyze_stores(
     ratios = sorted(float(r) for r in ratios)
     if len(ratios) < 2:
         raise ValueError("IIS needs at least two sparsity ratios")
+    if len(set(ratios)) != len(ratios):
+        # Rows are keyed by ratio: a repeated one would be fitted twice and one of its rows dropped.
+        raise ValueError(f"sparsity ratios must not repeat, got {ratios}")
     grid = tables.grid_key(ratios)
     if protocol == "reference":
         log.warning("analyze: protocol 'reference' selects each head's epoch on the test set (the authors' "

@@ -310,6 +310,18 @@ def test_invalid_arguments_raise():
         fit_heads(**{**splits, "val": (x_val, y_val.double() + 0.5)}, num_classes=4, ratios=None, seed=0)
     with pytest.raises(ValueError):
         fit_heads(**splits, num_classes=4, ratios=[], seed=0)
+    # A repeated ratio would be fitted twice and one of its rows dropped by the tables (keyed by ratio).
+    with pytest.raises(ValueError, match=r"ratios must not repeat, got \[0\.3, 0\.5, 0\.3\]"):
+        fit_heads(**splits, num_classes=4, ratios=[0.3, 0.5, 0.3], seed=0)
+
+
+def test_analysis_refuses_a_repeated_ratio_before_any_task(tmp_path):
+    from iis.analyze.pipeline import analyze_stores
+
+    with pytest.raises(ValueError, match=r"sparsity ratios must not repeat, got \[0\.0, 0\.5, 0\.5\]"):
+        analyze_stores([tmp_path / "no-store"], results=tmp_path / "results", libraries=["prototype"],
+                       num_concepts=4, ratios=[0.5, 0, 0.5], seeds=[0])
+    assert not (tmp_path / "results").exists()
 
 
 class _Chunks:

@@ -83,6 +83,20 @@ def test_paired_score_ci_brackets_the_point_score():
     assert score_ci(standard, rows[order], [ratios[i] for i in order], seed=3) == pytest.approx((low, high))
 
 
+def test_score_ci_leaves_out_resamples_where_the_standard_head_is_never_right():
+    # The standard head right on 1 of 50 images: in about 36% of resamples it is never right, and
+    # those resamples have no IIS (retention divides by zero). The interval comes from the rest.
+    standard = np.zeros(50, dtype=bool)
+    standard[0] = True
+    rows = np.stack([standard, standard])
+    low, high = score_ci(standard, rows, [0.0, 0.9], seed=0)
+    assert math.isfinite(low) and math.isfinite(high)
+    assert low == high == pytest.approx(0.9)  # every head right exactly where the standard head is
+    # More than half of the resamples without an IIS (here all): no interval, not an infinite one.
+    never = np.zeros(50, dtype=bool)
+    assert all(math.isnan(v) for v in score_ci(never, np.stack([never, ~never]), [0.0, 0.9], seed=0))
+
+
 def test_correlation_of_monotone_data_is_perfect_with_exact_p_values():
     x = np.arange(6.0)
     out = correlation(x, np.exp(x))  # monotone but not linear
