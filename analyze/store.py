@@ -28,7 +28,7 @@ import torch
 import zarr
 from iis.analyze.libraries.base import ElementSet
 
-from iis.store_format import FORMAT, SPLITS, SUPPORTED_SCHEMAS, StoreError, check_name
+from iis.store_format import FORMAT, SPLITS, SUPPORTED_SCHEMAS, StoreError, check_name, missing_arrays
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,10 @@ class FeatureStore:
         for part in (*SPLITS, "elements"):
             if part not in self.group:
                 raise StoreError(f"{self.path}: missing group {part}/")
+            lacking = missing_arrays(self.group, part)
+            if lacking:
+                raise StoreError(f"{self.path}: damaged store, {part}/ has no {', '.join(lacking)} array(s); "
+                                 "re-extract it")
             g = self.group[part]
             shape = g["features"].shape
             if len(shape) != 2 or shape[1] != dim:

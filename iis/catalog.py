@@ -63,13 +63,16 @@ def describe_libraries() -> str:
 
 
 def write_starter(path: Path) -> Path:
-    """Write the commented starter pipelines.yaml to ``path`` (a folder gets ``pipelines.yaml``).
+    """Write the commented starter pipelines.yaml to ``path``.
+
+    A folder, existing or not (any path without a ``.yaml``/``.yml`` suffix), gets a
+    ``pipelines.yaml`` inside it, created with its parents.
 
     Raises:
         ConfigError: when the file exists: it is never overwritten.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() not in (".yaml", ".yml"):
         path = path / "pipelines.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -146,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="application 2: predict with g∘g_s∘a and explain each prediction")
     p.add_argument("pipeline")
     _add_config(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--library", required=True)
-    p.add_argument("--ratio", type=float, required=True, help="sparsity ratio s of the head")
+    p.add_argument("--model", help="a model of the pipeline (default: explain.model, else the final-layer model "
+                   "best by the standard head's val top-1)")
+    p.add_argument("--library", help="default: explain.library, else the first of analysis.libraries")
+    p.add_argument("--ratio", type=float, help="sparsity ratio s of the head, one of analysis.ratios "
+                   "(default: explain.ratio, else 0.9 or the analysis ratio nearest it)")
     p.add_argument("--split", choices=["train", "val", "test"], help="default test")
     p.add_argument("--images", nargs="+", help="ids of the images to explain (default: the first --limit)")
     p.add_argument("--limit", type=_count(1), help="images explained when --images is not given (default 16)")
@@ -191,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="write a commented starter pipelines.yaml (a GPU pipeline to edit)")
     p.add_argument("path", nargs="?", type=Path, default=Path("pipelines.yaml"),
                    help="the file, or a folder to put pipelines.yaml in (default: ./pipelines.yaml)")
+    # -v / -q after the command too (`iis info x -v`, where a user adds it to the command that just
+    # failed). SUPPRESS: a subcommand's unset flag must not overwrite one given before the command.
+    for command in sub.choices.values():
+        loud = command.add_mutually_exclusive_group()
+        loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="debug logging, and Dask's own INFO logs")
+        loud.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                          help="warnings and errors only")
     return parser
 
 
@@ -243,7 +253,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                                limit=args.limit, top=args.top)
     # The one figure a user asked for goes to stdout; the rest is in explanations.parquet.
     sys.stdout.write(
-        f"{args.model} {args.library} s={args.ratio:g} ({summary['split']}, {summary['n_images']} images): "
+        f"{summary['model']} {summary['library']} s={summary['ratio']:g} ({summary['split']}, {summary['n_images']} images): "
         f"interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 {summary['standard_top1']:.4f}, "
         f"accuracy lost {100 * summary['accuracy_lost']:.2f} points\n")
     return 0
@@ -306,8 +316,11 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from iis.catalog import write_starter
 
     path = write_starter(args.path)
-    log.info("wrote %s: edit the paths of its pipeline, then `iis run imagenet-subset` "
-             "(`iis pipelines` lists it beside the shipped ones)", path)
+    # Only ./pipelines.yaml is read without --config.
+    found = path.resolve() == (Path.cwd() / "pipelines.yaml").resolve()
+    config = "" if found else f" --config {path}"
+    log.info("wrote %s: edit the paths of its pipeline, then `iis run imagenet-subset%s` "
+             "(`iis pipelines%s` lists it beside the shipped ones)", path, config, config)
     return 0
 
 

@@ -420,12 +420,16 @@ class TextConfig(_Frozen):
         return path
 
 
+DEFAULT_EXPLAIN_RATIO = 0.9
+
+
 class ExplainConfig(_Frozen):
     """What `iis run` explains for the report's cards (application 2)."""
 
     model: str | None = None  # default: the model with the best standard top-1
     library: str | None = None  # default: the first library of the analysis
-    ratio: float = Field(0.9, ge=0.0, lt=1.0)  # must be one of analysis.ratios
+    # One of analysis.ratios; default: 0.9, or the analysis ratio nearest it (PipelineConfig.explain_ratio).
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)
     images: int = Field(8, ge=1)  # test images explained
 
 
@@ -516,7 +520,7 @@ class PipelineConfig(_Frozen):
                              f"itself, {inner.base!r}")
         if self.explain.library and self.explain.library not in self.analysis.libraries:
             raise ValueError(f"explain.library {self.explain.library!r} is not in analysis.libraries")
-        if not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):
+        if self.explain.ratio is not None and not any(abs(self.explain.ratio - r) < 1e-9 for r in self.analysis.ratios):
             raise ValueError(f"explain.ratio {self.explain.ratio} is not in analysis.ratios {self.analysis.ratios}")
         stray = sorted(set(self.finetune.scoring_libraries or ()) - set(self.analysis.libraries)) if self.finetune else []
         if stray:
@@ -555,6 +559,13 @@ class PipelineConfig(_Frozen):
                 at = m.layers_at if m.layers_at is not None else m.train.checkpoints
                 out += _with_layers(base, m.layers if epoch in at else None)
         return out
+
+    def explain_ratio(self) -> float:
+        """``explain.ratio``, or by default 0.9 when the analysis has it, else the analysis ratio
+        nearest 0.9 (an explanation is of a head the analysis fitted)."""
+        if self.explain.ratio is not None:
+            return self.explain.ratio
+        return min(self.analysis.ratios, key=lambda r: (abs(r - DEFAULT_EXPLAIN_RATIO), -r))
 
     def groups(self) -> dict[str, str]:
         """``{model: group}`` for the measured models whose entry names a ``group:``."""

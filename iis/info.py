@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from iis.store_format import ELEMENTS, FORMAT, PARTS, SUMMARY_KEY, TEXT_FORMAT, TEXT_GROUP, StoreError
+from iis.store_format import (
+    ELEMENTS,
+    FORMAT,
+    PARTS,
+    SUMMARY_KEY,
+    TEXT_FORMAT,
+    TEXT_GROUP,
+    StoreError,
+    missing_arrays,
+)
 
 
 def _open(path: Path):
@@ -59,18 +68,25 @@ def describe_store(path: Path) -> str:
     if versions:
         lines.append("  made with   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     lines.append(f"  {'part':<9} {'rows':>8} {'blocks done':>12} {'invalid':>8}")
-    incomplete = []
+    incomplete, damaged = [], []
     for part in PARTS:
         if part not in group:
             lines.append(f"  {part:<9} missing")
             incomplete.append(part)
+            continue
+        lacking = missing_arrays(group, part)
+        if lacking:
+            lines.append(f"  {part:<9} damaged: no {', '.join(lacking)} array(s)")
+            damaged.append(part)
             continue
         rows, done, blocks, invalid = _part_rows(group, part)
         lines.append(f"  {part:<9} {rows:>8} {f'{done}/{blocks}':>12} {'-' if invalid is None else invalid:>8}")
         if done < blocks:
             incomplete.append(part)
     summary = attrs.get(SUMMARY_KEY)
-    if incomplete:
+    if damaged:
+        lines.append(f"  complete    no: damaged {', '.join(damaged)} (delete the store and extract it again)")
+    elif incomplete:
         lines.append(f"  complete    no: blocks still to fill in {', '.join(incomplete)} (rerun `iis extract`)")
     else:
         lines.append("  complete    yes" + ("" if summary else " (every block done; the summary is not written yet)"))
@@ -118,9 +134,22 @@ def describe_results(path: Path) -> str:
     saved = sorted((path / "libraries").rglob("*.npz")) if (path / "libraries").is_dir() else []
     lines.append(f"  saved       {len(saved)} concept libraries under libraries/")
     report = path / "report.html"
-    lines.append(f"  report      {report.name} ({report.stat().st_size // 1024} KiB)" if report.is_file()
-                 else "  report      none yet (`iis report`)")
+    if report.is_file():
+        lines.append(f"  report      {report.name} ({report.stat().st_size // 1024} KiB)")
+    elif (path.parent / "finetune_delta.parquet").is_file():
+        # The fine-tuning arms' tables (results/<pipeline>/finetune): the pipeline's report covers them.
+        lines.append(f"  report      the fine-tuning arms' tables; the pipeline's report is {path.parent / 'report.html'}")
+    else:
+        lines.append("  report      none yet (`iis report`)")
     return "\n".join(lines) + "\n"
+
+
+def _describe_or_say_why(path: Path) -> str:
+    """One store of a folder: its summary, or why it has none (the folder's other stores still show)."""
+    try:
+        return describe_store(path)
+    except StoreError as err:
+        return f"store {path}\n  unreadable  {err}\n"
 
 
 def describe(path: Path) -> str:
@@ -140,7 +169,7 @@ def describe(path: Path) -> str:
         return describe_results(path)
     stores = sorted(p for p in path.glob("*.zarr") if (p / "zarr.json").is_file()) if path.is_dir() else []
     if stores:
-        return "\n".join(describe_store(p) for p in stores)
+        return "\n".join(_describe_or_say_why(p) for p in stores)
     raise ValueError(f"{path}: neither a feature store (zarr.json), a folder of stores (*.zarr) nor a results "
                      f"folder (*.parquet)")
 

@@ -230,24 +230,38 @@ def report_pipeline(cfg: PipelineConfig) -> Path:
     return path
 
 
-def explain_pipeline(cfg: PipelineConfig, *, model: str, library: str, ratio: float, split: str | None = None,
-                     images: list[str] | None = None, seed: int | None = None, limit: int | None = None,
-                     top: int | None = None) -> dict:
+def explain_pipeline(cfg: PipelineConfig, *, model: str | None = None, library: str | None = None,
+                     ratio: float | None = None, split: str | None = None, images: list[str] | None = None,
+                     seed: int | None = None, limit: int | None = None, top: int | None = None) -> dict:
     """Application 2: explain predictions of ``g ∘ g_s ∘ a``; upserts ``explanations.parquet``.
 
-    Returns:
-        ``{"split", "interpretable_top1", "standard_top1", "accuracy_lost", "n_images", "rows"}``.
-    """
-    from iis.apps.explain_job import explain_model
+    ``model``, ``library`` and ``ratio`` default to the pipeline's ``explain:`` section, and beyond
+    it to the final-layer model best by the standard head's val top-1, the first library and
+    :meth:`PipelineConfig.explain_ratio`.
 
-    if model not in {m.name for m in cfg.measured_models()}:
-        raise ConfigError(f"pipeline {cfg.name!r} has no model {model!r}")
+    Returns:
+        ``{"model", "library", "ratio", "split", "interpretable_top1", "standard_top1",
+        "accuracy_lost", "n_images", "rows"}``.
+    """
+    from iis.apps.explain_job import best_model, explain_model
+
+    known = [m.name for m in cfg.measured_models()]
+    model = model or cfg.explain.model
+    if model is None:  # chosen from the tables
+        require_results(cfg)
+        model = best_model(cfg.results, pipeline=cfg.name,
+                           models=[m.name for m in cfg.measured_models() if m.layer == "final"])
+    if model not in known:
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {model!r}; it has {', '.join(known)}")
+    library = library or cfg.explain.library or cfg.analysis.libraries[0]
+    ratio = cfg.explain_ratio() if ratio is None else ratio
     require_stores(cfg, [cfg.store_path(model)])
     require_results(cfg)
-    return explain_model(store=cfg.store_path(model), results=cfg.results, model=model, library=library,
-                         num_concepts=cfg.analysis.num_concepts,
-                         seed=cfg.analysis.seeds[0] if seed is None else seed, ratio=ratio, images=images,
-                         pipeline=cfg.name, **_given(split=split, limit=limit, top=top))
+    summary = explain_model(store=cfg.store_path(model), results=cfg.results, model=model, library=library,
+                            num_concepts=cfg.analysis.num_concepts,
+                            seed=cfg.analysis.seeds[0] if seed is None else seed, ratio=ratio, images=images,
+                            pipeline=cfg.name, **_given(split=split, limit=limit, top=top))
+    return {"model": model, "library": library, "ratio": ratio, **summary}
 
 
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
@@ -310,7 +324,6 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     (model, seed) pairs already in the tables are not refitted.
     """
     from iis.analyze.pipeline import shared_cluster
-    from iis.apps.explain_job import best_model
 
     start = time.perf_counter()
     extract_pipeline(cfg, device=device)
@@ -318,10 +331,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     with shared_cluster(_cluster(scheduler=scheduler, workers=workers)) as cluster:
         analyze_pipeline(cfg, skip_complete=True, cluster=cluster)
         log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
-        library = cfg.explain.library or cfg.analysis.libraries[0]
-        model = cfg.explain.model or best_model(cfg.results, pipeline=cfg.name,
-                                                models=[m.name for m in cfg.measured_models() if m.layer == "final"])
-        explain_pipeline(cfg, model=model, library=library, ratio=cfg.explain.ratio, limit=cfg.explain.images)
+        explain_pipeline(cfg, limit=cfg.explain.images)
         if cfg.finetune is not None:
             finetune_pipeline(cfg, device=device, cluster=cluster)
             log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)

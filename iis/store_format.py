@@ -23,6 +23,15 @@ SPLITS = ("train", "val", "test")
 ELEMENTS = "elements"
 PARTS = (*SPLITS, ELEMENTS)
 FEATURE_DTYPES = ("float16", "float32")
+# The arrays every part holds, which readers index without asking (a store missing one is damaged).
+SPLIT_ARRAYS = ("features", "labels", "ids", "valid", "done")
+ELEMENT_ARRAYS = ("features", "done")
+
+
+def missing_arrays(group, part: str) -> list[str]:
+    """The arrays of :data:`SPLIT_ARRAYS` (or :data:`ELEMENT_ARRAYS`) that ``group[part]`` lacks."""
+    needed = ELEMENT_ARRAYS if part == ELEMENTS else SPLIT_ARRAYS
+    return [name for name in needed if name not in group[part]]
 # A CLIP store's concept words and their text features (iis.extract.clip) live in this group; its
 # ``format`` attribute, written last, is the finished marker that readers must find.
 TEXT_GROUP = "text"

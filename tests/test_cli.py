@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import io
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,6 +70,25 @@ def test_init_then_pipelines_shows_both_files(tmp_path, monkeypatch, capsys):
     assert any(line.split()[:2] == ["imagenet-subset", "pipelines.yaml"] for line in out.splitlines())
 
 
+@pytest.mark.parametrize("arg", ["newdir/", "sub/dir", "conf"])
+def test_init_into_a_new_folder_writes_pipelines_yaml_there(arg, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", arg]) == 0
+    written = tmp_path / arg.rstrip("/") / "pipelines.yaml"
+    assert written.is_file() and "imagenet-subset" in written.read_text()
+    # Not ./pipelines.yaml: the hint says to pass it with --config.
+    assert f"`iis run imagenet-subset --config {Path(arg.rstrip('/')) / 'pipelines.yaml'}`" in caplog.text
+
+
+def test_init_to_a_named_file_outside_the_folder_asks_for_config(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "conf/my.yaml"]) == 0 and (tmp_path / "conf" / "my.yaml").is_file()
+    assert "`iis pipelines --config conf/my.yaml`" in caplog.text
+    caplog.clear()
+    assert main(["init", "pipelines.yaml"]) == 0
+    assert "then `iis run imagenet-subset` (`iis pipelines` lists it" in caplog.text
+
+
 def test_info_on_a_store(tmp_path, capsys):
     path = _store(tmp_path / "m1.zarr", text="iis-clip-text")
     assert main(["info", str(path)]) == 0
@@ -107,6 +128,35 @@ def test_info_on_a_folder_of_stores_and_on_results(tmp_path, capsys):
     assert "pipelines   p; datasets toy" in out and "caveats     random CLIP weights" in out
     assert "analysis    0.1.0+m1, 0.1.0+m2" in out
     assert "saved       1 concept libraries" in out and "report      none yet" in out
+    # The fine-tuning arms' tables (results/<pipeline>/finetune) get no report of their own.
+    arms = results / "finetune"
+    arms.mkdir()
+    shutil.copy(results / "accuracy.parquet", arms / "accuracy.parquet")
+    pd.DataFrame([{**keys, "library": "prototype"}]).to_parquet(results / "finetune_delta.parquet")
+    assert main(["info", str(arms)]) == 0
+    out = capsys.readouterr().out
+    assert f"the pipeline's report is {results / 'report.html'}" in out and "none yet" not in out
+
+
+def test_a_store_missing_an_array_is_refused_by_name_and_its_folder_still_listed(tmp_path, capsys, caplog):
+    good = _store(tmp_path / "stores" / "a.zarr")
+    damaged = _store(tmp_path / "stores" / "b.zarr")
+    shutil.rmtree(damaged / "train" / "features")  # e.g. a copy cut short
+    # Stage 2 refuses it in one line naming the part and the array, before any task.
+    assert main(["analyze", "--store", str(damaged), "--results", str(tmp_path / "R"), "--synchronous"]) == 2
+    assert f"{damaged}: damaged store, train/ has no features array(s); re-extract it" in caplog.text
+    assert not (tmp_path / "R").exists()
+    # `iis info` shows the damage, and a folder lists its other stores too.
+    assert main(["info", str(damaged)]) == 0
+    out = capsys.readouterr().out
+    assert "train     damaged: no features array(s)" in out and "complete    no: damaged train" in out
+    foreign = tmp_path / "stores" / "c.zarr"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {"format": "other"}}')
+    assert main(["info", str(tmp_path / "stores")]) == 0
+    out = capsys.readouterr().out
+    assert f"store {good}" in out and f"store {damaged}" in out
+    assert f"store {foreign}\n  unreadable  {foreign}: not an iis feature store" in out
 
 
 def test_info_refuses_what_it_cannot_read(tmp_path, caplog):

@@ -13,7 +13,7 @@ import torch
 from test_dask import CLI_ANALYSIS, SMALL, _child_env, _write_store
 
 import iis.cli
-from iis.cli import main
+from iis.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 IIS = Path(sys.executable).parent / "iis"
@@ -87,6 +87,19 @@ def test_permission_error_is_one_line_and_verbose_adds_the_traceback(store, tmp_
     assert main(["-v", "analyze", "--store", str(store), "--results", str(tmp_path / "R"), "--synchronous",
                  *CLI_ANALYSIS]) == 2
     assert _errors(caplog)[0].exc_info  # -v: the traceback is there
+
+
+@pytest.mark.parametrize("argv", [["-v", "info", "{path}"], ["info", "{path}", "-v"], ["info", "{path}", "--verbose"]])
+def test_verbose_adds_the_traceback_before_or_after_the_command(argv, tmp_path, caplog):
+    missing = str(tmp_path / "absent")
+    assert main([a.format(path=missing) for a in argv]) == 2
+    (error,) = _errors(caplog)
+    assert "no such file or folder" in error.getMessage() and error.exc_info
+    caplog.clear()
+    # Without it, one line; and a -q after the command quiets the run as one before it does.
+    assert main(["info", missing]) == 2 and not _errors(caplog)[0].exc_info
+    assert build_parser().parse_args(["info", missing, "-q"]).quiet
+    assert not build_parser().parse_args(["-v", "info", missing]).quiet
 
 
 def test_ctrl_c_is_one_line(monkeypatch, caplog):

@@ -72,6 +72,20 @@ def test_defaults_and_relative_paths(tmp_path):
         cfg.models[0].weights = "pretrained"  # frozen
 
 
+def test_explain_ratio_defaults_to_an_analysis_ratio(tmp_path):
+    # The default 0.9 when the analysis fits it; else the analysis ratio nearest it, never a refusal
+    # of a pipeline that did not write an explain section.
+    assert load_pipeline(_write(tmp_path, GOOD), "p").explain_ratio() == 0.9
+    short = GOOD.replace("    results: results/p", "    results: results/p\n    analysis: {ratios: [0, 0.5, 0.7]}")
+    assert load_pipeline(_write(tmp_path, short), "p").explain_ratio() == 0.7
+    given = short.replace("analysis: {ratios: [0, 0.5, 0.7]}", "analysis: {ratios: [0, 0.5, 0.7]}\n    explain: {ratio: 0.5}")
+    assert load_pipeline(_write(tmp_path, given), "p").explain_ratio() == 0.5
+    # A ratio the user wrote must be one the analysis fits.
+    wrong = given.replace("explain: {ratio: 0.5}", "explain: {ratio: 0.9}")
+    with pytest.raises(ConfigError, match=r"explain\.ratio 0\.9 is not in analysis\.ratios \(0\.0, 0\.5, 0\.7\)"):
+        load_pipeline(_write(tmp_path, wrong), "p")
+
+
 def test_frozen_configs_hold_tuples(tmp_path):
     text = GOOD.replace("{name: a, backbone: resnet10t}",
                         "{name: a, backbone: resnet10t, train: {epochs: 2, checkpoints: [2, 0]}}")

@@ -33,7 +33,7 @@ pipelines:
     store: cache
     results: results
     analysis: {{libraries: [prototype], num_concepts: 4, ratios: [0, 0.5], bootstrap: 0}}
-    explain: {{ratio: 0.5, images: 3}}
+    explain: {{images: 3}}
 """
 
 
@@ -90,6 +90,10 @@ def test_report_and_explain_need_no_dataset_or_weights(node, capsys):
     assert (node["work"] / "results" / "report.html").is_file()
     assert main(["explain", "node", "--config", config, "--model", "m", "--library", "prototype",
                  "--ratio", "0.5", "--limit", "3"]) == 0
+    assert "m prototype s=0.5 (test, " in capsys.readouterr().out
+    # Without --model, --library and --ratio: the pipeline's one model, first library, and the
+    # analysis ratio nearest 0.9 (its grid is 0, 0.5).
+    assert main(["explain", "node", "--config", config, "--limit", "2"]) == 0
     assert "m prototype s=0.5 (test, " in capsys.readouterr().out
 
 
