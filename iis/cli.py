@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from iis import __version__
-from iis.config import ConfigError, find_pipeline
+from iis.config import ConfigError, find_pipeline, locate_pipeline
 from iis.logs import configure_logging
 
 log = logging.getLogger("iis")
@@ -94,7 +94,8 @@ def _pipeline(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="iis", description=__doc__)
+    parser = _Parser(prog="iis", description="How interpretable is a vision representation: the Inherent "
+                     "Interpretability Score (IIS). `iis COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"iis {__version__}")
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Dask's own INFO logs")
@@ -118,10 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--library-from", type=Path, metavar="STORE",
                    help="explicit mode: build every store's libraries from this store's visual elements "
                         "(same backbone, weights and layer; as analysis.library_from: {store: ...})")
-    p.add_argument("--libraries", type=_csv(str))
-    p.add_argument("--num-concepts", type=_count(1))
-    p.add_argument("--ratios", type=_csv(float))
-    p.add_argument("--seeds", type=_csv(int))
+    p.add_argument("--libraries", type=_csv(str),
+                   help="comma-separated concept libraries (`iis pipelines --libraries` lists them; default: the "
+                        "pipeline's analysis.libraries)")
+    p.add_argument("--num-concepts", type=_count(1), help="concepts K per library (default: analysis.num_concepts)")
+    p.add_argument("--ratios", type=_csv(float),
+                   help="comma-separated sparsity ratios s in [0, 1), at least two (default: analysis.ratios)")
+    p.add_argument("--seeds", type=_csv(int), help="comma-separated library seeds (default: analysis.seeds)")
     p.add_argument("--protocol", choices=["default", "fixed-scale", "reference"],
                    help="default: METHOD.md's heads, every choice on val; fixed-scale: the same without the "
                         "learnt per-concept scale, for comparison; reference: the authors' protocol, which "
@@ -163,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--model", help="a model of the pipeline (default: the pipeline's finetune.model)")
     p.add_argument("--lambda", dest="lam", type=float, help="weight of the interpretable-head loss")
-    p.add_argument("--epochs", type=_count(1))
+    p.add_argument("--epochs", type=_count(1), help="training epochs of each arm (default: finetune.epochs)")
     p.add_argument("--seeds", type=_csv(int), help="training seeds, comma-separated (default: finetune.seeds)")
     p.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (overrides the pipeline)")
 
@@ -271,6 +275,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    locate_pipeline(args.pipeline, args.config)  # an unknown name is said at once, not after the imports
     # Said before the imports, so that a new user's first run does not sit silent while Python
     # compiles torch's and timm's modules (the install skips byte-compiling; README, "Time").
     log.info("run %s: loading torch, timm and Dask (the first run after an install also compiles them, "

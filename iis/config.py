@@ -625,6 +625,15 @@ def _loc(parts: tuple) -> str:
     return out
 
 
+def _first_causes(errors: list[dict]) -> list[dict]:
+    """The errors without the consequences of others: a list whose every entry failed is also
+    "too short" (e.g. ``models:`` after its one model's bad backbone), which says nothing new."""
+    def inside(err: dict, outer: dict) -> bool:
+        return len(err["loc"]) > len(outer["loc"]) and err["loc"][: len(outer["loc"])] == outer["loc"]
+
+    return [e for e in errors if not (e["type"] == "too_short" and any(inside(other, e) for other in errors))]
+
+
 def _reason(err: dict) -> str:
     msg = err["msg"]
     # pydantic prefixes messages raised in validators; the prefix says nothing to a user.
@@ -633,6 +642,8 @@ def _reason(err: dict) -> str:
             msg = msg[len(prefix):]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "tuple_type":  # the schema holds tuples; in yaml they are lists
+        msg = f"Input should be a list, got {type(err.get('input')).__name__}"
     return msg
 
 
@@ -672,7 +683,7 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml",
     try:
         parsed = PipelinesFile.model_validate(data, context=context)
     except ValidationError as exc:
-        lines = [f"{_locate(e)}: {_reason(e)}" for e in exc.errors()]
+        lines = [f"{_locate(e)}: {_reason(e)}" for e in _first_causes(exc.errors())]
         raise ConfigError(f"{source}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
     return parsed.pipelines
 
@@ -772,12 +783,18 @@ def find_pipeline(name: str, config: Path | None = None, *, check_inputs: bool =
 
     ``check_inputs``: as for :func:`parse_pipelines`; each command checks only what it uses.
     """
+    return load_pipeline(locate_pipeline(name, config), name, check_inputs=check_inputs)
+
+
+def locate_pipeline(name: str, config: Path | None = None) -> Path:
+    """The file that defines pipeline ``name`` (searched as :func:`find_pipeline` does), without
+    validating it: cheap, as it imports nothing (validation imports timm to check backbones)."""
     files = pipeline_files(config)
     known: set[str] = set()
     for path in files:
         raw = _raw_pipelines(path)
         if name in raw:
-            return load_pipeline(path, name, check_inputs=check_inputs)
+            return path
         known |= set(raw)
     raise ConfigError(f"no pipeline {name!r}; known: {', '.join(sorted(known))} "
                       f"(from {' and '.join(describe_file(f) for f in files)})")

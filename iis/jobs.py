@@ -48,10 +48,10 @@ def extract_pipeline(
     from iis.extract.backbones import create_backbone
     from iis.extract.runner import extract_layers, extract_store
 
+    selected = select_models(cfg, models)  # a wrong --model is said before the dataset loads
     dataset = _load_dataset(cfg)
     plans = _plan_elements(cfg, dataset)
     options = _extract_options(cfg, device=device, num_workers=num_workers, shard=shard)
-    selected = select_models(cfg, models)
     for parent in sorted({m.parent for m in selected if m.epoch is not None}):
         train_pipeline_model(cfg, parent, dataset=dataset, device=options.device)
     status = {}
@@ -298,7 +298,8 @@ def _arms_job(cfg: PipelineConfig, *, model: str | None = None, lam: float | Non
                                         **_given(**{"lambda": lam})})
     base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
     if base is None:
-        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}")
+        finals = [m.name for m in cfg.measured_models() if m.layer == "final"]
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}; it has {', '.join(finals)}")
     require_stores(cfg, [cfg.store_path(base.name)])
     dataset = _load_dataset(cfg)
     # The trainer's batch size, when the pipeline trains a model; else TrainOptions's default.

@@ -102,6 +102,21 @@ def test_verbose_adds_the_traceback_before_or_after_the_command(argv, tmp_path, 
     assert not build_parser().parse_args(["-v", "info", missing]).quiet
 
 
+def test_a_wrong_name_is_said_before_any_slow_work(monkeypatch, caplog):
+    import iis.jobs
+
+    # `iis run` names an unknown pipeline before announcing (and doing) the slow imports.
+    assert main(["run", "nosuch"]) == 2
+    assert "no pipeline 'nosuch'; known: " in caplog.text and "loading torch" not in caplog.text
+
+    def no_dataset(cfg):
+        raise AssertionError("the dataset was loaded before the models were checked")
+
+    monkeypatch.setattr(iis.jobs, "_load_dataset", no_dataset)
+    assert main(["extract", "demo", "--model", "nosuch"]) == 2
+    assert "pipeline 'demo' has no model nosuch; known: " in caplog.text and "r10@e2" in caplog.text
+
+
 def test_ctrl_c_is_one_line(monkeypatch, caplog):
     def interrupted(args):
         raise KeyboardInterrupt

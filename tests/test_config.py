@@ -134,6 +134,23 @@ def test_malformed_yaml_names_key_and_reason(tmp_path, edit, message):
         load_pipelines(_write(tmp_path, GOOD.replace(old, new)))
 
 
+def test_errors_name_the_cause_not_its_consequences(tmp_path):
+    # The one model's bad backbone empties `models:`; that it is then too short is not a second problem.
+    bad = GOOD.replace("{name: a, backbone: resnet10t}", "{name: a, backbone: resnet_nonexistent}")
+    bad = bad.replace("      - {name: b, backbone: test_vit, weights: random, img_size: 32}\n", "")
+    with pytest.raises(ConfigError) as err:
+        load_pipelines(_write(tmp_path, bad))
+    assert str(err.value).splitlines()[1:] == [
+        "  pipelines.p.models[0].backbone: unknown timm model 'resnet_nonexistent' (see timm.list_models())"]
+    # An empty list is still refused for itself; a mapping where a list belongs says "list".
+    empty = GOOD.split("    models:")[0] + "    models: []\n    store: cache/p\n    results: results/p\n"
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.models: Tuple should have at least 1 item"):
+        load_pipelines(_write(tmp_path, empty))
+    mapping = GOOD.split("    models:")[0] + "    models: {a: {backbone: resnet10t}}\n    store: cache/p\n    results: results/p\n"
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.models: Input should be a list, got dict"):
+        load_pipelines(_write(tmp_path, mapping))
+
+
 def test_group_key_reaches_the_correlation_of_every_checkpoint(tmp_path, monkeypatch):
     """A `group:` ties separate entries into one run for the correlation; a trained entry's
     checkpoints all take it; entries without one are left to the default (their name)."""
