@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iis.config import ConfigError, describe_file, list_pipelines, pipeline_files, starter_file
+from iis.config import ConfigError, describe_file, list_pipelines, load_pipeline, pipeline_files, starter_file
 
 
 def _dataset(raw: dict[str, Any]) -> str:
@@ -22,11 +22,15 @@ def _models(raw: dict[str, Any]) -> str:
     return f"{len(names)} model{'s' if len(names) != 1 else ''}: {', '.join(names)}"
 
 
-def describe_pipelines(config: Path | None = None) -> str:
-    """The text of ``iis pipelines``: the files searched, then one line per pipeline.
+def describe_pipelines(config: Path | None = None) -> tuple[str, int]:
+    """The text of ``iis pipelines``: the files searched, then one line per pipeline; and how
+    many of the pipelines in use are invalid.
 
-    Nothing is validated (a pipeline whose dataset lives on another machine is listed as well);
-    a name defined twice is used from the first file, and the later one is marked hidden.
+    Each of the user's pipelines in use is checked against the schema (keys, types, ranges,
+    library names), not against its inputs: a pipeline whose dataset lives on another machine is
+    listed as valid. An
+    invalid one is marked with its first problem (`iis run NAME` lists them all). A name defined
+    twice is used from the first file, and the later one is marked hidden.
     """
     files = pipeline_files(config)
     lines = ["Pipelines, searched in this order (the first file that defines a name wins):"]
@@ -34,13 +38,30 @@ def describe_pipelines(config: Path | None = None) -> str:
     entries = list_pipelines(config)
     width = max((len(e.name) for e in entries), default=4)
     lines.append("")
+    invalid = 0
     for e in entries:
         origin = "shipped" if e.shipped else str(e.path)
-        hidden = "  [hidden: an earlier file defines it]" if e.shadowed else ""
-        lines.append(f"  {e.name:<{width}}  {origin:<10}  {_dataset(e.raw)}; {_models(e.raw)}{hidden}")
+        mark = "  [hidden: an earlier file defines it]" if e.shadowed else ""
+        if not e.shadowed and not e.shipped:  # the shipped ones are tested (and their layers: import timm)
+            problem = _first_problem(e.path, e.name)
+            if problem:
+                invalid += 1
+                mark = f"  [INVALID: {problem}]"
+        lines.append(f"  {e.name:<{width}}  {origin:<10}  {_dataset(e.raw)}; {_models(e.raw)}{mark}")
     if not entries:
         lines.append("  (none)")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", invalid
+
+
+def _first_problem(path: Path, name: str) -> str | None:
+    """The first schema problem of one pipeline, with how many there are; None when it is valid."""
+    try:
+        load_pipeline(path, name, check_inputs=False)
+    except ConfigError as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:]] or [str(err)]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return problems[0] + more
+    return None
 
 
 def describe_libraries() -> str:

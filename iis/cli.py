@@ -311,9 +311,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_pipelines(args: argparse.Namespace) -> int:
     from iis.catalog import describe_libraries, describe_pipelines
 
-    sys.stdout.write(describe_pipelines(args.config))
+    text, invalid = describe_pipelines(args.config)
+    sys.stdout.write(text)
     if args.libraries:
         sys.stdout.write(describe_libraries())
+    if invalid:
+        log.error("%d pipeline(s) marked INVALID above; `iis run NAME` lists every problem", invalid)
+        return 2
     return 0
 
 

@@ -802,7 +802,7 @@ def locate_pipeline(name: str, config: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class PipelineEntry:
-    """One pipeline as ``iis pipelines`` lists it (unvalidated: listing checks nothing).
+    """One pipeline as ``iis pipelines`` lists it (unvalidated; the listing validates each on its own).
 
     Attributes:
         name: the pipeline's name.

@@ -70,6 +70,28 @@ def test_init_then_pipelines_shows_both_files(tmp_path, monkeypatch, capsys):
     assert any(line.split()[:2] == ["imagenet-subset", "pipelines.yaml"] for line in out.splitlines())
 
 
+def test_pipelines_marks_an_invalid_pipeline_and_fails(tmp_path, capsys, caplog):
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        "pipelines:\n"
+        "  bad:\n"
+        "    dataset: {source: builtin, name: digits}\n"
+        "    models: [{name: a, backbone: resnet10t}]\n"
+        "    store: cache/bad\n"
+        "    results: results/bad\n"
+        "    analysis: {num_concepts: sixteen, libraries: [prototyp]}\n"
+        "  elsewhere:\n"  # its dataset is on another machine: listed as valid (inputs are not checked)
+        "    dataset: {source: imagefolder, root: /no/such/folder}\n"
+        "    models: [{name: a, backbone: resnet50}]\n"
+        "    store: cache/e\n"
+        "    results: results/e\n")
+    assert main(["pipelines", "--config", str(config)]) == 2
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "[INVALID: pipelines.bad.analysis." in lines["bad"] and "(and 1 more)]" in lines["bad"]
+    assert "INVALID" not in lines["elsewhere"] and "INVALID" not in lines["demo"]
+    assert "1 pipeline(s) marked INVALID above" in caplog.text
+
+
 @pytest.mark.parametrize("arg", ["newdir/", "sub/dir", "conf"])
 def test_init_into_a_new_folder_writes_pipelines_yaml_there(arg, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
