@@ -13,6 +13,7 @@ from a worker that is still running (the scheduler lost) is left as it is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 
 HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat."
 # Statuses of a worker that was asked to close (distributed.core.Status names).
@@ -27,7 +28,7 @@ class ClosingHeartbeatFilter(logging.Filter):
             ``distributed`` status); by default ``distributed.Worker._instances``.
     """
 
-    def __init__(self, workers=None) -> None:
+    def __init__(self, workers: Callable[[], Iterable[object]] | None = None) -> None:
         super().__init__()
         self._workers = workers or _process_workers
 
@@ -38,7 +39,7 @@ class ClosingHeartbeatFilter(logging.Filter):
         return not workers or not all(getattr(w.status, "name", None) in _CLOSING for w in workers)
 
 
-def _process_workers() -> list:
+def _process_workers() -> list[object]:
     from distributed import Worker
 
     return list(Worker._instances)
@@ -55,6 +56,6 @@ def install() -> ClosingHeartbeatFilter:
     return heartbeat_filter
 
 
-def dask_setup(worker) -> None:
+def dask_setup(worker: object) -> None:
     """Dask's preload hook, called in the worker process before it starts."""
     install()
