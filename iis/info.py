@@ -109,7 +109,7 @@ def describe_results(path: Path) -> str:
     frames = {}
     for file in sorted(path.glob("*.parquet")):
         frames[file.stem] = pd.read_parquet(file)
-    lines.append("  tables      " + ", ".join(f"{name} ({len(df)} rows)" for name, df in frames.items()))
+    lines.append("  tables      " + ", ".join(f"{name} ({len(df)} row{'' if len(df) == 1 else 's'})" for name, df in frames.items()))
 
     def values(column: str, *tables: str) -> list[str]:
         found: set[str] = set()

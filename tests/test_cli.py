@@ -145,7 +145,7 @@ def test_info_on_a_folder_of_stores_and_on_results(tmp_path, capsys):
         results / "iis.parquet")
     assert main(["info", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "tables      accuracy (4 rows), iis (1 rows)" in out
+    assert "tables      accuracy (4 rows), iis (1 row)" in out
     assert "models      2: m1, m2" in out and "libraries   prototype, text" in out
     assert "pipelines   p; datasets toy" in out and "caveats     random CLIP weights" in out
     assert "analysis    0.1.0+m1, 0.1.0+m2" in out
