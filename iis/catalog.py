@@ -4,7 +4,7 @@ options) and ``iis init`` (a starter pipelines.yaml)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from iis.config import ConfigError, describe_file, list_pipelines, load_pipeline, pipeline_files, starter_file
 
@@ -78,9 +78,15 @@ def describe_libraries() -> str:
         if not fields:
             lines.append("      no options")
         for field, info in fields.items():
-            kind = getattr(info.annotation, "__name__", str(info.annotation))
-            lines.append(f"      {field}: {kind} = {info.default!r}")
+            lines.append(f"      {field}: {_type_name(info.annotation)} = {info.default!r}")
     return "\n".join(lines) + "\n"
+
+
+def _type_name(annotation: object) -> str:
+    """An option's type as a user writes it: ``int``, or a choice's values (``'anchors' | 'random'``)."""
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(v) for v in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def write_starter(path: Path) -> Path:

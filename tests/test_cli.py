@@ -58,6 +58,7 @@ def test_pipelines_lists_the_shipped_ones_from_an_empty_folder(tmp_path, monkeyp
         assert any(line.split()[:2] == [name, "shipped"] for line in out.splitlines()), name
     assert "1. shipped (" in out and "digits (builtin)" in out
     assert "top5_cutoff: float = 0.25" in out and "epochs: int = 30" in out  # the registry's options
+    assert "init: 'anchors' | 'random' = 'anchors'" in out  # a choice shows its values
 
 
 def test_init_then_pipelines_shows_both_files(tmp_path, monkeypatch, capsys):
