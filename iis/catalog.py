@@ -28,9 +28,8 @@ def describe_pipelines(config: Path | None = None) -> tuple[str, int]:
 
     Each of the user's pipelines in use is checked against the schema (keys, types, ranges,
     library names), not against its inputs: a pipeline whose dataset lives on another machine is
-    listed as valid. An
-    invalid one is marked with its first problem (`iis run NAME` lists them all). A name defined
-    twice is used from the first file, and the later one is marked hidden.
+    listed as valid. An invalid one is marked with its first problem (`iis run NAME` lists them
+    all). A name defined twice is used from the first file, and the later one is marked hidden.
     """
     files = pipeline_files(config)
     lines = ["Pipelines, searched in this order (the first file that defines a name wins):"]
