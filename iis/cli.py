@@ -229,7 +229,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                    head_parts=args.head_parts)
     if args.store:
         if args.pipeline or not args.results:
-            raise ConfigError("explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline")
+            wrong = (f"a pipeline ({args.pipeline}) was named too" if args.pipeline else "--results DIR is missing")
+            raise ConfigError(f"explicit mode takes --store DIR [--store DIR …] --results DIR and no pipeline: {wrong}")
         analyze_explicit(stores=args.store, results=args.results, clip_store=args.clip_store,
                          library_from=args.library_from, **options)
     elif args.pipeline:

@@ -117,6 +117,15 @@ def test_a_wrong_name_is_said_before_any_slow_work(monkeypatch, caplog):
     assert "pipeline 'demo' has no model nosuch; known: " in caplog.text and "r10@e2" in caplog.text
 
 
+def test_explicit_mode_says_what_is_wrong(tmp_path, caplog):
+    store = str(tmp_path / "m.zarr")
+    assert main(["analyze", "--store", store]) == 2
+    assert _errors(caplog)[0].getMessage().endswith("and no pipeline: --results DIR is missing")
+    caplog.clear()
+    assert main(["analyze", "demo", "--store", store, "--results", str(tmp_path)]) == 2
+    assert _errors(caplog)[0].getMessage().endswith("and no pipeline: a pipeline (demo) was named too")
+
+
 def test_ctrl_c_is_one_line(monkeypatch, caplog):
     def interrupted(args):
         raise KeyboardInterrupt
