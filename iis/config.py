@@ -560,6 +560,10 @@ class PipelineConfig(_Frozen):
                 out += _with_layers(base, m.layers if epoch in at else None)
         return out
 
+    def final_models(self) -> list[str]:
+        """The measured models at their final layer (inner layers, `name@stages.i`, left out)."""
+        return [m.name for m in self.measured_models() if m.layer == "final"]
+
     def explain_ratio(self) -> float:
         """``explain.ratio``, or by default 0.9 when the analysis has it, else the analysis ratio
         nearest 0.9 (an explanation is of a head the analysis fitted)."""

@@ -249,8 +249,7 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str | None = None, library: 
     model = model or cfg.explain.model
     if model is None:  # chosen from the tables
         require_results(cfg)
-        model = best_model(cfg.results, pipeline=cfg.name,
-                           models=[m.name for m in cfg.measured_models() if m.layer == "final"])
+        model = best_model(cfg.results, pipeline=cfg.name, models=cfg.final_models())
     if model not in known:
         raise ConfigError(f"pipeline {cfg.name!r} has no model {model!r}; it has {', '.join(known)}")
     library = library or cfg.explain.library or cfg.analysis.libraries[0]
@@ -298,8 +297,7 @@ def _arms_job(cfg: PipelineConfig, *, model: str | None = None, lam: float | Non
                                         **_given(**{"lambda": lam})})
     base = next((m for m in cfg.measured_models() if m.name == ft.model), None)
     if base is None:
-        finals = [m.name for m in cfg.measured_models() if m.layer == "final"]
-        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}; it has {', '.join(finals)}")
+        raise ConfigError(f"pipeline {cfg.name!r} has no model {ft.model!r}; it has {', '.join(cfg.final_models())}")
     require_stores(cfg, [cfg.store_path(base.name)])
     dataset = _load_dataset(cfg)
     # The trainer's batch size, when the pipeline trains a model; else TrainOptions's default.
