@@ -97,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iis", description="How interpretable is a vision representation: the Inherent "
                      "Interpretability Score (IIS). `iis COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"iis {__version__}")
-    loud = parser.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="store_true", help="debug logging, and Dask's own INFO logs")
-    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _add_loudness(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="stage 1: run backbones over a pipeline's data into Zarr stores")
@@ -200,12 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     # -v / -q after the command too (`iis info x -v`, where a user adds it to the command that just
     # failed). SUPPRESS: a subcommand's unset flag must not overwrite one given before the command.
     for command in sub.choices.values():
-        loud = command.add_mutually_exclusive_group()
-        loud.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                          help="debug logging, and Dask's own INFO logs")
-        loud.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                          help="warnings and errors only")
+        _add_loudness(command, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_loudness(parser: argparse.ArgumentParser, *, default: object) -> None:
+    """``-v`` / ``-q``, one or the other."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", default=default,
+                      help="debug logging, and Dask's own INFO logs")
+    loud.add_argument("-q", "--quiet", action="store_true", default=default, help="warnings and errors only")
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
