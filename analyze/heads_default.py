@@ -104,6 +104,14 @@ WARM_PENALTY_WINDOW = (2, 1)
 # workloads and -2.6 -> -1.8 on the demo's stores, fewer heads below -0.5 on both, for 1.02x /
 # 1.13x the grids' head-steps (benchmarks/README.md, "A window of penalties").
 SPARSE_PENALTY_WINDOW = (3, 0)
+# Penalties stronger than CONCEPT_INVERSE_L2's strongest, open to the sparse heads alone, so that
+# their window is not cut at the grid's end where the dense heads choose a strong penalty (noisy
+# train sets); a sparse head of such a penalty starts from the strongest dense head. On 11
+# workload-seeds val chose one of them for 30 of 41 sparse heads: test top-1 +0.54 points mean
+# (s = 0.98: +1.10; worst head -0.9), for up to two more heads a sparse ratio. A third, 3e-6, scored
+# below 1e-5 on val everywhere it was tried. The demo's stores, whose dense heads choose weak
+# penalties, never reach them (benchmarks/README.md, "The sparse heads' strong end").
+SPARSE_STRONG_END = (1e-5, 3e-5)
 # Raw features whose overall scale is below this are left unscaled.
 STD_FLOOR = 1e-6
 
@@ -128,20 +136,36 @@ def sparse_heads(keep: torch.Tensor, num_inputs: int) -> torch.Tensor:
     return keep <= SPARSE_KEEP_FRACTION * num_inputs
 
 
-def penalty_window(anchor: int, num_penalties: int, *, sparse: bool = False) -> slice:
-    """The penalties (indices into ``CONCEPT_INVERSE_L2``) a warm-started ratio trains, given the
-    dense heads' val choice ``anchor``: :data:`WARM_PENALTY_WINDOW` around it (a sparse ratio's:
-    :data:`SPARSE_PENALTY_WINDOW`), cut at the grid's ends."""
+def concept_penalties() -> tuple[float, ...]:
+    """Every L2 strength a ratio's concept heads may train, strongest first: the sparse ratios'
+    ``SPARSE_STRONG_END``, then ``CONCEPT_INVERSE_L2`` (the dense heads', and the only ones the other
+    ratios train)."""
+    return (*SPARSE_STRONG_END, *CONCEPT_INVERSE_L2)
+
+
+def penalty_window(choice: int, *, sparse: bool = False) -> slice:
+    """The penalties (indices into :func:`concept_penalties`) a warm-started ratio trains, given the
+    dense heads' val choice ``choice`` (an index into ``CONCEPT_INVERSE_L2``): :data:`WARM_PENALTY_WINDOW`
+    around it (a sparse ratio's: :data:`SPARSE_PENALTY_WINDOW`), cut at the grid's ends, which for
+    the sparse ratios lie ``SPARSE_STRONG_END`` further."""
     below, above = SPARSE_PENALTY_WINDOW if sparse else WARM_PENALTY_WINDOW
-    return slice(max(anchor - below, 0), min(anchor + above, num_penalties - 1) + 1)
+    extra = len(SPARSE_STRONG_END)
+    anchor = extra + choice
+    lowest = 0 if sparse else extra
+    return slice(max(anchor - below, lowest), min(anchor + above, extra + len(CONCEPT_INVERSE_L2) - 1) + 1)
+
+
+def sparse_grid_share() -> float:
+    """A sparse ratio's penalties against another ratio's (the strong end): its heads' share of a
+    grid fitted without warm starts."""
+    return len(concept_penalties()) / len(CONCEPT_INVERSE_L2)
 
 
 def warm_penalty_share(*, sparse: bool = False) -> float:
-    """The widest :func:`penalty_window`, as a share of the concept heads' penalties: the most of a
-    (sparse) ratio's heads that a warm-started grid trains."""
-    penalties = range(len(CONCEPT_INVERSE_L2))
-    widest = max(len(penalties[penalty_window(anchor, len(penalties), sparse=sparse)]) for anchor in penalties)
-    return widest / len(penalties)
+    """The widest :func:`penalty_window`, in heads per dense grid (``len(CONCEPT_INVERSE_L2)``): the
+    most of a (sparse) ratio's heads that a warm-started grid trains, against its dense heads."""
+    windows = [penalty_window(choice, sparse=sparse) for choice in range(len(CONCEPT_INVERSE_L2))]
+    return max(w.stop - w.start for w in windows) / len(CONCEPT_INVERSE_L2)
 
 
 def concept_lr_factor(inverse_l2: float) -> float:
@@ -420,17 +444,19 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
                 warm_start: bool = True, dense_heads: DenseHeads | None = None) -> HeadFit:
     """Fit the standard head (``ratios`` None) or every ratio's interpretable head.
 
-    Internally ``H = R * M`` concept heads train together (``M`` penalties of ``CONCEPT_INVERSE_L2``
-    per ratio), each with ``P`` column blocks, its learning rates; the standard head is one head
-    whose ``P`` blocks are the pairs of ``STANDARD_INVERSE_L2 x STANDARD_LRS``. Per ratio the
-    (penalty, rate) pair best on val among the trained heads is kept.
+    Internally ``H = R * M`` concept heads train together (``M`` penalties of
+    :func:`concept_penalties` per ratio; the strongest, ``SPARSE_STRONG_END``, only at the sparse
+    ratios), each with ``P`` column blocks, its learning rates; the standard head is one head whose
+    ``P`` blocks are the pairs of ``STANDARD_INVERSE_L2 x STANDARD_LRS``. Per ratio the (penalty,
+    rate) pair best on val among the trained heads is kept.
 
-    With ``warm_start`` the ``M`` dense heads (every concept kept, as at s = 0) train first, from
-    zeros, and every other ratio's head of the same penalty starts from them, on a shorter schedule
-    unless it is sparse (:func:`step_factors`); those ratios train only the penalties of
-    :func:`penalty_window` around the dense heads' val choice (the sparse ratios their own). The dense heads are trained whether
-    or not the grid holds s = 0, so a ratio's head does not depend on which other ratios are fitted
-    beside it.
+    With ``warm_start`` the dense heads (every concept kept, as at s = 0; one per penalty of
+    ``CONCEPT_INVERSE_L2``) train first, from zeros, and every other ratio's head of the same penalty
+    starts from them (of the strong end: from the strongest), on a shorter schedule unless it is
+    sparse (:func:`step_factors`); those ratios train only the penalties of :func:`penalty_window`
+    around the dense heads' val choice (the sparse ratios their own). The dense heads are trained
+    whether or not the grid holds s = 0, so a ratio's head does not depend on which other ratios are
+    fitted beside it.
 
     Args:
         splits: ``train``/``val``/``test`` as ``(X, y)``; train may be :class:`ChunkedRows` for
@@ -462,9 +488,9 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
                                    dtype=torch.float64)
         head_factor = torch.ones(1, dtype=torch.float64)
     else:
-        heads_per_ratio = len(CONCEPT_INVERSE_L2)
+        heads_per_ratio = len(concept_penalties())
         column_rate = torch.tensor(CONCEPT_LRS, dtype=torch.float64)
-        head_c = torch.tensor(CONCEPT_INVERSE_L2, dtype=torch.float64).repeat(num_ratios)
+        head_c = torch.tensor(concept_penalties(), dtype=torch.float64).repeat(num_ratios)
         option_c = head_c.view(-1, 1).expand(-1, len(column_rate))
         # Each concept head's own rate (CONCEPT_LR_FACTORS) rides on its schedule factor.
         head_factor = torch.tensor([concept_lr_factor(float(c)) for c in head_c], dtype=torch.float64)
@@ -498,13 +524,23 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
     if with_scale and num_options != 1:
         raise ValueError("a learnt (γ, β) shares its head's one learning rate")
     heads = _Heads.zeros(num_heads, num_options * num_classes, num_inputs, with_scale=with_scale)
-    trained = torch.ones(num_heads, dtype=torch.bool)  # heads outside a warm ratio's penalty window do not train
+    # Each head's penalty (an index into concept_penalties()) and the dense head of the same one, which
+    # a warm start starts it from (the strongest for the sparse ratios' strong end); the strong end
+    # is the sparse ratios' alone.
+    extra = 0 if standard else len(SPARSE_STRONG_END)
+    penalty = torch.arange(num_heads) % heads_per_ratio
+    dense_penalty = (penalty - extra).clamp(min=0)
+    sparse = sparse_heads(keep, num_inputs)
+    # The heads that train: heads outside a warm ratio's penalty window do not, nor a strong-end
+    # head of a ratio that is not sparse.
+    trained = sparse | (penalty >= extra)
     if standard:
         trainer = _Trainer(x_train, y_train, prep=prep, num_classes=num_classes, standard=True, seed=seed,
                            batch_size=schedule.batch_size, column_rate=_column_rates(column_rate.tolist(), num_classes))
     else:
         trainer = _concept_trainer(x_train, y_train, num_classes=num_classes, seed=seed, schedule=schedule)
     dense = keep == num_inputs
+    dense_trained = dense & trained
     warm = warm_start and not standard and not bool(dense.all())
     factors = step_factors(keep, num_inputs, warm=warm)  # 1 for the standard head (one dense head, not warm)
     head_steps = (schedule.steps * factors).round().clamp(min=1).to(torch.int64)
@@ -515,31 +551,35 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
         dense_heads.check(x_train, y_train, num_classes=num_classes, learn_scale=with_scale, seed=seed, schedule=schedule)
     with denormals_flushed():
         if warm:
-            # The dense heads first (one per penalty; the grid's own s = 0 heads where it has them),
-            # then every other ratio's heads of the penalties in the window, each from the dense head
-            # of its penalty. (`anchor` is only read below: `take` copies.)
+            # The dense heads first (one per penalty of CONCEPT_INVERSE_L2; the grid's own s = 0 heads
+            # where it has them), then every other ratio's heads of the penalties in the window, each
+            # from the dense head of its penalty. (`anchor` is only read below: `take` copies.)
             anchor = dense_heads.heads if dense_heads is not None else _train_dense(
                 trainer, num_inputs=num_inputs, num_train=num_train, steps=schedule.steps, learn_scale=with_scale)
             # The other ratios train only the penalties near the dense heads' val choice.
-            anchor_val = _val_top1(anchor.weight, anchor.bias, anchor.affine, torch.full((heads_per_ratio,), num_inputs),
-                                   prep_val=x_val, y_val=y_val, num_classes=num_classes, standard=False)
+            anchor_val = _val_top1(anchor.weight, anchor.bias, anchor.affine,
+                                   torch.full((len(CONCEPT_INVERSE_L2),), num_inputs), prep_val=x_val, y_val=y_val,
+                                   num_classes=num_classes, standard=False)
             choice = int(anchor_val.max(dim=1).values.argmax())
-            penalty = torch.arange(num_heads) % heads_per_ratio
-            sparse = sparse_heads(keep, num_inputs)
-            trained = dense.clone()
-            for kind, window in ((~sparse, penalty_window(choice, heads_per_ratio)),
-                                 (sparse, penalty_window(choice, heads_per_ratio, sparse=True))):
+            trained = dense_trained.clone()
+            for kind, window in ((~sparse, penalty_window(choice)), (sparse, penalty_window(choice, sparse=True))):
                 trained |= kind & (penalty >= window.start) & (penalty < window.stop)
             rest = torch.nonzero(trained & ~dense).view(-1)
-            started = anchor.take(penalty[rest])
+            started = anchor.take(dense_penalty[rest])
             trainer.train(started, keep=keep[rest], l2=l2_per_column[rest], head_factor=head_factor[rest],
                           head_steps=head_steps[rest])
-            heads.scatter(torch.nonzero(dense).view(-1), anchor.take(penalty[dense]))
+            heads.scatter(torch.nonzero(dense_trained).view(-1), anchor.take(dense_penalty[dense_trained]))
             heads.scatter(rest, started)
         elif dense_heads is not None:  # every ratio keeps every concept: its heads are the dense heads
-            heads.scatter(torch.arange(num_heads), dense_heads.heads.take(torch.arange(num_heads) % heads_per_ratio))
-        else:
+            heads.scatter(torch.nonzero(trained).view(-1), dense_heads.heads.take(dense_penalty[trained]))
+        elif bool(trained.all()):
             trainer.train(heads, keep=keep, l2=l2_per_column, head_factor=head_factor, head_steps=head_steps)
+        else:  # from zeros, every head but the strong end of the ratios that are not sparse
+            index = torch.nonzero(trained).view(-1)
+            subset = heads.take(index)
+            trainer.train(subset, keep=keep[index], l2=l2_per_column[index], head_factor=head_factor[index],
+                          head_steps=head_steps[index])
+            heads.scatter(index, subset)
     weight, bias, affine = heads.weight, heads.bias, heads.affine
 
     # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)

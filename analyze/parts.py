@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from iis.analyze.activations import keep_counts
-from iis.analyze.heads_default import sparse_heads, step_factors, warm_penalty_share
+from iis.analyze.heads_default import sparse_grid_share, sparse_heads, step_factors, warm_penalty_share
 from iis.analyze.tasks import STANDARD, TaskSpec, trains_dense_heads
 
 
@@ -29,7 +29,8 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
     heads that drop a concept shorter (:func:`~iis.analyze.heads_default.step_factors`, the
     trainer's own rule) and for a window of the penalties only (at most
     :func:`~iis.analyze.heads_default.warm_penalty_share` of them; the same share at every such
-    ratio, a smaller one at the sparse ratios); a step costs about the same at every ratio (dense products). With warm
+    ratio, a smaller one at the sparse ratios); without warm starts every ratio trains every penalty,
+    the sparse ones their strong end too. A step costs about the same at every ratio (dense products). With warm
     starts the dense heads (a ratio that keeps every concept) are trained once for the whole grid
     anyway (:func:`task_cost` counts them), so such a ratio costs nothing more. The reference protocol trains
     every ratio alike. (A per-ratio library's build, end2end's training, is about alike at every
@@ -39,9 +40,12 @@ def ratio_costs(ratios: Sequence[float], num_concepts: int, protocol: str, *, wa
         return [1.0] * len(ratios)
     keep = keep_counts(list(ratios), num_concepts)
     costs = step_factors(keep, num_concepts, warm=warm)
+    sparse = sparse_heads(keep, num_concepts)
     if warm:
-        share = torch.where(sparse_heads(keep, num_concepts), warm_penalty_share(sparse=True), warm_penalty_share())
+        share = torch.where(sparse, warm_penalty_share(sparse=True), warm_penalty_share())
         costs = torch.where(keep >= num_concepts, 0.0, costs * share)
+    else:  # every penalty, the sparse ratios' strong end too
+        costs = torch.where(sparse, costs * sparse_grid_share(), costs)
     return costs.tolist()
 
 

@@ -124,6 +124,7 @@ def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
     seen = _spy_on_val_evaluations(monkeypatch)
     grid = (1e-4, 1e-2, 1e2)  # a 10^6 spread: the heads of a ratio differ
     monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
+    monkeypatch.setattr(default, "SPARSE_STRONG_END", ())  # its own test: below
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
     ratios = [0.0, 0.5, 0.9]
     fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
@@ -138,6 +139,7 @@ def test_each_ratio_keeps_the_penalty_best_on_val(monkeypatch):
     # The strongest penalty shrinks the dense head's weights far more than the sparse head's
     # (its strength is scaled by k/K = 1 against 0.1).
     monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", (1e-4,))
+    monkeypatch.setattr(default, "SPARSE_STRONG_END", ())
     strong = fit_heads(**splits, num_classes=4, ratios=[0.0, 0.9], seed=3, max_epochs=4)
     assert strong.inverse_l2.tolist() == [1e-4, 1e-4]
     assert strong.weight[0].norm() < 0.5 * strong.weight[1].norm()
@@ -147,8 +149,9 @@ def test_warm_ratios_train_only_the_penalties_next_to_the_dense_heads_choice(mon
     """With warm starts the ratios that drop concepts train only the penalties of the window around
     the dense heads' val choice: the same heads as in the whole grid, the rest never trained nor chosen."""
     seen = _spy_on_val_evaluations(monkeypatch)
-    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", grid)
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", (1e-4, 1e-3, 1e-2, 1e-1, 1.0))
+    monkeypatch.setattr(default, "SPARSE_STRONG_END", (1e-5,))
+    grid = default.concept_penalties()  # the strong end first: the sparse ratio's alone
     splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
     ratios = [0.0, 0.5, 0.9]
     windowed = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
@@ -156,17 +159,19 @@ def test_warm_ratios_train_only_the_penalties_next_to_the_dense_heads_choice(mon
     num_inputs = splits["train"][0].shape[1]
     sparse = default.sparse_heads(keep_counts(ratios, num_inputs), num_inputs).tolist()
     assert sparse == [False, False, True]  # s = 0.9 keeps 2 of 20 columns: the sparse window
-    windows = [default.penalty_window(int(anchor_val.argmax()), len(grid), sparse=sp) for sp in sparse]
+    windows = [default.penalty_window(int(anchor_val.argmax()), sparse=sp) for sp in sparse]
     for sp, window in zip(sparse, windows):
         below, above = default.SPARSE_PENALTY_WINDOW if sp else default.WARM_PENALTY_WINDOW
         assert window.stop - window.start <= below + above + 1 < len(grid)
+        assert window.start >= (0 if sp else 1)  # the strong end: the sparse ratio's alone
     everywhere = (len(grid), len(grid))
     monkeypatch.setattr(default, "WARM_PENALTY_WINDOW", everywhere)
     monkeypatch.setattr(default, "SPARSE_PENALTY_WINDOW", everywhere)
     seen.clear()
     whole = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4)
     whole_val = seen[-1].view(len(ratios), len(grid))
-    torch.testing.assert_close(final_val[0], whole_val[0])  # the dense heads: every penalty
+    torch.testing.assert_close(final_val[0, 1:], whole_val[0, 1:])  # the dense heads: every penalty
+    assert final_val[0, 0] == whole_val[0, 0] == -1  # ...but the strong end
     assert windowed.inverse_l2[0] == whole.inverse_l2[0]
     for r in (1, 2):
         window = windows[r]
@@ -175,6 +180,51 @@ def test_warm_ratios_train_only_the_penalties_next_to_the_dense_heads_choice(mon
         outside[window] = False
         assert (final_val[r, outside] == -1).all()
         assert windowed.inverse_l2[r] == grid[window.start + int(whole_val[r, window].argmax())]
+
+
+def test_sparse_ratios_reach_a_stronger_penalty_from_the_strongest_dense_head(monkeypatch):
+    """SPARSE_STRONG_END is trained at the sparse ratios only: never by the dense heads nor by the
+    ratios that are not sparse (with warm starts or without), and with warm starts from the
+    strongest dense head."""
+    seen = _spy_on_val_evaluations(monkeypatch)
+    calls = []  # per call to the trainer: (weights before, weights after, keep, l2 of the first column)
+    train = default._Trainer.train
+
+    def spy(self, heads, **kw):
+        before = heads.weight.clone()
+        train(self, heads, **kw)
+        calls.append((before, heads.weight.clone(), kw["keep"].clone(), kw["l2"][:, 0].clone()))
+
+    monkeypatch.setattr(default._Trainer, "train", spy)
+    monkeypatch.setattr(default, "CONCEPT_INVERSE_L2", (1e-4, 1e-2, 1e2))
+    monkeypatch.setattr(default, "SPARSE_STRONG_END", (1e-6,))
+    monkeypatch.setattr(default, "WARM_PENALTY_WINDOW", (9, 9))  # every penalty open to each ratio
+    monkeypatch.setattr(default, "SPARSE_PENALTY_WINDOW", (9, 9))
+    splits = {name: _buried_signal(seed, n) for name, seed, n in (("train", 1, 300), ("val", 2, 100), ("test", 3, 100))}
+    ratios = [0.0, 0.5, 0.9]  # keep 20, 10 and 2 of 20: the last one sparse
+    warm_calls = []
+    for warm_start in (True, False):
+        seen.clear()
+        calls.clear()
+        fit = fit_heads(**splits, num_classes=4, ratios=ratios, seed=3, max_epochs=4, warm_start=warm_start)
+        val = seen[-1].view(len(ratios), 4)
+        assert (val[:2, 0] == -1).all()  # s = 0 and 0.5: never the strong end
+        assert (val[:2, 1:] >= 0).all() and (val[2] >= 0).all()
+        assert fit.inverse_l2[2] in default.concept_penalties()
+        trained_keep = torch.cat([keep for _, _, keep, _ in calls])
+        assert (trained_keep == 2).sum() == 4 and (trained_keep == 10).sum() == 3  # the sparse ratio 4 penalties
+        if warm_start:
+            warm_calls = list(calls)
+        else:
+            assert len(calls) == 1 and not calls[0][0].any()  # one call, every head from zeros
+    # Warm: the dense heads (1e-4, 1e-2, 1e2) trained first; the strong-end head of s = 0.9 (its
+    # strongest penalty: the largest L2 coefficient) starts from the dense head of 1e-4.
+    (_, dense_after, dense_keep, _), (rest_before, _, rest_keep, rest_l2) = warm_calls
+    assert dense_keep.tolist() == [20] * 3
+    sparse = torch.nonzero(rest_keep == 2).view(-1)
+    strong_end = sparse[rest_l2[sparse].argmax()]
+    torch.testing.assert_close(rest_before[strong_end], dense_after[0], rtol=0, atol=0)
+    assert not torch.equal(rest_before[strong_end], dense_after[1])
 
 
 def _overfitting_splits():

@@ -26,22 +26,23 @@ def _spec(library: str, ratios: tuple[float, ...] = GRID, **kw) -> TaskSpec:
 
 
 def test_ratio_costs_follow_the_trainers_schedules():
-    # keep <= 10% of 200 concepts from s = 0.9 on: those heads train twice the steps.
-    assert ratio_costs(GRID, 200, "default") == [1, 1, 1, 1, 1, 2, 2, 2]
+    # keep <= 10% of 200 concepts from s = 0.9 on: those heads train twice the steps, for the 6
+    # penalties of CONCEPT_INVERSE_L2 and the 2 of their strong end.
+    assert (len(default.CONCEPT_INVERSE_L2), len(default.SPARSE_STRONG_END)) == (6, 2)
+    assert ratio_costs(GRID, 200, "default") == pytest.approx([1, 1, 1, 1, 1, 8 / 3, 8 / 3, 8 / 3])
     assert ratio_costs(GRID, 200, "reference") == [1] * 8
     # Warm-started: the dense heads (s = 0) are trained once for the grid (counted once, in the
     # whole task's cost), the other non-sparse heads train 3/4 of the schedule, and every other
-    # ratio trains at most 4 of the 6 penalties (a window around the dense heads' choice; the
-    # sparse ones' window reaches one further down and has none weaker).
+    # ratio trains at most 4 penalties (a window around the dense heads' choice; the sparse ones'
+    # window reaches one further down, into their strong end, and has none weaker).
     assert default.WARM_STEP_FRACTION == 0.75
     assert (default.WARM_PENALTY_WINDOW, default.SPARSE_PENALTY_WINDOW) == ((2, 1), (3, 0))
-    assert len(default.CONCEPT_INVERSE_L2) == 6
     assert ratio_costs(GRID, 200, "default", warm=True) == pytest.approx([0] + [0.5] * 4 + [4 / 3] * 3)
     # Tasks start longest first: the whole grid, then its parts, then the standard head.
     assert task_cost(_spec("prototype")) == 7  # 1 (dense heads) + 4 x 0.5 + 3 x 4/3
     assert task_cost(_spec("prototype", part=(0.3, 0.9, 0.98))) == 3  # 0.5 + 8/3 (the dense heads train before)
     assert task_cost(_spec("prototype", protocol="reference")) == 8
-    assert task_cost(_spec("end2end")) == 11  # one library per ratio: every head from zeros
+    assert task_cost(_spec("end2end")) == 13  # one library per ratio: every head from zeros (5 + 3 x 8/3)
     assert task_cost(_spec(STANDARD)) == 0
 
 
@@ -57,7 +58,7 @@ def test_split_covers_the_grid_once_in_balanced_ascending_parts(parts, warm):
     # Greedy longest-first is within the largest single cost of a perfect balance.
     assert max(loads) - min(loads) <= 2
     if parts == 2:
-        assert sorted(loads) == pytest.approx([17 / 6, 19 / 6] if warm else [5, 6])
+        assert sorted(loads) == pytest.approx([17 / 6, 19 / 6] if warm else [19 / 3, 20 / 3])
 
 
 def test_plan_splits_only_when_slots_would_idle():
