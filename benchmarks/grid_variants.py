@@ -11,7 +11,7 @@ one thread, and prints test (and val) top-1 per ratio:
 - ``sparse1.5x``: the sparsest heads (``SPARSE_KEEP_FRACTION``) train 1.5x the steps, not 2x;
 - ``wideC``: the default steps, the ceiling's L2 grid;
 - ``both``: the ceiling itself;
-- ``strong-end``: the default grid with one stronger penalty in front (C = 3e-5);
+- ``no-strong-end``: the default grid without the sparse heads' strong end (``SPARSE_STRONG_END``);
 - ``batch0.5x``: batches of half the default size (``BATCH``), the same number of steps.
 
 Then, over the workloads (or stores) and seeds, the mean and worst difference of each against
@@ -20,7 +20,7 @@ Then, over the workloads (or stores) and seeds, the mean and worst difference of
 
     python benchmarks/grid_variants.py                                   # planted-quick, seeds 0-4
     python benchmarks/grid_variants.py --workloads planted-20k planted-30k --seeds 3 4 \\
-           --configs default strong-end
+           --configs default no-strong-end
     python benchmarks/grid_variants.py --stores cache/demo/*.zarr --libraries prototype cluster \\
            --seeds 0 --configs default steps0.5x                       # real stores (the demo's)
 """
@@ -34,21 +34,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heads_vs_reference import CEILING_CONCEPT_C, CEILING_EPOCH_FACTOR, RATIOS
+from heads_vs_reference import CEILING_CONCEPT_C, CEILING_EPOCH_FACTOR, CEILING_SPARSE_STRONG_END, RATIOS
 from iis.analyze import heads_default as default
 from iis.analyze.heads import fit_heads
 from workloads import QUICK, WORKLOADS, make
 
 ALL = {**WORKLOADS, **QUICK}
-CONFIGS = {  # name: (steps factor, L2 grid or None for the default, the sparsest heads' extra steps or None,
-    #                 batch factor)
+CEILING_GRID = (CEILING_CONCEPT_C, CEILING_SPARSE_STRONG_END)
+CONFIGS = {  # name: (steps factor, (L2 grid, the sparse heads' strong end) or None for the default's,
+    #                 the sparsest heads' extra steps or None, batch factor)
     "default": (1, None, None, 1),
     "steps4x": (CEILING_EPOCH_FACTOR, None, None, 1),
     "steps0.5x": (0.5, None, None, 1),
     "sparse1.5x": (1, None, 1.5, 1),
-    "wideC": (1, CEILING_CONCEPT_C, None, 1),
-    "both": (CEILING_EPOCH_FACTOR, CEILING_CONCEPT_C, None, 1),
-    "strong-end": (1, (3e-5, *default.CONCEPT_INVERSE_L2), None, 1),
+    "wideC": (1, CEILING_GRID, None, 1),
+    "both": (CEILING_EPOCH_FACTOR, CEILING_GRID, None, 1),
+    "no-strong-end": (1, (default.CONCEPT_INVERSE_L2, ()), None, 1),
     "batch0.5x": (1, None, None, 0.5),
 }
 SPARSE = np.asarray(RATIOS) >= 0.9
@@ -74,15 +75,18 @@ def cases(args) -> Iterator[tuple[str, int, dict, int]]:
 def fit_grid(activations, classes: int, seed: int, config: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """``(test top-1, val top-1, chosen C)`` per ratio, each ``(R,)``, and the fit's CPU seconds."""
     factor, grid, sparse, batch = CONFIGS[config]
-    saved = default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH
-    default.STEPS, default.CONCEPT_INVERSE_L2 = round(saved[0] * factor), grid or saved[1]
+    saved = (default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH,
+             default.SPARSE_STRONG_END)
+    default.STEPS = round(saved[0] * factor)
+    default.CONCEPT_INVERSE_L2, default.SPARSE_STRONG_END = grid or (saved[1], saved[4])
     default.SPARSE_EPOCH_FACTOR, default.BATCH = sparse or saved[2], round(saved[3] * batch)
     try:
         cpu = time.process_time()
         fit = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
         cpu = time.process_time() - cpu
     finally:
-        default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH = saved
+        (default.STEPS, default.CONCEPT_INVERSE_L2, default.SPARSE_EPOCH_FACTOR, default.BATCH,
+         default.SPARSE_STRONG_END) = saved
     return np.asarray(fit.test_top1) * 100, np.asarray(fit.val_top1) * 100, np.asarray(fit.inverse_l2), cpu
 
 

@@ -42,6 +42,7 @@ RATIOS = [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]
 HEAD_NAMES = ["standard", *[f"s={r:g}" for r in RATIOS]]
 CEILING_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # holds the standard head's default grid
 CEILING_CONCEPT_C = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # holds the default grid
+CEILING_SPARSE_STRONG_END = (3e-6, 1e-5)  # the sparse heads' further: 3e-6 .. 1, a superset of the default's
 CEILING_EPOCH_FACTOR = 4
 SPEED_AIM = 30.0
 REFERENCE_AIM = -0.5  # points of test top-1, ours minus reference
@@ -66,16 +67,18 @@ def run_protocol(features, activations, *, classes: int, seed: int, protocol: st
 
 def fit_ceiling(features, activations, *, classes: int, seed: int) -> list[float]:
     """Test top-1 per head of the same model on a 4x longer schedule, its L2 strength chosen on val
-    per head from a wider grid than the default's (concept heads: ``CEILING_CONCEPT_C``, scaled by
-    the kept fraction as by default; the standard head: ``CEILING_C``)."""
-    saved = default.STEPS, default.STANDARD_INVERSE_L2, default.CONCEPT_INVERSE_L2
+    per head from a wider grid than the default's (concept heads: ``CEILING_CONCEPT_C``, the sparse
+    ones also ``CEILING_SPARSE_STRONG_END``, scaled by the kept fraction as by default; the standard
+    head: ``CEILING_C``)."""
+    saved = default.STEPS, default.STANDARD_INVERSE_L2, default.CONCEPT_INVERSE_L2, default.SPARSE_STRONG_END
     try:
         default.STEPS = CEILING_EPOCH_FACTOR * saved[0]
         default.STANDARD_INVERSE_L2, default.CONCEPT_INVERSE_L2 = CEILING_C, CEILING_CONCEPT_C
+        default.SPARSE_STRONG_END = CEILING_SPARSE_STRONG_END
         standard = fit_heads(**features, num_classes=classes, ratios=None, seed=seed, protocol="default")
         grid = fit_heads(**activations, num_classes=classes, ratios=RATIOS, seed=seed, protocol="default")
     finally:
-        default.STEPS, default.STANDARD_INVERSE_L2, default.CONCEPT_INVERSE_L2 = saved
+        default.STEPS, default.STANDARD_INVERSE_L2, default.CONCEPT_INVERSE_L2, default.SPARSE_STRONG_END = saved
     return [standard.test_top1[0], *grid.test_top1.tolist()]
 
 

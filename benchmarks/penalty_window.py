@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,41 +59,54 @@ def record_grid(case: str, splits: dict, classes: int, seed: int) -> pd.DataFram
         return recorded["val"]
 
     default._val_top1 = both
-    saved, default.WARM_PENALTY_WINDOW = default.WARM_PENALTY_WINDOW, (len(default.CONCEPT_INVERSE_L2),) * 2
     try:
         schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=None, batch_size=None)
-        cpu = time.process_time()
-        fit_default(splits, num_classes=classes, ratios=RATIOS, seed=seed, schedule=schedule)
-        cpu = time.process_time() - cpu
+        with whole_windows():
+            cpu = time.process_time()
+            fit_default(splits, num_classes=classes, ratios=RATIOS, seed=seed, schedule=schedule)
+            cpu = time.process_time() - cpu
     finally:
-        default._val_top1, default.WARM_PENALTY_WINDOW = original, saved
-    penalties = len(default.CONCEPT_INVERSE_L2)
+        default._val_top1 = original
+    grid = default.concept_penalties()
+    extra = len(default.SPARSE_STRONG_END)
     assert len(default.CONCEPT_LRS) == 1, "one rate column per concept head"
-    anchor = int(recorded["anchor"][:, 0].argmax())  # as the trainer chooses (ties: the first)
+    # In concept_penalties()' order, as `penalty` (the dense heads choose among CONCEPT_INVERSE_L2;
+    # ties: the first, as the trainer).
+    anchor = extra + int(recorded["anchor"][:, 0].argmax())
     keep = keep_counts(RATIOS, splits["train"][0].shape[1]).numpy()
+    # Heads never trained (a strong-end penalty at a ratio that is not sparse) are recorded with
+    # val -100 (the trainer's mark: never chosen).
     rows = [{"case": case, "seed": seed, "ratio": ratio, "keep": int(keep[r]), "penalty": m,
-             "inverse_l2": default.CONCEPT_INVERSE_L2[m], "num_inputs": splits["train"][0].shape[1],
-             "val": 100 * float(recorded["val"][r * penalties + m, 0]),
-             "test": 100 * float(recorded["test"][r * penalties + m, 0]), "anchor": anchor, "cpu": cpu}
-            for r, ratio in enumerate(RATIOS) for m in range(penalties)]
+             "inverse_l2": grid[m], "num_inputs": splits["train"][0].shape[1],
+             "val": 100 * float(recorded["val"][r * len(grid) + m, 0]),
+             "test": 100 * float(recorded["test"][r * len(grid) + m, 0]), "anchor": anchor, "extra": extra,
+             "cpu": cpu}
+            for r, ratio in enumerate(RATIOS) for m in range(len(grid))]
     return pd.DataFrame(rows)
+
+
+@contextmanager
+def whole_windows() -> Iterator[None]:
+    """Every ratio trains every penalty open to it (no window around the dense heads' choice)."""
+    saved = default.WARM_PENALTY_WINDOW, default.SPARSE_PENALTY_WINDOW
+    default.WARM_PENALTY_WINDOW = default.SPARSE_PENALTY_WINDOW = (len(default.concept_penalties()),) * 2
+    try:
+        yield
+    finally:
+        default.WARM_PENALTY_WINDOW, default.SPARSE_PENALTY_WINDOW = saved
 
 
 def compare(case: str, splits: dict, classes: int, seed: int, repeats: int) -> None:
     """The default grid with the window and with every penalty at every ratio, alternated: CPU and test top-1."""
-    whole_window = (len(default.CONCEPT_INVERSE_L2),) * 2
     schedule = Schedule.resolve(splits["train"][0].shape[0], epochs=None, batch_size=None)
     cpu: dict[str, list[float]] = {"window": [], "whole": []}
     top1 = {}
     for _ in range(repeats):
-        for name, window in (("whole", whole_window), ("window", default.WARM_PENALTY_WINDOW)):
-            saved, default.WARM_PENALTY_WINDOW = default.WARM_PENALTY_WINDOW, window
-            try:
+        for name, windows in (("whole", whole_windows), ("window", nullcontext)):
+            with windows():
                 start = time.process_time()
                 fit = fit_default(splits, num_classes=classes, ratios=RATIOS, seed=seed, schedule=schedule)
                 cpu[name].append(time.process_time() - start)
-            finally:
-                default.WARM_PENALTY_WINDOW = saved
             top1[name] = [100 * float(t) for t in fit.test_top1]
     diffs = [a - b for a, b in zip(top1["window"], top1["whole"])]
     ratio = np.median(cpu["whole"]) / np.median(cpu["window"])
@@ -137,9 +152,10 @@ def score(table: pd.DataFrame) -> pd.DataFrame:
     """Per rule and case: the differences to the whole grid's choice (mean, worst, counts beyond
     -0.5 and +0.5 points) and the head-step share."""
     out = []
-    penalties = table["penalty"].max() + 1
     for (case, seed), grid in table.groupby(["case", "seed"], sort=False):
-        num_inputs = int(grid["num_inputs"].iloc[0])
+        num_inputs, penalties = int(grid["num_inputs"].iloc[0]), int(grid["penalty"].max()) + 1
+        # The sparse ratios' strong end (files recorded before it: none); the other ratios never train it.
+        extra = int(grid["extra"].iloc[0]) if "extra" in grid and grid["extra"].notna().all() else 0
         if "anchor" in grid and grid["anchor"].notna().all():
             anchor = int(grid["anchor"].iloc[0])
         else:  # files recorded before the anchor column: the dense heads' val in the final evaluation
@@ -156,17 +172,43 @@ def score(table: pd.DataFrame) -> pd.DataFrame:
                 factor = default.SPARSE_EPOCH_FACTOR if sparse else (1.0 if dense else default.WARM_STEP_FRACTION)
                 m = group["penalty"].to_numpy()
                 allowed = np.ones(len(m), bool)
+                whole = np.ones(len(m), bool) if sparse else m >= extra
+                allowed = whole
                 if not dense and not sparse:
-                    allowed = (m >= first) & (m <= last)
+                    allowed = (m >= max(first, extra)) & (m <= last)
                 elif sparse and sparse_window is not None:
                     allowed = (m >= sparse_first) & (m <= sparse_last)
-                diffs.append(choose(group, allowed) - choose(group, np.ones(len(m), bool)))
+                diffs.append(choose(group, allowed) - choose(group, whole))
                 steps += factor * allowed.sum()
-                full_steps += factor * penalties
+                full_steps += factor * whole.sum()
             diffs = np.array(diffs)
             out.append({"case": case, "seed": seed, "rule": name, "heads": len(diffs), "sum": diffs.sum(),
                         "worst": diffs.min(), "below": int((diffs < -0.5).sum()), "above": int((diffs > 0.5).sum()),
                         "share": steps / full_steps})
+    return pd.DataFrame(out)
+
+
+def score_strong_end(table: pd.DataFrame) -> pd.DataFrame:
+    """Per sparse head of tables recorded with a strong end (``extra`` > 0): test top-1 of val's
+    choice in the sparse window (``SPARSE_PENALTY_WINDOW``) with the strong end and without it (the
+    window cut at ``CONCEPT_INVERSE_L2``'s strongest), and the heads each trains."""
+    out = []
+    for (case, seed), grid in table.groupby(["case", "seed"], sort=False):
+        num_inputs, penalties = int(grid["num_inputs"].iloc[0]), int(grid["penalty"].max()) + 1
+        extra, anchor = int(grid["extra"].iloc[0]), int(grid["anchor"].iloc[0])
+        first, last = window(anchor, *default.SPARSE_PENALTY_WINDOW, penalties, False)
+        for ratio, group in grid.groupby("ratio"):
+            group = group.sort_values("penalty")
+            if int(group["keep"].iloc[0]) > default.SPARSE_KEEP_FRACTION * num_inputs:
+                continue
+            m = group["penalty"].to_numpy()
+            with_end = (m >= first) & (m <= last)
+            without = with_end & (m >= extra)
+            chosen = int(m[with_end][np.argmax(group["val"].to_numpy()[with_end])])
+            out.append({"case": case, "seed": seed, "ratio": ratio, "dense_choice": f"{group['inverse_l2'].iloc[anchor]:g}",
+                        "chosen": f"{group['inverse_l2'].iloc[chosen]:g}", "without": choose(group, without),
+                        "with": choose(group, with_end), "diff": choose(group, with_end) - choose(group, without),
+                        "heads_without": int(without.sum()), "heads_with": int(with_end.sum())})
     return pd.DataFrame(out)
 
 
@@ -184,9 +226,15 @@ def main() -> None:
     parser.add_argument("--compare", type=int, metavar="REPEATS", default=0,
                         help="instead of recording: time the window against the whole grid, alternated REPEATS times")
     parser.add_argument("--score", type=Path, nargs="*", default=[], help="recorded files to score, no fitting")
+    parser.add_argument("--strong-end", type=float, nargs="*", metavar="C",
+                        help="record with these penalties as SPARSE_STRONG_END (none: without one)")
+    parser.add_argument("--strong-end-scores", action="store_true",
+                        help="score the sparse heads of recorded files with their strong end and without it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
+    if args.strong_end is not None:
+        default.SPARSE_STRONG_END = tuple(args.strong_end)
     tables = [pd.read_parquet(p) for p in args.score]
     recorded = []
     named = {**WORKLOADS, **QUICK}
@@ -211,6 +259,15 @@ def main() -> None:
     if not tables + recorded:
         return
     table = pd.concat(tables + recorded)
+    if args.strong_end_scores:
+        scores = score_strong_end(table)
+        pd.set_option("display.width", 200)
+        print(scores.round(2).to_string())
+        for name, part in (("all", scores), ("s = 0.98", scores[scores["ratio"] == 0.98])):
+            print(f"{name}: {len(part)} sparse heads, with minus without: mean {part['diff'].mean():+.3f}, worst "
+                  f"{part['diff'].min():+.2f}, best {part['diff'].max():+.2f}; heads "
+                  f"{part['heads_with'].sum()} against {part['heads_without'].sum()}")
+        return
     scores = score(table)
     scores["kind"] = np.where(scores["case"].str.contains(":"), "demo", "workload")
     summary = scores.groupby(["kind", "rule"], sort=False).agg(
