@@ -7,7 +7,6 @@ among stage 2's outputs, compares with the standard head's accuracy, and upserts
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from iis.analyze import tables
 from iis.analyze.artifacts import library_path
 from iis.analyze.libraries import get_library
 from iis.apps.explain import default_explain_model, explain_split
-
-log = logging.getLogger(__name__)
 
 
 def explain_model(*, store: Path, results: Path, model: str, library: str, num_concepts: int, seed: int,
@@ -56,9 +53,6 @@ def explain_model(*, store: Path, results: Path, model: str, library: str, num_c
     summary = {"split": split, "interpretable_top1": result.interpretable_top1, "standard_top1": standard_top1,
                "accuracy_lost": standard_top1 - result.interpretable_top1, "n_images": result.n_images,
                "rows": len(rows)}
-    log.info("%s %s s=%g on %s: interpretable top-1 %.4f vs standard %.4f (%.2f points lost, %d images)",
-             model, library, ratio, split, result.interpretable_top1, standard_top1,
-             100 * summary["accuracy_lost"], result.n_images)
     return summary
 
 

@@ -253,16 +253,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from iis.jobs import explain_pipeline
+    from iis.jobs import describe_explanation, explain_pipeline
 
     summary = explain_pipeline(_pipeline(args), model=args.model, library=args.library,
                                ratio=args.ratio, split=args.split, images=args.images, seed=args.seed,
                                limit=args.limit, top=args.top)
-    # The one figure a user asked for goes to stdout; the rest is in explanations.parquet.
-    sys.stdout.write(
-        f"{summary['model']} {summary['library']} s={summary['ratio']:g} ({summary['split']}, {summary['n_images']} images): "
-        f"interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 {summary['standard_top1']:.4f}, "
-        f"accuracy lost {100 * summary['accuracy_lost']:.2f} points\n")
+    # The one figure a user asked for goes to stdout, once; the rest is in explanations.parquet.
+    sys.stdout.write(describe_explanation(summary) + "\n")
     return 0
 
 

@@ -263,6 +263,13 @@ def explain_pipeline(cfg: PipelineConfig, *, model: str | None = None, library: 
     return {"model": model, "library": library, "ratio": ratio, **summary}
 
 
+def describe_explanation(summary: dict) -> str:
+    """One line of :func:`explain_pipeline`'s summary: the figure a user asked for."""
+    return (f"{summary['model']} {summary['library']} s={summary['ratio']:g} ({summary['split']}, "
+            f"{summary['n_images']} images): interpretable top-1 {summary['interpretable_top1']:.4f}, standard top-1 "
+            f"{summary['standard_top1']:.4f}, accuracy lost {100 * summary['accuracy_lost']:.2f} points")
+
+
 def finetune_pipeline(cfg: PipelineConfig, *, model: str | None = None, lam: float | None = None,
                       epochs: int | None = None, seeds: list[int] | None = None, device: str | None = None,
                       workers: int | None = None, scheduler: str | None = None,
@@ -330,7 +337,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, scheduler: 
     with shared_cluster(_cluster(scheduler=scheduler, workers=workers)) as cluster:
         analyze_pipeline(cfg, skip_complete=True, cluster=cluster)
         log.info("run %s: analyze done at %.0f s", cfg.name, time.perf_counter() - start)
-        explain_pipeline(cfg, limit=cfg.explain.images)
+        log.info("run %s: explained %s", cfg.name, describe_explanation(explain_pipeline(cfg, limit=cfg.explain.images)))
         if cfg.finetune is not None:
             finetune_pipeline(cfg, device=device, cluster=cluster)
             log.info("run %s: fine-tuning done at %.0f s", cfg.name, time.perf_counter() - start)

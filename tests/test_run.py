@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -154,12 +155,15 @@ def test_explanations_add_up_to_the_logit(smoke):
 
 
 @pytest.mark.slow
-def test_explain_cli_prints_accuracy_lost(smoke, capsys):
+def test_explain_cli_prints_accuracy_lost(smoke, capsys, caplog):
     image = str(open_feature_store(smoke / "cache" / "smoke" / "vit-random.zarr").read_split("test").ids[7])
+    caplog.set_level(logging.INFO)
     code = main(["explain", "smoke", "--config", str(smoke / "pipelines.yaml"), "--model", "vit-random",
                  "--library", "cluster", "--ratio", "0.9", "--images", image, "--top", "3"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0 and "accuracy lost" in out and "vit-random cluster s=0.9" in out
+    # The figure once: on stdout, not again as a log record.
+    assert (out + err + caplog.text).count("interpretable top-1") == 1
     rows = pd.read_parquet(smoke / "results" / "smoke" / "explanations.parquet")
     mine = rows[(rows.model == "vit-random") & (rows.library == "cluster")]
     # s = 0.9 of K = 16 keeps k = 2 concepts, so --top 3 lists both.
