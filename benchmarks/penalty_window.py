@@ -18,6 +18,11 @@ worst head, heads below -0.5 and above +0.5 points) and the share of head-steps 
     python benchmarks/penalty_window.py --stores cache/demo/*.zarr --libraries prototype cluster --out /tmp/pwd.parquet
     python benchmarks/penalty_window.py --score /tmp/pw.parquet /tmp/pwd.parquet     # rules only, no fitting
     python benchmarks/penalty_window.py --workloads planted-100k --compare 2          # CPU: window against whole grid
+    python benchmarks/penalty_window.py --strong-end-scores --score /tmp/pw.parquet   # the sparse heads' strong end
+
+Since the sparse ratios' strong end (``SPARSE_STRONG_END``), a recorded grid holds it too: its
+heads at the other ratios are never trained (val -100), and ``--strong-end C ...`` records with
+another strong end (none: ``--strong-end`` alone).
 """
 
 from __future__ import annotations
