@@ -209,11 +209,12 @@ def score_strong_end(table: pd.DataFrame) -> pd.DataFrame:
             m = group["penalty"].to_numpy()
             with_end = (m >= first) & (m <= last)
             without = with_end & (m >= extra)
-            chosen = int(m[with_end][np.argmax(group["val"].to_numpy()[with_end])])
+            chosen = group[with_end].iloc[int(np.argmax(group["val"].to_numpy()[with_end]))]  # as `choose`
+            before = choose(group, without)
             out.append({"case": case, "seed": seed, "ratio": ratio, "dense_choice": f"{group['inverse_l2'].iloc[anchor]:g}",
-                        "chosen": f"{group['inverse_l2'].iloc[chosen]:g}", "without": choose(group, without),
-                        "with": choose(group, with_end), "diff": choose(group, with_end) - choose(group, without),
-                        "heads_without": int(without.sum()), "heads_with": int(with_end.sum())})
+                        "chosen": f"{chosen['inverse_l2']:g}", "without": before, "with": chosen["test"],
+                        "diff": chosen["test"] - before, "heads_without": int(without.sum()),
+                        "heads_with": int(with_end.sum())})
     return pd.DataFrame(out)
 
 
