@@ -549,6 +549,13 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             raise ValueError("dense heads were given to a fit that does not start from them "
                              "(the standard head, or warm_start=False)")
         dense_heads.check(x_train, y_train, num_classes=num_classes, learn_scale=with_scale, seed=seed, schedule=schedule)
+
+    def train_at(index: torch.Tensor, start: _Heads) -> None:
+        """Train the heads at ``index`` (first axis) from ``start`` and put them in place."""
+        trainer.train(start, keep=keep[index], l2=l2_per_column[index], head_factor=head_factor[index],
+                      head_steps=head_steps[index])
+        heads.scatter(index, start)
+
     with denormals_flushed():
         if warm:
             # The dense heads first (one per penalty of CONCEPT_INVERSE_L2; the grid's own s = 0 heads
@@ -565,21 +572,13 @@ def fit_default(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], *, num_cla
             for kind, window in ((~sparse, penalty_window(choice)), (sparse, penalty_window(choice, sparse=True))):
                 trained |= kind & (penalty >= window.start) & (penalty < window.stop)
             rest = torch.nonzero(trained & ~dense).view(-1)
-            started = anchor.take(dense_penalty[rest])
-            trainer.train(started, keep=keep[rest], l2=l2_per_column[rest], head_factor=head_factor[rest],
-                          head_steps=head_steps[rest])
+            train_at(rest, anchor.take(dense_penalty[rest]))
             heads.scatter(torch.nonzero(dense_trained).view(-1), anchor.take(dense_penalty[dense_trained]))
-            heads.scatter(rest, started)
         elif dense_heads is not None:  # every ratio keeps every concept: its heads are the dense heads
             heads.scatter(torch.nonzero(trained).view(-1), dense_heads.heads.take(dense_penalty[trained]))
-        elif bool(trained.all()):
-            trainer.train(heads, keep=keep, l2=l2_per_column, head_factor=head_factor, head_steps=head_steps)
         else:  # from zeros, every head but the strong end of the ratios that are not sparse
             index = torch.nonzero(trained).view(-1)
-            subset = heads.take(index)
-            trainer.train(subset, keep=keep[index], l2=l2_per_column[index], head_factor=head_factor[index],
-                          head_steps=head_steps[index])
-            heads.scatter(index, subset)
+            train_at(index, heads.take(index))
     weight, bias, affine = heads.weight, heads.bias, heads.affine
 
     # Val is evaluated once, on the final states, to choose each ratio's (penalty, learning rate)
