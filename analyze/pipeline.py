@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from iis.analyze import tables
 from iis.analyze.libraries import get_library
@@ -264,19 +262,10 @@ def model_keys(store_path: Path, *, pipeline: str | None, model: str | None = No
     }
 
 
-def _norm(value) -> object:
-    """A key cell as comparable: null (None, NaN, NA) -> None, numbers -> float, else str."""
-    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)) or value is pd.NA:
-        return None
-    if isinstance(value, int | float | np.integer | np.floating):
-        return float(value)
-    return str(value)
-
-
 def _present(df: pd.DataFrame, columns: list[str]) -> set[tuple]:
     if df.empty:
         return set()
-    return {tuple(_norm(v) for v in row) for row in df[columns].itertuples(index=False, name=None)}
+    return {tuple(tables.key_value(v) for v in row) for row in df[columns].itertuples(index=False, name=None)}
 
 
 def _this_version(df: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -313,8 +302,8 @@ def _incomplete(specs: list[TaskSpec], keys: dict[str, dict], current: dict[str,
     todo = set()
     for s in specs:
         mk = keys[s.store]
-        base = tuple(_norm(mk[k]) for k in tables.MODEL_KEYS)
-        seed, k, src = float(s.seed), float(num_concepts), _norm(s.elements_store)
+        base = tuple(tables.key_value(mk[k]) for k in tables.MODEL_KEYS)
+        seed, k, src = float(s.seed), float(num_concepts), tables.key_value(s.elements_store)
         if s.library == STANDARD:
             need = [("accuracy", (*base, STANDARD, None, None, seed, s.protocol, grid, None, boot))]
         else:
@@ -335,8 +324,8 @@ def _correlation_current(iis: pd.DataFrame, correlation: pd.DataFrame) -> bool:
     if iis.empty:
         return True
     correlation = correlation[correlation["scope"] == "all"]
-    want = {tuple(_norm(v) for v in key): sorted(set(g["model"])) for key, g in iis.groupby(keys, dropna=False)}
-    have = {tuple(_norm(v) for v in row[:-1]): sorted(row[-1])
+    want = {tuple(tables.key_value(v) for v in key): sorted(set(g["model"])) for key, g in iis.groupby(keys, dropna=False)}
+    have = {tuple(tables.key_value(v) for v in row[:-1]): sorted(row[-1])
             for row in correlation[[*keys, "models"]].itertuples(index=False, name=None)}
     return all(have.get(key) == models for key, models in want.items())
 
@@ -470,12 +459,15 @@ def analyze_stores(
     accuracy = pd.DataFrame([{**keys[r.spec.store], **row, **extra} for r in done for row in r.accuracy_rows])
     concepts = pd.DataFrame([{**keys[r.spec.store], **row} for r in done for row in r.concept_rows])
     new_iis = pd.DataFrame(iis_rows(done, model_keys=keys, bootstrap=bootstrap))
-    # Per-image results, for ranking this run's models with earlier runs' (files, written atomically).
-    save_correctness(results, done, models={path: k["model"] for path, k in keys.items()}, grid=grid)
     run = {"command": "analyze", "pipeline": pipeline, "models": sorted(models), "grid": grid,
            "libraries": list(libraries), "num_concepts": num_concepts, "seeds": list(seeds),
            "protocol": protocol, "bootstrap": bootstrap, "tasks": len(specs)}
     with tables.results_lock(results):
+        # Per-image results, for ranking this run's models with earlier runs' (files, written atomically;
+        # under the lock, so that another run's cannot land between these and this run's tables). A run
+        # that dies before its commit leaves files that its tables do not hold: the ranking checks each
+        # file against its iis.parquet row.
+        save_correctness(results, done, models={path: k["model"] for path, k in keys.items()}, grid=grid)
         out = {
             "accuracy": tables.merge(results, "accuracy", accuracy),
             "concepts": tables.merge(results, "concepts", concepts),

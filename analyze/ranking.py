@@ -1,7 +1,7 @@
 """An IIS ranking of models with its confidence (``ranking.parquet``).
 
-Per (dataset, library, num_concepts, protocol, grid) the models are ordered by IIS (mean over
-library seeds), and for each one the probability that its IIS exceeds the next one's is estimated
+Per (dataset, library, num_concepts, protocol, grid, library_source) the models are ordered by IIS
+(mean over library seeds), and for each one the probability that its IIS exceeds the next one's is estimated
 by a bootstrap that resamples test images and library seeds together:
 
 - test images: one multinomial draw of image counts per resample, shared by every model and
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from iis.analyze.tables import key_value
 from iis.analyze.tasks import STANDARD, TaskResult
 from iis.analyze.versioning import joined_caveats
 from scipy import stats
@@ -41,7 +42,11 @@ from iis.store_format import atomic_file, check_name
 log = logging.getLogger(__name__)
 
 CORRECT_DIR = "correct"  # under the results folder
-GROUP_KEYS = ["dataset", "library", "num_concepts", "protocol", "grid"]
+# `library_source` too: a model scored with another store's elements (`analysis.library_from`) has IIS
+# rows of their own, which must not be averaged with those of its own elements.
+GROUP_KEYS = ["dataset", "library", "num_concepts", "protocol", "grid", "library_source"]
+# How far the IIS of a kept per-image file may lie from its iis.parquet row and still be that row's.
+_IIS_TOLERANCE = 1e-9
 _CELLS = 1 << 24  # resample-by-image cells per bootstrap chunk (64 MiB of float32 counts)
 
 
@@ -63,12 +68,14 @@ class Correctness:
 
 
 def correctness_path(results: Path, *, model: str, library: str, num_concepts: int, seed: int, protocol: str,
-                     grid: str) -> Path:
-    """``<results>/correct/<model>/<library>-K<K>-seed<s>-<protocol>-g<hash of grid>.npz``."""
+                     grid: str, library_source: str | None = None) -> Path:
+    """``<results>/correct/<model>/<library>-K<K>-seed<s>-<protocol>-g<hash of grid>.npz``, with
+    ``-e<hash of library_source>`` before the suffix for a library built from another store's elements."""
     check_name(model, what="model")
     check_name(library, what="library")
     digest = hashlib.sha1(grid.encode()).hexdigest()[:12]
-    return Path(results) / CORRECT_DIR / model / f"{library}-K{num_concepts}-seed{seed}-{protocol}-g{digest}.npz"
+    source = "" if library_source is None else f"-e{hashlib.sha1(str(library_source).encode()).hexdigest()[:12]}"
+    return Path(results) / CORRECT_DIR / model / f"{library}-K{num_concepts}-seed{seed}-{protocol}-g{digest}{source}.npz"
 
 
 def save_correctness(results: Path, done: Sequence[TaskResult], *, models: Mapping[str, str], grid: str) -> int:
@@ -90,7 +97,8 @@ def save_correctness(results: Path, done: Sequence[TaskResult], *, models: Mappi
             continue
         order = np.argsort([row["sparsity"] for row in res.accuracy_rows], kind="stable")
         path = correctness_path(results, model=models[spec.store], library=spec.library,
-                                num_concepts=spec.num_concepts, seed=spec.seed, protocol=spec.protocol, grid=grid)
+                                num_concepts=spec.num_concepts, seed=spec.seed, protocol=spec.protocol, grid=grid,
+                                library_source=spec.elements_store)
         path.parent.mkdir(parents=True, exist_ok=True)
         heads = np.asarray(res.test_correct, dtype=bool)[order]
         with atomic_file(path) as tmp, open(tmp, "wb") as fh:
@@ -112,6 +120,12 @@ def load_correctness(path: Path) -> Correctness | None:
         n = int(data["n"])
         return Correctness(test_ids=data["test_ids"], standard=np.unpackbits(data["standard"], count=n).astype(bool),
                            heads=np.unpackbits(data["heads"], axis=1, count=n).astype(bool), ratios=data["ratios"])
+
+
+def correctness_iis(found: Correctness) -> float:
+    """The IIS that per-image results give: trapezoid of each head's top-1 over the standard head's."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(trapezoid(found.heads.mean(axis=1) / found.standard.mean(), found.ratios))
 
 
 def iis_bootstrap(standard: Sequence[np.ndarray], heads: Sequence[np.ndarray], ratios: Sequence[float], *,
@@ -209,7 +223,8 @@ def accuracy_adjusted(top1: np.ndarray, iis: np.ndarray) -> np.ndarray:
 
 def ranking_rows(iis_table: pd.DataFrame, *, results: Path, n_resamples: int, confidence: float = 0.95,
                  seed: int = 0) -> list[dict]:
-    """``ranking.parquet`` rows: one per model of each (dataset, library, num_concepts, protocol, grid).
+    """``ranking.parquet`` rows: one per model of each (dataset, library, num_concepts, protocol, grid,
+    library_source).
 
     Args:
         iis_table: ``iis.parquet`` rows.
@@ -219,8 +234,10 @@ def ranking_rows(iis_table: pd.DataFrame, *, results: Path, n_resamples: int, co
     """
     rows = []
     alpha = (1 - confidence) / 2
+    if "library_source" not in iis_table:
+        iis_table = iis_table.assign(library_source=None)
     for key, table in iis_table.groupby(GROUP_KEYS, sort=True, dropna=False):
-        where = dict(zip(GROUP_KEYS, key))
+        where = {k: (None if pd.isna(v) else v) for k, v in zip(GROUP_KEYS, key)}
         per_model = table.groupby("model", sort=True).agg(
             standard_top1=("standard_top1", "mean"), iis=("iis", "mean"), iis_normalized=("iis_normalized", "mean"),
             seeds=("seed", lambda s: sorted(int(v) for v in set(s))))
@@ -257,14 +274,22 @@ def ranking_rows(iis_table: pd.DataFrame, *, results: Path, n_resamples: int, co
 def _samples(table: pd.DataFrame, where: dict, models: list[str], seeds: list[list[int]], *, results: Path,
              n_resamples: int, seed: int) -> np.ndarray | None:
     """The ``(B, M)`` bootstrap of :func:`iis_bootstrap` for ``models`` (ranked order), or None
-    when some model's per-image correctness is missing or the models' test images differ."""
+    when some model's per-image correctness is missing, is not that of its ``table`` row (another
+    run's, or one whose tables were never committed), or the models' test images differ."""
     standard, heads, ids, ratios = [], [], None, None
     for model, model_seeds in zip(models, seeds):
         per_seed = []
         for s in model_seeds:
             found = load_correctness(correctness_path(
                 results, model=model, library=where["library"], num_concepts=int(where["num_concepts"]), seed=s,
-                protocol=where["protocol"], grid=where["grid"]))
+                protocol=where["protocol"], grid=where["grid"], library_source=where["library_source"]))
+            row_iis = table.loc[(table["model"] == model) & (table["seed"] == s), "iis"]
+            if found is not None and not all(abs(correctness_iis(found) - v) <= _IIS_TOLERANCE for v in row_iis):
+                log.warning("ranking %s/%s grid %s: the per-image results of %s seed %d are not those of its "
+                            "iis.parquet row (IIS %.6f against %s); no probabilities for this ranking",
+                            where["library"], where["num_concepts"], where["grid"], model, s,
+                            correctness_iis(found), ", ".join(f"{v:.6f}" for v in row_iis))
+                return None
             if found is None:
                 log.warning("ranking %s/%s grid %s: no per-image results of %s seed %d (analysed before they "
                             "were kept; rerun `iis analyze` for it); no probabilities for this ranking",
@@ -291,7 +316,7 @@ def ranking_current(iis: pd.DataFrame, ranking: pd.DataFrame) -> bool:
         return False
 
     def pairs(df: pd.DataFrame) -> set[tuple]:
-        return {tuple(None if pd.isna(v) else str(v) for v in row)
-                for row in df[[*GROUP_KEYS, "model"]].itertuples(index=False, name=None)}
+        columns = df.reindex(columns=[*GROUP_KEYS, "model"])  # a table from before `library_source`: null
+        return {tuple(key_value(v) for v in row) for row in columns.itertuples(index=False, name=None)}
 
     return pairs(iis) <= pairs(ranking)

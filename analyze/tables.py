@@ -93,7 +93,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("iis_normalized", pa.float64()), ("iis_ci_low", pa.float64()), ("iis_ci_high", pa.float64()),
         ("next_model", pa.string()), ("p_above_next", pa.float64()), ("seed_kendall_tau", pa.float64()),
         ("seed_pairs", pa.int64()), ("iis_adjusted", pa.float64()), ("bootstrap", pa.int64()),
-        ("caveat", pa.string()),
+        ("caveat", pa.string()), ("library_source", pa.string()),
     ]),
     "concepts": pa.schema([
         ("pipeline", pa.string()), ("dataset", pa.string()), ("model", pa.string()),
@@ -140,7 +140,7 @@ KEYS: dict[str, list[str]] = {
     "accuracy": [*MODEL_KEYS, "library", "num_concepts", "sparsity", "seed", "protocol", "grid", "library_source"],
     "iis": [*MODEL_KEYS, "library", "num_concepts", "seed", "protocol", "grid", "library_source"],
     "correlation": ["dataset", "library", "num_concepts", "protocol", "grid", "library_source", "scope", "group"],
-    "ranking": ["dataset", "library", "num_concepts", "protocol", "grid", "model"],
+    "ranking": ["dataset", "library", "num_concepts", "protocol", "grid", "library_source", "model"],
     "concepts": ["pipeline", "dataset", "model", "library", "num_concepts", "sparsity", "seed", "concept",
                  "library_source"],
     "explanations": ["pipeline", "model", "library", "num_concepts", "sparsity", "seed", "split", "image_id"],
@@ -200,15 +200,37 @@ def _conform(df: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
                                 preserve_index=False).to_pandas()
 
 
+def key_value(value: object) -> object:
+    """A key cell as comparable across reads: null (None, NaN, NA) -> None, numbers -> float, else str.
+
+    An integer key column that holds a null reads back from Parquet as float64 (``64.0``), one
+    without as int64 (``64``): the same key must compare equal either way.
+    """
+    if value is None or value is pd.NA or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return None
+    if isinstance(value, int | float | np.integer | np.floating):
+        return float(value)
+    return str(value)
+
+
 def _key_frame(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    # Both sides went through _conform, so a null key reads the same on each.
+    # Both sides went through _conform, so their columns have the schema's types; the values are
+    # normalised too (key_value), as a column's dtype still depends on whether it holds a null.
     if df.empty:
         return pd.Series([], dtype=object)
     # Column by column: a row-wise join took 30 s on a 200k-row table, this well under a second.
-    joined = df[keys[0]].astype(object).map(repr)
+    joined = _key_column(df[keys[0]])
     for key in keys[1:]:
-        joined = joined + "\x1f" + df[key].astype(object).map(repr)
+        joined = joined + "\x1f" + _key_column(df[key])
     return joined
+
+
+def _key_column(column: pd.Series) -> pd.Series:
+    """Each cell of a key column as the ``repr`` of its :func:`key_value`."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        values = column.astype("float64")  # vectorised: numbers -> float, nulls -> NaN
+        return values.map(repr).where(values.notna(), repr(None))
+    return column.astype(object).map(lambda v: repr(key_value(v)))
 
 
 def merge(results: Path, name: str, rows: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DPI = 110
-PANEL_KEYS = ["dataset", "library", "num_concepts", "protocol", "grid"]
 _PANEL_SIZE = (4.6, 3.5)  # inches per panel; two panels a row fit the page at about 1:1
 _MAX_NAME = 34  # characters of a model name in a legend or next to a point
 _MAX_NAMED_POINTS = 12  # above this many models, points carry numbers keyed in the legend
@@ -39,12 +39,24 @@ def varying_keys(*frames: pd.DataFrame) -> list[str]:
     """The panel keys other than ``library`` that take more than one value across ``frames``
     (a ratio grid missing from a table written before grids were keyed does not count)."""
     vary = []
-    for key in ("num_concepts", "protocol", "dataset", "grid"):
-        values = {int_or_dash(v) if key == "num_concepts" else str(v) for f in frames if key in f for v in f[key]
+    for key in ("num_concepts", "protocol", "dataset", "grid", "library_source"):
+        values = {_key_label(key, v) for f in frames if key in f for v in f[key]
                   if key != "grid" or (v is not None and not pd.isna(v))}
         if len(values) > 1:
             vary.append(key)
     return vary
+
+
+def _key_label(key: str, value) -> str:
+    """A panel key's value as a label part (the store whose elements built the library: its name)."""
+    missing = value is None or pd.isna(value)
+    if key == "num_concepts":
+        return "K=" + int_or_dash(value)
+    if key == "grid":
+        return "grid " + ("–" if missing else str(value))
+    if key == "library_source":
+        return "own elements" if missing else f"elements of {Path(str(value)).stem}"
+    return str(value)
 
 
 def panel_labels(df: pd.DataFrame, vary: list[str] | None = None) -> pd.Series:
@@ -53,13 +65,8 @@ def panel_labels(df: pd.DataFrame, vary: list[str] | None = None) -> pd.Series:
     vary = varying_keys(df) if vary is None else vary
     label = df["library"].astype(str)
     for key in vary:
-        if key == "num_concepts":
-            part = "K=" + df[key].map(int_or_dash)
-        elif key == "grid":
-            part = "grid " + df[key].map(lambda g: "–" if g is None or pd.isna(g) else str(g))
-        else:
-            part = df[key].astype(str)
-        label = label + " · " + part
+        column = df[key] if key in df else pd.Series(None, index=df.index, dtype=object)
+        label = label + " · " + column.map(lambda v, key=key: _key_label(key, v))
     return label
 
 

@@ -214,6 +214,19 @@ def test_library_from_another_dataset_of_the_same_backbone_and_layer(tmp_path):
     again = _analyze([mine], tmp_path / "results", elements_stores={str(mine): other}, skip_complete=True)
     pd.testing.assert_frame_equal(again["iis"], iis)
     assert sorted(out["correlation"].library_source.fillna("")) == ["", str(other)]
+    # The ranking keeps them apart too (not one IIS averaged over both sources), each with its own
+    # per-image file.
+    ranking = out["ranking"]
+    assert sorted(ranking.library_source.fillna("")) == ["", str(other)] and (ranking.n_models == 1).all()
+    for source, row in ranking.set_index(ranking.library_source.fillna("")).iterrows():
+        assert row.iis == iis.loc[iis.library_source.fillna("") == source, "iis"].item()
+    kept = sorted((tmp_path / "results" / "correct" / "mine").glob("prototype-*.npz"))
+    assert len(kept) == 2
+    # The report draws each source in a panel of its own.
+    from iis.apps.report import write_report
+
+    page = write_report(results=tmp_path / "results").read_text()
+    assert "prototype · own elements" in page and "prototype · elements of other" in page
 
 
 @pytest.mark.parametrize("other, named", [

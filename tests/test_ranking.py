@@ -21,6 +21,7 @@ from iis.analyze.ranking import (
     iis_bootstrap,
     load_correctness,
     ranking_current,
+    ranking_rows,
     seed_kendall_tau,
 )
 from test_dask import SMALL, _write_stores
@@ -124,6 +125,24 @@ def test_ranking_is_written_with_the_other_tables(analysed):
     top1 = acc[(acc.model == "m0") & (acc.library == "prototype") & (acc.seed == 1)].sort_values("sparsity").test_top1
     np.testing.assert_allclose(saved.heads.mean(axis=1), top1.to_numpy())
     assert ranking_current(iis, ranking) and not ranking_current(iis, ranking.iloc[:2])
+
+
+def test_per_image_results_that_are_not_their_rows_give_no_probabilities(analysed, tmp_path, caplog):
+    """A kept per-image file that does not reproduce its iis.parquet row (a run that died before its
+    commit, another run's file) must not feed the ranking's bootstrap."""
+    import shutil
+
+    results, out = analysed
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy)
+    assert not np.isnan(ranking_rows(out["iis"], results=copy, n_resamples=50)[0]["p_above_next"])
+    paths = {m: correctness_path(copy, model=m, library="prototype", num_concepts=8, seed=0, protocol="default",
+                                 grid="0,0.5,0.9") for m in ("m0", "m1")}
+    shutil.copyfile(paths["m1"], paths["m0"])  # m0's file now holds m1's results
+    with caplog.at_level(logging.WARNING, logger="iis.analyze.ranking"):
+        rows = ranking_rows(out["iis"], results=copy, n_resamples=50)
+    assert "the per-image results of m0 seed 0 are not those of its iis.parquet row" in caplog.text
+    assert all(np.isnan(r["p_above_next"]) and np.isnan(r["iis_ci_low"]) for r in rows)
 
 
 def test_reference_protocol_rows_are_marked_and_warned(analysed, tmp_path, caplog):

@@ -48,6 +48,21 @@ def test_grid_key_is_canonical():
     assert tables.grid_key([0.0, 0.99]) != tables.grid_key([0.0, 0.9])
 
 
+def test_upsert_replaces_a_row_whose_integer_key_reads_back_as_float(tmp_path):
+    """An integer key column that holds a null (the standard row's ``num_concepts``) reads back from
+    Parquet as float64: the row upserted again with an int64 key must replace it, not sit beside it."""
+    base = {"pipeline": "p", "dataset": "d", "model": "m", "backbone": "b", "weights": "w", "seed": 0,
+            "protocol": "default", "grid": "0,0.5"}
+    standard = {**base, "library": "standard", "test_top1": 0.9}
+    concept = {**base, "library": "prototype", "num_concepts": 8, "sparsity": 0.5}
+    tables.upsert(tmp_path, "accuracy", pd.DataFrame([standard, {**concept, "test_top1": 0.5}]))
+    assert tables.read_table(tmp_path, "accuracy")["num_concepts"].dtype == np.float64  # the null made it float
+    acc = tables.upsert(tmp_path, "accuracy", pd.DataFrame([{**concept, "test_top1": 0.6}]))
+    assert len(acc) == 2
+    assert acc.set_index("library").loc["prototype", "test_top1"] == 0.6
+    assert len(tables.read_table(tmp_path, "accuracy")) == 2
+
+
 def test_commit_writes_a_manifest_naming_the_run(stores, clean, tmp_path):
     results = tmp_path / "R"
     analyze_stores(stores, results=results, cluster=SYNC, pipeline="p", **ANALYSIS)
