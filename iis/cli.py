@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, StoreError, WeightsError, ValueError, OSError) as err:
+    except (ConfigError, StoreError, WeightsError, ValueError, OSError, *_loaded_errors()) as err:
         # Expected failures get one clear line, not a traceback (-v shows it). OSError covers
         # missing files, permissions and a full disk; its message names the path.
         log.error("%s", err, exc_info=args.verbose)
@@ -383,6 +383,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Every stage writes atomically and resumes, so stopping is safe at any point.
         log.error("interrupted; rerun to resume", exc_info=args.verbose)
         return 130
+
+
+# Expected failures defined in modules that import torch (or open_clip): named here by module, not
+# imported, so that `iis --help` and stage 2 stay free of torch. An exception of one of them can
+# only come from its module, which is then loaded.
+_HEAVY_ERRORS = (("iis.extract.clip", "ClipError"), ("iis.extract.datasets", "ImageLoadError"))
+
+
+def _loaded_errors() -> tuple[type[BaseException], ...]:
+    """The classes of :data:`_HEAVY_ERRORS` whose modules are imported (evaluated when an error is caught)."""
+    found = (getattr(sys.modules.get(module), name, None) for module, name in _HEAVY_ERRORS)
+    return tuple(cls for cls in found if cls is not None)  # a module that failed half-way may lack it
 
 
 if __name__ == "__main__":

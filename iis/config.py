@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -45,6 +46,38 @@ CLIP_STORE = "clip"  # the CLIP store's model name (its store is <store>/clip.za
 DEFAULT_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
+
+
+def _whole_number(value: Any) -> Any:
+    """``value`` if it is a YAML integer. Pydantic's lax mode would take ``true`` as 1, ``2.0`` as
+    2 and ``"64"`` as 64, so a typo or a wrong type would pass unnoticed."""
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a valid integer, got a boolean ({str(value).lower()})")
+    if not isinstance(value, int):
+        raise ValueError(f"Input should be a valid integer, got {value!r}; write a whole number without "
+                         "a decimal point or quotes")
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    """``value`` unless it is a boolean, which pydantic's lax mode would take as the number 1 or 0.
+    Strings stay allowed: PyYAML reads ``1e-3`` (no dot) as a string, which pydantic parses."""
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a valid number, got a boolean ({str(value).lower()})")
+    return value
+
+
+def _real_bool(value: Any) -> Any:
+    """``value`` if it is a YAML boolean; lax mode would take 1, 0 or "yes" for one."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Input should be a valid boolean (true or false), got {value!r}")
+    return value
+
+
+# The number and boolean types of every config field: what YAML wrote, never a coerced look-alike.
+Int = Annotated[int, BeforeValidator(_whole_number)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Bool = Annotated[bool, BeforeValidator(_real_bool)]
 
 
 def _distinct(value: tuple, what: str) -> tuple:
@@ -76,8 +109,8 @@ def _checking_inputs(info: ValidationInfo) -> bool:
 
 
 class SplitFractions(_Frozen):
-    val: float = Field(0.1, ge=0.0, lt=1.0)  # fraction carved for val where the data has none
-    test: float = Field(0.2, ge=0.0, lt=1.0)  # fraction carved for test where the data has none
+    val: Float = Field(0.1, ge=0.0, lt=1.0)  # fraction carved for val where the data has none
+    test: Float = Field(0.2, ge=0.0, lt=1.0)  # fraction carved for test where the data has none
 
     @model_validator(mode="after")
     def _fits(self) -> SplitFractions:
@@ -92,7 +125,19 @@ class DatasetConfig(_Frozen):
     root: Path | None = None  # imagefolder: class subfolders, optionally under train/ val/ test/
     file: Path | None = None  # filelist: CSV with columns path,label[,split]
     splits: SplitFractions = SplitFractions()
-    seed: int = 0  # seeds the split carving and the element sampling
+    seed: Int = 0  # seeds the split carving and the element sampling
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys_of_another_source(cls, data: Any) -> Any:
+        # A key that only another source reads would be silently ignored (a `root:` left behind
+        # when switching to `source: builtin` says the user meant another dataset).
+        if isinstance(data, dict) and data.get("source") in ("builtin", "imagefolder", "filelist"):
+            for key, owner in (("root", "imagefolder"), ("file", "filelist")):
+                if data.get(key) is not None and data["source"] != owner:
+                    raise ValueError(f"`{key}` is read only by source {owner}; source {data['source']} "
+                                     f"would ignore it: remove it or set `source: {owner}`")
+        return data
 
     @field_validator("root")
     @classmethod
@@ -135,12 +180,12 @@ class DatasetConfig(_Frozen):
 class TrainConfig(_Frozen):
     """A small seeded trainer for backbones trained by the pipeline (AdamW, cosine schedule)."""
 
-    epochs: int = Field(ge=1)
-    checkpoints: tuple[Annotated[int, Field(ge=0)], ...]  # epochs after which a checkpoint becomes a model
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(128, ge=1)
-    seed: int = 0
+    epochs: Int = Field(ge=1)
+    checkpoints: tuple[Annotated[Int, Field(ge=0)], ...]  # epochs after which a checkpoint becomes a model
+    lr: Float = Field(2e-3, gt=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    batch_size: Int = Field(128, ge=1)
+    seed: Int = 0
 
     @model_validator(mode="after")
     def _checkpoints_within(self) -> TrainConfig:
@@ -156,12 +201,12 @@ class ModelConfig(_Frozen):
     name: str  # unique id; the row key in every table
     backbone: str  # any timm model name
     weights: str = "random"  # random (seeded) | pretrained (local HF cache) | a file path
-    img_size: int | None = Field(None, ge=8)  # optional input-size override
+    img_size: Int | None = Field(None, ge=8)  # optional input-size override
     # Layers measured besides the pooled pre-logit features, from one forward pass: `all`, or a
     # list of `final` and `stages.<i>` (timm's feature_info entries; see iis.extract.layers).
     # None: `final` only. Each layer but `final` is a model of its own, `<name>@<layer>`.
     layers: tuple[str, ...] | None = None
-    seed: int = 0  # seeds random weights
+    seed: Int = 0  # seeds random weights
     # The run this model belongs to, for the correlation within and across groups (models of one
     # group are not independent). Default: the name before the first `@` or `+`, so a trained
     # model's checkpoints share one; name it to tie separate entries together (the same backbone
@@ -169,7 +214,7 @@ class ModelConfig(_Frozen):
     group: str | None = None
     train: TrainConfig | None = None
     # With `train:`, the checkpoints (epochs) whose layers are extracted; default: every one.
-    layers_at: tuple[Annotated[int, Field(ge=0)], ...] | None = None
+    layers_at: tuple[Annotated[Int, Field(ge=0)], ...] | None = None
 
     @field_validator("name", "group")
     @classmethod
@@ -238,22 +283,26 @@ class ModelConfig(_Frozen):
 
 
 class ElementsConfig(_Frozen):
-    images_per_class: int = Field(10, ge=1)  # train images per class cut into elements
-    grid: int = Field(2, ge=1)  # g: each image gives a g x g grid of patches
-    slic: bool = False  # also SLIC superpixel segments
-    slic_segments: int = Field(8, ge=2)  # SLIC's n_segments per image
+    images_per_class: Int = Field(10, ge=1)  # train images per class cut into elements
+    grid: Int = Field(2, ge=1)  # g: each image gives a g x g grid of patches
+    slic: Bool = False  # also SLIC superpixel segments
+    slic_segments: Int = Field(8, ge=2)  # SLIC's n_segments per image
 
 
 class ExtractConfig(_Frozen):
-    batch_size: int = Field(64, ge=1)
-    block_rows: int = Field(BLOCK_ROWS, ge=1)  # rows per block and per Zarr chunk
+    batch_size: Int = Field(64, ge=1)
+    block_rows: Int = Field(BLOCK_ROWS, ge=1)  # rows per block and per Zarr chunk
     dtype: Literal["float16", "float32"] = "float16"
-    num_workers: int = Field(0, ge=0)  # DataLoader workers
+    num_workers: Int = Field(0, ge=0)  # DataLoader workers
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA
     # MiB of transformed images kept for the next model over the same data (num_workers 0 only);
     # omitted: 1/16 of RAM; 0: none (iis/extract/rowcache.py).
-    row_cache_mb: int | None = Field(None, ge=0)
+    row_cache_mb: Int | None = Field(None, ge=0)
+    # Seconds a shard other than shard 0 waits for shard 0 to create each store and, for models
+    # with `train:`, to finish their training (only shard 0 trains): set it above the training
+    # time when all shards start together.
+    wait_seconds: Float = Field(600.0, ge=0)
 
 
 @lru_cache(maxsize=1)
@@ -307,13 +356,13 @@ class LibraryFromConfig(_Frozen):
 
 class AnalysisConfig(_Frozen):
     libraries: tuple[str, ...] = ("prototype", "cluster", "end2end")
-    num_concepts: int = Field(64, ge=2)
-    ratios: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], ...] = DEFAULT_RATIOS
-    seeds: tuple[int, ...] = (0,)
+    num_concepts: Int = Field(64, ge=2)
+    ratios: tuple[Annotated[Float, Field(ge=0.0, lt=1.0)], ...] = DEFAULT_RATIOS
+    seeds: tuple[Int, ...] = (0,)
     # default: METHOD.md's heads; fixed-scale: without the learnt per-concept scale (comparison);
     # reference: the authors' protocol, which selects on test (comparison only)
     protocol: Literal["default", "fixed-scale", "reference"] = "default"
-    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
+    bootstrap: Int = Field(1000, ge=0)  # bootstrap resamples for confidence intervals (0: none)
     # Build the libraries from another store's or pipeline's visual elements, e.g.
     # {store: cache/other/r10.zarr} or {pipeline: other}; None: each store's own elements.
     library_from: LibraryFromConfig | None = None
@@ -390,7 +439,7 @@ class ClipConfig(_Frozen):
 
     model: str  # an open_clip model name, e.g. ViT-B-32 (iis-tiny-test: a tiny config for tests)
     weights: str  # a local weights file, or `random-for-tests` (marked in every table)
-    seed: int = 0  # seeds random-for-tests weights
+    seed: Int = 0  # seeds random-for-tests weights
 
     @field_validator("weights")
     @classmethod
@@ -429,8 +478,8 @@ class ExplainConfig(_Frozen):
     model: str | None = None  # default: the model with the best standard top-1
     library: str | None = None  # default: the first library of the analysis
     # One of analysis.ratios; default: 0.9, or the analysis ratio nearest it (PipelineConfig.explain_ratio).
-    ratio: float | None = Field(None, ge=0.0, lt=1.0)
-    images: int = Field(8, ge=1)  # test images explained
+    ratio: Float | None = Field(None, ge=0.0, lt=1.0)
+    images: Int = Field(8, ge=1)  # test images explained
 
 
 class FinetuneConfig(_Frozen):
@@ -442,20 +491,20 @@ class FinetuneConfig(_Frozen):
     """
 
     model: str  # a measured model (e.g. "r10@e8"), not an inner layer: its weights are the starting point
-    lambda_: float = Field(1.0, gt=0.0, alias="lambda")  # weight of the interpretable-head loss
-    epochs: int = Field(2, ge=1)
+    lambda_: Float = Field(1.0, gt=0.0, alias="lambda")  # weight of the interpretable-head loss
+    epochs: Int = Field(2, ge=1)
     # Optimizer steps per arm when fewer than `epochs` whole epochs (the last epoch is cut short);
     # None: every step of every epoch.
-    steps: int | None = Field(None, ge=1)
-    ratio: float = Field(0.9, ge=0.0, lt=1.0)  # sparsity of g_s inside the loss
+    steps: Int | None = Field(None, ge=1)
+    ratio: Float = Field(0.9, ge=0.0, lt=1.0)  # sparsity of g_s inside the loss
     library: Literal["prototype"] = "prototype"  # re-embedded by the current backbone
-    refresh_every: int = Field(20, ge=1)  # steps between re-embeddings of the library
-    lr: float = Field(5e-4, gt=0)
+    refresh_every: Int = Field(20, ge=1)  # steps between re-embeddings of the library
+    lr: Float = Field(5e-4, gt=0)
     # Training seeds: each trains both arms once, and seeds the loss library's draw.
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[Int, ...] = (0, 1, 2)
     # Share of each class's element source images reserved for the loss's library (at least one
     # image per class, and at least one left for the scoring libraries).
-    holdout: float = Field(0.3, gt=0.0, lt=1.0)
+    holdout: Float = Field(0.3, gt=0.0, lt=1.0)
     # The libraries that score the arms, a subset of analysis.libraries; None: all of them. Each
     # arm is analysed like a model, so every scoring library adds a task per arm and seed.
     scoring_libraries: tuple[str, ...] | None = None
@@ -676,6 +725,12 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml",
     if not isinstance(data, dict) or "pipelines" not in data:
         raise ConfigError(f"{source}: top level must be a mapping with a `pipelines` key")
     if isinstance(data.get("pipelines"), dict):
+        # The mapping key names a pipeline; a `name:` inside it would be silently replaced.
+        named = [k for k, v in data["pipelines"].items() if isinstance(v, dict) and "name" in v]
+        if named:
+            lines = [f"pipelines.{k}.name: unknown key; a pipeline is named by its key under `pipelines:` "
+                     f"({k!r}), so remove `name:`" for k in named]
+            raise ConfigError(f"{source}: {len(lines)} problem(s)\n  " + "\n  ".join(lines))
         # Each pipeline learns its own name, so stage functions need not be told it.
         data = {**data, "pipelines": {
             k: ({**v, "name": k} if isinstance(v, dict) else v) for k, v in data["pipelines"].items()
@@ -692,12 +747,52 @@ def parse_pipelines(data: object, *, base: Path, source: str = "pipelines.yaml",
     return parsed.pipelines
 
 
+class _RepeatedKey(Exception):
+    """A mapping of a yaml document that holds one key twice; ``where`` is its key path."""
+
+    def __init__(self, where: str, line: int, first: int) -> None:
+        super().__init__(f"{where}: key repeated at line {line} (first at line {first}); YAML keeps only the "
+                         "last, so the first would be silently ignored: remove one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a repeated mapping key (two pipelines ``a:``, two ``store:``
+    keys in one pipeline) instead of keeping the last one."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Checked on the node tree before construction, where every key still has its own line
+        # and its key path is known; merge keys (`<<: *base`) are not keys of the mapping.
+        self._check_unique(node, (), set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node: yaml.Node, where: tuple, seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias of a node already checked (or a recursive one)
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _RepeatedKey(_loc((*where, str(key))), line, first_line[key])
+                first_line[key] = line
+                self._check_unique(value_node, (*where, str(key)), seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_unique(item, (*where, index), seen_nodes)
+
+
 def _read_yaml(path: Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except _RepeatedKey as exc:
+        raise ConfigError(f"{path}: 1 problem(s)\n  {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 

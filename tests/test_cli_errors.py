@@ -136,6 +136,26 @@ def test_ctrl_c_is_one_line(monkeypatch, caplog):
     assert error.getMessage() == "interrupted; rerun to resume" and not error.exc_info
 
 
+@pytest.mark.parametrize(("module", "name"), [("iis.extract.clip", "ClipError"),
+                                               ("iis.extract.datasets", "ImageLoadError")])
+def test_clip_and_image_errors_are_one_line(module, name, monkeypatch, caplog):
+    """Both live in modules that import torch, which the CLI names without importing."""
+    import importlib
+
+    error = getattr(importlib.import_module(module), name)
+
+    def failing(args):
+        raise error(f"{name} says what to change")
+
+    monkeypatch.setitem(iis.cli._COMMANDS, "report", failing)
+    assert main(["report", "smoke"]) == 2
+    (record,) = _errors(caplog)
+    assert record.getMessage() == f"{name} says what to change" and not record.exc_info
+    caplog.clear()
+    assert main(["-v", "report", "smoke"]) == 2
+    assert _errors(caplog)[0].exc_info  # -v: the traceback is there
+
+
 @pytest.mark.slow
 def test_dask_info_lines_stay_silenced(store, tmp_path):
     """Importing distributed reset its logger to INFO, so a LocalCluster's nanny and scheduler

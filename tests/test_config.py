@@ -359,3 +359,68 @@ def test_one_pipeline_is_validated_without_the_others(tmp_path):
         load_pipeline(path, "gpu")
     with pytest.raises(ConfigError, match=r"pipelines\.gpu\.dataset\.root"):
         load_pipelines(path)
+
+
+def test_repeated_keys_are_refused_with_their_path_and_lines(tmp_path):
+    # GOOD's lines: 1 blank, 2 `pipelines:`, 3 `p:`, ..., 6 model a, 8 `store:`; yaml would keep only the last.
+    again = GOOD + "  p:\n    dataset: {source: builtin, name: mnist5k}\n"
+    with pytest.raises(ConfigError, match=r"pipelines\.p: key repeated at line 10 \(first at line 3\)"):
+        load_pipelines(_write(tmp_path, again))
+    with pytest.raises(ConfigError, match=r"pipelines\.p: key repeated"):
+        load_pipeline(_write(tmp_path, again), "p")  # also when only one pipeline is read
+    store = GOOD.replace("    results: results/p", "    results: results/p\n    store: elsewhere")
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.store: key repeated at line 10 \(first at line 8\)"):
+        load_pipelines(_write(tmp_path, store))
+    inner = GOOD.replace("{name: a, backbone: resnet10t}", "{name: a, backbone: resnet10t, name: c}")
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.models\[0\]\.name: key repeated at line 6"):
+        load_pipelines(_write(tmp_path, inner))
+    # A merge key is not a repeat: the keys written beside it override the merged ones, as yaml says.
+    merged = GOOD.replace("  p:\n", "  p: &p\n") + "  q:\n    <<: *p\n    store: cache/q\n    results: results/q\n"
+    assert load_pipelines(_write(tmp_path, merged))["q"].store == tmp_path / "cache" / "q"
+
+
+def test_a_name_key_inside_a_pipeline_is_refused(tmp_path):
+    named = GOOD.replace("    store: cache/p", "    name: other\n    store: cache/p")
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.name: unknown key; a pipeline is named by its key"):
+        load_pipelines(_write(tmp_path, named))
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.name: unknown key"):
+        load_pipelines(_write(tmp_path, named.replace("name: other", "name: p")))
+
+
+@pytest.mark.parametrize(("dataset", "message"), [
+    ("{source: builtin, name: digits, root: imgs}", r"`root` is read only by source imagefolder; source builtin"),
+    ("{source: builtin, name: digits, file: l.csv}", r"`file` is read only by source filelist; source builtin"),
+    ("{source: imagefolder, root: imgs, file: l.csv}", r"`file` is read only by source filelist; source imagefolder"),
+    ("{source: filelist, file: l.csv, root: imgs}", r"`root` is read only by source imagefolder; source filelist"),
+])
+def test_keys_of_another_dataset_source_are_refused(tmp_path, dataset, message):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "l.csv").write_text("path,label\n")
+    text = GOOD.replace("{source: builtin, name: digits}", dataset)
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.dataset: " + message):
+        load_pipelines(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("extract: {batch_size: true}", r"pipelines\.p\.extract\.batch_size: Input should be a valid integer, got a boolean"),
+    ("extract: {block_rows: 2.0}", r"pipelines\.p\.extract\.block_rows: Input should be a valid integer, got 2\.0"),
+    ("extract: {block_rows: '64'}", r"pipelines\.p\.extract\.block_rows: Input should be a valid integer, got '64'"),
+    ("extract: {row_cache_mb: false}", r"pipelines\.p\.extract\.row_cache_mb: Input should be a valid integer"),
+    ("analysis: {seeds: [0, true]}", r"pipelines\.p\.analysis\.seeds\[1\]: Input should be a valid integer"),
+    ("analysis: {ratios: [0, true]}", r"pipelines\.p\.analysis\.ratios\[1\]: Input should be a valid number, got a boolean"),
+    ("elements: {slic: 1}", r"pipelines\.p\.elements\.slic: Input should be a valid boolean \(true or false\), got 1"),
+])
+def test_numbers_and_booleans_are_not_coerced(tmp_path, section, message):
+    text = GOOD.replace("    results: results/p", f"    results: results/p\n    {section}")
+    with pytest.raises(ConfigError, match=message):
+        load_pipelines(_write(tmp_path, text))
+
+
+def test_yaml_numbers_still_parse(tmp_path):
+    # Ints where floats go, and `1e-3`, which PyYAML reads as a string, stay accepted.
+    text = GOOD.replace("{name: a, backbone: resnet10t}",
+                        "{name: a, backbone: resnet10t, train: {epochs: 2, checkpoints: [2], lr: 1e-3, weight_decay: 0}}")
+    text = text.replace("    results: results/p", "    results: results/p\n    extract: {block_rows: 8}")
+    cfg = load_pipeline(_write(tmp_path, text), "p")
+    assert cfg.models[0].train.lr == 0.001 and cfg.models[0].train.weight_decay == 0.0
+    assert cfg.extract.block_rows == 8 and cfg.models[1].img_size == 32
