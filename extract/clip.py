@@ -270,16 +270,9 @@ def write_text_features(store_path: Path, *, concepts: list[str], features: np.n
                 f"{attrs['concepts_path']}, sha256 {digest}); remove {store_path / TEXT_GROUP} or pick another store"
             )
         log.warning("%s: redoing an unfinished text/ group", store_path)
-    text = group.create_group(TEXT_GROUP, overwrite=True)
     rows = len(concepts)
-    arr = text.create_array("features", shape=(rows, dim), chunks=(rows, dim), dtype="float32",
-                            dimension_names=["concept", "feature"], fill_value=np.nan)
-    arr[:] = features
-    words = text.create_array("words", shape=(rows,), chunks=(rows,), dtype=str,
-                              dimension_names=["concept"], fill_value="")
-    words[:] = np.asarray(concepts, dtype=str)
-    # Last: its presence marks the group finished.
-    text.attrs.update({
+    # The attributes go last: their format marker marks the group finished.
+    st.write_text_group(group, np.asarray(concepts, dtype=str), features, {
         **{k: attrs[k] for k in _REQUIRED_ATTRS},
         "random_weights": bool(attrs["random_weights"]),
         "concepts_sha256": digest,

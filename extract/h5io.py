@@ -6,9 +6,12 @@ HDF5 layout::
     /<split>/valid (N,) bool, optional on import (default: all valid)
     /<split>/reason (N,) int8, optional (why a row is invalid; written by export)
     /elements/features (E, D), optional; its provenance columns and reason are optional too
+    /text/features (T, D) float32, /text/words (T,) str, /text attrs: iis_attrs (JSON), optional:
+        a CLIP store's concept words and their text features; only as written by export
     file attrs: model, dataset, classes (optional), iis_attrs (JSON; written by export)
 
-``export_h5`` followed by ``import_h5`` reproduces the store's arrays and attributes exactly.
+``export_h5`` followed by ``import_h5`` reproduces the store's arrays and attributes exactly, its
+``text/`` group included (an unfinished one, which readers refuse, is left out with a warning).
 Import is how features computed elsewhere enter the pipeline, so it checks what it takes in:
 labels must be whole class indices within ``classes``, the model name must be a safe name (it
 becomes a file name), and rows with NaN/inf features (or values that overflow the store dtype)
@@ -27,7 +30,15 @@ import numpy as np
 from iis.extract import store as st
 from iis.extract.backbones import file_sha256
 
-from iis.store_format import BLOCK_ROWS, FEATURE_DTYPES, atomic_file, check_labels, check_name
+from iis.store_format import (
+    BLOCK_ROWS,
+    FEATURE_DTYPES,
+    TEXT_FORMAT,
+    TEXT_GROUP,
+    atomic_file,
+    check_labels,
+    check_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +75,25 @@ def export_h5(store_path: Path, h5_path: Path) -> None:
                     dst.create_dataset(name, data=values.astype(object), dtype=h5py.string_dtype())
                 else:
                     dst.create_dataset(name, data=values)
+        if TEXT_GROUP in group:
+            _export_text(group, store_path, f)
     log.info("exported %s -> %s", store_path, h5_path)
+
+
+def _export_text(group, store_path: Path, f: h5py.File) -> None:
+    """Copy a finished ``text/`` group: words ``(T,)``, features ``(T, D)`` and its attributes as JSON."""
+    text = group[TEXT_GROUP]
+    attrs = json.loads(json.dumps(dict(text.attrs)))
+    if attrs.get("format") != TEXT_FORMAT:
+        # Its format marker is written last, so this is an interrupted write that readers refuse anyway.
+        log.warning("%s: unfinished %s/ group (its writing was interrupted) left out of the export",
+                    store_path, TEXT_GROUP)
+        return
+    dst = f.create_group(TEXT_GROUP)
+    dst.create_dataset("features", data=text["features"][:])
+    words = np.asarray(text["words"][:]).astype(object)
+    dst.create_dataset("words", data=words, dtype=h5py.string_dtype())
+    dst.attrs["iis_attrs"] = json.dumps(attrs)
 
 
 def _read_str(ds: h5py.Dataset) -> np.ndarray:
@@ -169,6 +198,36 @@ def _read_elements(f: h5py.File, h5_path: Path, dim: int):
     return provenance, columns
 
 
+def _read_text(f: h5py.File, h5_path: Path, dim: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Words ``(T,)`` str, features ``(T, dim)`` float32 and attributes of the file's ``/text`` group."""
+    g = f[TEXT_GROUP]
+    if not isinstance(g, h5py.Group):
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP} is a dataset, expected a group")
+    if "iis_attrs" not in g.attrs:
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP} lacks its attribute iis_attrs; only a text group written by "
+                         "`iis export-h5` can be imported")
+    try:
+        attrs = json.loads(_attr_str(g.attrs["iis_attrs"]))
+    except ValueError as err:
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP} attribute iis_attrs is not valid JSON ({err})") from None
+    if not isinstance(attrs, dict) or attrs.get("format") != TEXT_FORMAT:
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP} attribute iis_attrs is not that of a finished text group "
+                         f"(format {TEXT_FORMAT!r})")
+    features = _require(f, f"{TEXT_GROUP}/features", h5_path)
+    if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] != dim:
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP}/features has shape {features.shape}, expected (T, {dim}), T >= 1")
+    if features.dtype.kind != "f":
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP}/features has dtype {features.dtype}, expected floats")
+    values = features[:].astype(np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP}/features hold NaN or inf")
+    words = _column(f, f"{TEXT_GROUP}/words", h5_path, values.shape[0]).astype(str)
+    if attrs.get("num_concepts", len(words)) != len(words):
+        raise ValueError(f"{h5_path}: /{TEXT_GROUP} holds {len(words)} concepts, its iis_attrs say "
+                         f"num_concepts={attrs['num_concepts']}")
+    return words, values, attrs
+
+
 def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = BLOCK_ROWS, dtype: str | None = None) -> None:
     """Create a complete store from an HDF5 file in the layout above.
 
@@ -221,6 +280,7 @@ def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = BLOCK_ROWS, 
         elements, element_columns = None, None
         if f"{st.ELEMENTS}/features" in f:
             elements, element_columns = _read_elements(f, h5_path, dims["train"])
+        text = _read_text(f, h5_path, dims["train"]) if TEXT_GROUP in f else None
     with st.building(store_path) as tmp:
         group = st.create_store(
             tmp, split_sizes={s: v["features"].shape[0] for s, v in splits.items()},
@@ -231,6 +291,8 @@ def import_h5(h5_path: Path, store_path: Path, *, block_rows: int = BLOCK_ROWS, 
             _write_all(group, split, block_rows, **columns)
         if element_columns is not None:
             _write_all(group, st.ELEMENTS, block_rows, **element_columns)
+        if text is not None:
+            st.write_text_group(group, *text)
         st.finalize_store(group, store_path)
     log.info("imported %s -> %s", h5_path, store_path)
 

@@ -58,6 +58,7 @@ from iis.store_format import (  # noqa: F401  (re-exported: stage 1's callers us
     SCHEMA_VERSION,
     SPLITS,
     SUMMARY_KEY,
+    TEXT_GROUP,
     StoreError,
     check_labels,
 )
@@ -306,18 +307,33 @@ def open_store(path: Path, *, mode: str = "r") -> zarr.Group:
     return group
 
 
+def _not_created_yet(path: Path) -> bool:
+    """True while shard 0 may still put a store at ``path``: nothing there (or an empty folder),
+    or what an interrupted creation of an older iis left, which shard 0 removes and makes anew."""
+    try:
+        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+            return True
+        return interrupted_creation(path)
+    except FileNotFoundError:  # shard 0 is removing it, or renaming its new store into place
+        return True
+
+
 def wait_for_store(path: Path, *, timeout: float, poll: float = 2.0) -> zarr.Group:
-    """Wait for the coordinator (shard 0) to create the store; used by the other shards."""
+    """Wait for the coordinator (shard 0) to create the store; used by the other shards.
+
+    Only a store that is not there yet is waited for. Anything else at ``path`` (a foreign
+    folder, another format, an unknown schema) raises its own :class:`StoreError` at once:
+    waiting would not change it, and the timeout would hide the cause.
+    """
+    path = Path(path)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return open_store(path, mode="r+")
-        except StoreError:
-            if time.monotonic() >= deadline:
-                raise StoreError(
-                    f"{path}: not created within {timeout:.0f} s; shard 0 (the coordinator) creates it"
-                ) from None
-            time.sleep(poll)
+    while _not_created_yet(path):
+        if time.monotonic() >= deadline:
+            left = " (what is there is an interrupted creation)" if interrupted_creation(path) else ""
+            raise StoreError(f"{path}: not created within {timeout:.0f} s{left}; shard 0 (the coordinator) "
+                             "creates it")
+        time.sleep(poll)
+    return open_store(path, mode="r+")
 
 
 def done_blocks(group: zarr.Group, part: str) -> np.ndarray:
@@ -499,6 +515,11 @@ SETTINGS = {
     "rows_sha256": "rows (the ids and labels of each split, the element plan)",
     "classes": "classes",
     "dataset": "dataset",
+    # How the values were computed: kernels and rounding differ between devices, autocast dtypes
+    # and batch sizes, so a resume or a shard that changes one would mix two sets of numbers.
+    "device_type": "device type (extract.device, --device)",
+    "autocast": "autocast dtype (extract.amp on CUDA; none on CPU)",
+    "batch_size": "batch_size (extract.batch_size)",
 }
 
 
@@ -526,3 +547,17 @@ def check_settings(group: zarr.Group, path: Path, expected: Mapping[str, object]
                        f"this run asks {_show(expected[k])}" for k in differing)
     raise StoreError(f"{path}: exists with other settings ({detail}). Delete the store to make it anew, "
                      "or restore the setting")
+
+
+def write_text_group(group: zarr.Group, words: np.ndarray, features: np.ndarray, attrs: dict) -> None:
+    """Create (or replace an unfinished) ``text/`` group: ``words (T,)`` str, ``features (T, D)``
+    float32 in one chunk each, then ``attrs``, which carry the format marker and so go last."""
+    rows, dim = features.shape
+    text = group.create_group(TEXT_GROUP, overwrite=True)
+    arr = text.create_array("features", shape=(rows, dim), chunks=(rows, dim), dtype="float32",
+                            dimension_names=["concept", "feature"], fill_value=np.nan)
+    arr[:] = features
+    arr = text.create_array("words", shape=(rows,), chunks=(rows,), dtype=str, dimension_names=["concept"],
+                            fill_value="")
+    arr[:] = np.asarray(words, dtype=str)
+    text.attrs.update(attrs)
