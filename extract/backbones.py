@@ -76,9 +76,15 @@ def create_backbone(
         path = Path(weights).expanduser().resolve()
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist; give an existing checkpoint path")
+        # The digest is taken before and after the load (timm reads the file): a file replaced
+        # meanwhile would leave the store recording the sha256 of weights it did not use.
+        digest = file_sha256(path)
         model = _create(backbone, img_size=img_size, seed=seed)
         _load_file(model, path, backbone)
-        source, digest = f"file:{path}", file_sha256(path)
+        if file_sha256(path) != digest:
+            raise WeightsError(f"weights file {path} changed while it was being loaded; load it again once "
+                               "nothing writes to it")
+        source = f"file:{path}"
     model.eval()
     override = {"input_size": (3, img_size, img_size)} if img_size is not None else {}
     data_config = resolve_data_config(override, model=model)

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 class ExtractOptions:
     """How to run a backbone over the data; none of these change the stored values' meaning.
 
+    ``batch_size``, the device type and ``amp`` (on CUDA) change the values in their last bits,
+    so a store records them (:func:`compute_attrs`) and a resume or a shard must use the same.
+
     Attributes:
         batch_size: images per forward pass (a block is cut into batches of this size).
         block_rows: rows per block and per chunk; fixed when a store is created.
@@ -58,7 +61,8 @@ class ExtractOptions:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         amp: autocast dtype on CUDA, ``bfloat16`` or ``float16``; ignored on CPU.
         shard: ``(index, count)``; shard 0 is the coordinator that creates the store.
-        wait_seconds: how long a non-coordinator shard waits for the store to appear.
+        wait_seconds: how long a non-coordinator shard waits for the store to appear (and, in a
+            pipeline, for shard 0's training of a `train:` model; `extract.wait_seconds`).
         row_cache_mb: MiB of transformed input rows kept for the next model over the same
             dataset object in this process (:mod:`iis.extract.rowcache`); None: a share of RAM;
             0: none. Used only with ``num_workers=0``.
@@ -269,9 +273,33 @@ def _open_or_create(path: Path, *, attrs: dict, dataset: ImageDataset, feature_d
     expected = {k: v for k, v in attrs.items() if k != "versions"}  # a resume may use a newer patch release
     expected.update(feature_dtype=opts.dtype, block_rows=opts.block_rows, feature_dim=feature_dim,
                     split_sizes=sizes, num_elements=len(plans))
-    # Stores made before iis recorded `rows_sha256` are compared without it.
-    st.check_settings(group, path, expected, optional=("rows_sha256",))
+    unknown = [k for k in COMPUTE_ATTRS if k not in group.attrs]
+    if unknown:
+        log.warning("%s: made before iis recorded how its values were computed (%s); resuming without "
+                    "checking that this run (%s) computes alike", path, ", ".join(unknown),
+                    ", ".join(f"{k}={expected[k]}" for k in unknown))
+    # Stores made before iis recorded `rows_sha256` or the compute settings are compared without them.
+    st.check_settings(group, path, expected, optional=("rows_sha256", *COMPUTE_ATTRS))
     return group
+
+
+# The store attributes that record how the values were computed (:func:`compute_attrs`).
+COMPUTE_ATTRS = ("device_type", "autocast", "batch_size")
+
+
+def compute_attrs(device: torch.device, opts: ExtractOptions) -> dict:
+    """What decides the computed values besides the weights and the rows, recorded in a store's
+    attributes and compared on resume and across shards: kernels and their rounding differ
+    between device types, autocast dtypes and batch sizes.
+
+    Returns:
+        ``{"device_type": "cpu" | "cuda" | …, "autocast": "bfloat16" | "float16" | "none",
+        "batch_size": int}``; ``autocast`` is ``"none"`` where :func:`autocast` does nothing
+        (a string, so that a store made before these attributes, which lacks the key, is told
+        apart from one computed without autocast).
+    """
+    return {"device_type": device.type, "autocast": opts.amp if device.type == "cuda" else "none",
+            "batch_size": opts.batch_size}
 
 
 def _provenance(plans: Sequence[ElementPlan]) -> st.ElementProvenance:
@@ -472,6 +500,7 @@ def extract_layers(
     base_attrs = store_attrs(dataset=dataset, backbone=backbone, model_name=model_name, pipeline=pipeline,
                              elements=elements_config, project_version=project_version)
     base_attrs["rows_sha256"] = rows_digest(dataset, element_plans)
+    base_attrs.update(compute_attrs(device, options))
     # Channels-last on every device: on CPU too, oneDNN's convolutions run 1.2-4x faster in it
     # (benchmarks/README.md, "Channels-last on CPU"); a ViT is indifferent.
     model = backbone.model.to(device).eval().to(memory_format=torch.channels_last)

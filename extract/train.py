@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from iis.extract.backbones import _ToRGB, create_backbone, image_transform
 from iis.extract.datasets import ImageDataset, ImageLoadError
-from iis.extract.runner import autocast, resolve_device
+from iis.extract.runner import ExtractOptions, autocast, resolve_device
 from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -343,27 +343,35 @@ def _settings(*, dataset: ImageDataset, backbone: str, weights: str | Path, weig
     return json.loads(json.dumps(settings))  # as it reads back from train.json
 
 
-def _reuse(out_dir: Path, settings: dict, epochs: Sequence[int]) -> TrainResult | None:
-    """The earlier result in ``out_dir`` if it was made with ``settings`` and has every checkpoint."""
+def _recorded(out_dir: Path, settings: dict, epochs: Sequence[int]) -> tuple[TrainResult | None, str]:
+    """The finished result in ``out_dir`` if it was made with ``settings`` and has every checkpoint
+    (``train.json``, written last, marks a run finished); else None and why not."""
     record_path = out_dir / _RECORD
     if not record_path.is_file():
-        return None
+        return None, f"no {_RECORD}"
     try:
         record = json.loads(record_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        log.warning("%s is unreadable (%s); training again", record_path, err)
-        return None
+        return None, f"unreadable {_RECORD} ({err})"
     if record.get("schema_version") != _SCHEMA or record.get("settings") != settings:
-        log.info("%s was made with other settings; training again", out_dir)
-        return None
+        return None, f"{_RECORD} records other settings"
     missing = [e for e in epochs if str(e) not in record["checkpoints"] or not checkpoint_path(out_dir, e).is_file()]
     if missing:
-        log.info("%s lacks checkpoint(s) of epoch(s) %s; training again", out_dir, missing)
-        return None
-    log.info("%s: checkpoints %s exist with the same settings; not training again", out_dir, list(epochs))
+        return None, f"it lacks checkpoint(s) of epoch(s) {missing}"
     return TrainResult(checkpoints={e: checkpoint_path(out_dir, e) for e in epochs},
                        train_loss=record["train_loss"], val_top1=record["val_top1"],
-                       seconds=record["seconds"], skipped=True)
+                       seconds=record["seconds"], skipped=True), ""
+
+
+def _reuse(out_dir: Path, settings: dict, epochs: Sequence[int]) -> TrainResult | None:
+    """The earlier result in ``out_dir`` if it was made with ``settings`` and has every checkpoint."""
+    result, why = _recorded(out_dir, settings, epochs)
+    if result is not None:
+        log.info("%s: checkpoints %s exist with the same settings; not training again", out_dir, list(epochs))
+    elif (out_dir / _RECORD).is_file():
+        level = logging.WARNING if why.startswith("unreadable") else logging.INFO
+        log.log(level, "%s: %s; training again", out_dir, why)
+    return result
 
 
 def _write_record(out_dir: Path, record: dict) -> None:
@@ -404,7 +412,8 @@ def train_backbone(
             ``train.json``. When ``train.json`` records the same settings (runtime-only options
             aside) and every requested checkpoint exists, nothing is trained and the earlier
             result is returned (and no callback runs); otherwise earlier checkpoints in
-            ``out_dir`` are removed first.
+            ``out_dir`` are removed first. One process trains into ``out_dir`` at a time; others
+            wait for it with :func:`wait_for_training`.
         extra_loss: called inside the forward pass (under autocast on CUDA) with the global step,
             counted from 0.
         extra_lr: peak learning rate of ``extra_params`` (their own group, no weight decay, the
@@ -523,3 +532,55 @@ def train_backbone(
         "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__},
     })
     return TrainResult(checkpoints=written, train_loss=losses, val_top1=val_top1, seconds=seconds)
+
+
+def wait_for_training(
+    *,
+    dataset: ImageDataset,
+    backbone: str,
+    weights: str | Path,
+    img_size: int | None,
+    init_seed: int,
+    options: TrainOptions,
+    out_dir: Path,
+    timeout: float = ExtractOptions.wait_seconds,
+    poll: float = 2.0,
+    name: str | None = None,
+) -> TrainResult:
+    """Wait for another process's :func:`train_backbone` with the same arguments to finish in
+    ``out_dir``; used by the extraction shards other than the coordinator, which alone trains.
+
+    Nothing in ``out_dir`` is written or removed. Finished means what lets a rerun skip training:
+    ``train.json`` records these settings and every checkpoint of ``options.checkpoints`` exists.
+
+    Args:
+        dataset, backbone, weights, img_size, init_seed, options, out_dir: as for
+            :func:`train_backbone` (without an extra loss, as the pipeline trains).
+        timeout: seconds to wait (by default as long as a shard waits for its store);
+            ``poll``: seconds between looks.
+        name: the model's name in messages (default: ``backbone``).
+
+    Raises:
+        TimeoutError: not finished within ``timeout``; the message names the model, ``out_dir``
+            and what is missing.
+    """
+    out_dir = Path(out_dir)
+    _, _, weights_sha256 = _build_model(backbone=backbone, weights=weights, img_size=img_size,
+                                        init_seed=init_seed, num_classes=len(dataset.classes))
+    settings = _settings(dataset=dataset, backbone=backbone, weights=weights, weights_sha256=weights_sha256,
+                         img_size=img_size, init_seed=init_seed, options=options,
+                         extra_config=None, extra_loss=None)
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        result, why = _recorded(out_dir, settings, options.checkpoints)
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"model {name or backbone!r}: its training in {out_dir} did not finish within {timeout:.0f} s "
+                f"({why}); shard 0 (the coordinator) trains it: let it finish, then rerun this shard")
+        if not logged:
+            log.info("%s: waiting for shard 0 to train %s (%s)", out_dir, name or backbone, why)
+            logged = True
+        time.sleep(poll)

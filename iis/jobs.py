@@ -53,7 +53,8 @@ def extract_pipeline(
     plans = _plan_elements(cfg, dataset)
     options = _extract_options(cfg, device=device, num_workers=num_workers, shard=shard)
     for parent in sorted({m.parent for m in selected if m.epoch is not None}):
-        train_pipeline_model(cfg, parent, dataset=dataset, device=options.device)
+        train_pipeline_model(cfg, parent, dataset=dataset, device=options.device, shard=options.shard,
+                             wait_seconds=options.wait_seconds)
     status = {}
     if cfg.text is not None and (not models or "clip" in models):
         status["clip"] = extract_clip(cfg, dataset=dataset, options=options)
@@ -113,17 +114,26 @@ def select_models(cfg: PipelineConfig, names: list[str] | None) -> list[Measured
     return [m for m in measured if m.name in names or m.parent in names]
 
 
-def train_pipeline_model(cfg: PipelineConfig, name: str, *, dataset, device: str = "auto"):
-    """Train one `models:` entry that has a `train:` section; skipped when its checkpoints exist."""
-    from iis.extract.train import TrainOptions, train_backbone
+def train_pipeline_model(cfg: PipelineConfig, name: str, *, dataset, device: str = "auto",
+                         shard: tuple[int, int] = (0, 1), wait_seconds: float | None = None):
+    """Train one `models:` entry that has a `train:` section; skipped when its checkpoints exist.
+
+    Only the coordinator (shard 0 of ``shard = (i, n)``, as in an unsharded run) trains: training
+    is not bit-reproducible on a GPU, so shards that each trained into the same folder could
+    extract other checkpoints than those the stores were created from. The other shards wait
+    (up to ``wait_seconds``; None: the waiter's default) for the coordinator's training to finish.
+    """
+    from iis.extract.train import TrainOptions, train_backbone, wait_for_training
 
     model = cfg.model(name)
     t = model.train
     options = TrainOptions(epochs=t.epochs, checkpoints=t.checkpoints, lr=t.lr, weight_decay=t.weight_decay,
                            batch_size=t.batch_size, seed=t.seed, device=device)
-    return train_backbone(dataset=dataset, backbone=model.backbone, weights=model.weights,
-                          img_size=model.img_size, init_seed=model.seed, options=options,
-                          out_dir=cfg.checkpoint_dir(name))
+    args = dict(dataset=dataset, backbone=model.backbone, weights=model.weights, img_size=model.img_size,
+                init_seed=model.seed, options=options, out_dir=cfg.checkpoint_dir(name))
+    if shard[0] != 0:
+        return wait_for_training(**args, name=f"{cfg.name}/{name}", **_given(timeout=wait_seconds))
+    return train_backbone(**args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ def _extract_options(cfg: PipelineConfig, *, device: str | None = None, num_work
     return ExtractOptions(batch_size=ex.batch_size, block_rows=ex.block_rows, dtype=ex.dtype,
                           num_workers=ex.num_workers if num_workers is None else num_workers,
                           device=device or ex.device, amp=ex.amp, row_cache_mb=ex.row_cache_mb,
-                          **_given(shard=shard))
+                          wait_seconds=ex.wait_seconds, **_given(shard=shard))
 
 
 def _load_dataset(cfg: PipelineConfig):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import socket
 
 import numpy as np
@@ -119,6 +121,51 @@ def test_weights_file_round_trip(tmp_path, suffix):
     with torch.no_grad():
         expected = source.forward_head(source.forward_features(x), pre_logits=True)
         torch.testing.assert_close(loaded.model(x), expected)
+
+
+def test_weights_replaced_while_loading_are_refused(tmp_path, monkeypatch):
+    # The file is replaced by another checkpoint right after its weights went into the model: the
+    # store would record the sha256 of weights it did not use, so the load is refused instead.
+    path = tmp_path / "ckpt.safetensors"
+    first, second = (timm.create_model(TINY_CNN, num_classes=0) for _ in range(2))
+    save_file({k: v.contiguous() for k, v in first.state_dict().items()}, str(path))
+    original = torch.nn.Module.load_state_dict
+
+    def load_then_replace(self, *args, **kw):
+        result = original(self, *args, **kw)
+        save_file({k: v.contiguous() for k, v in second.state_dict().items()}, str(path))
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.Module, "load_state_dict", load_then_replace)
+        with pytest.raises(WeightsError, match="changed while it was being loaded"):
+            create_backbone(backbone=TINY_CNN, weights=path)
+    loaded = create_backbone(backbone=TINY_CNN, weights=path)  # left alone, it loads
+    assert loaded.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert state_dict_sha256(loaded.model) == state_dict_sha256(second)
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model+args", "ema", "ddp"])
+def test_checkpoint_layouts_are_read_as_timm_reads_them(tmp_path, layout):
+    torch.manual_seed(3)
+    source, ema = timm.create_model(TINY_CNN, num_classes=0), timm.create_model(TINY_CNN, num_classes=0)
+    state, ema_state = source.state_dict(), ema.state_dict()
+    saved = {"plain": state, "state_dict": {"state_dict": state, "epoch": 3},
+             "model+args": {"model": state, "args": argparse.Namespace(lr=0.1)},
+             "ema": {"state_dict": state, "state_dict_ema": ema_state},
+             "ddp": {f"module.{k}": v for k, v in state.items()}}[layout]
+    path = tmp_path / "ckpt.pth"
+    torch.save(saved, path)
+    loaded = create_backbone(backbone=TINY_CNN, weights=path)
+    assert state_dict_sha256(loaded.model) == state_dict_sha256(ema if layout == "ema" else source)
+    reference = timm.models.load_state_dict(str(path), weights_only=True)  # what timm itself reads
+    assert state_dict_sha256(loaded.model) == state_dict_sha256(_with_state(reference))
+
+
+def _with_state(state: dict) -> torch.nn.Module:
+    model = timm.create_model(TINY_CNN, num_classes=0)
+    model.load_state_dict(state)
+    return model
 
 
 def test_weights_file_missing_key(tmp_path):

@@ -66,7 +66,7 @@ class _Scaled(torch.nn.Module):
 
 
 def _extract(path, dataset, backbone, **options):
-    opts = ExtractOptions(batch_size=4, block_rows=4, device="cpu", **options)
+    opts = ExtractOptions(**{"batch_size": 4, "block_rows": 4, "device": "cpu", **options})
     return extract_store(path, dataset=dataset, backbone=backbone, model_name="r10", element_plans=[],
                          elements_config=None, options=opts)
 
@@ -344,6 +344,55 @@ def test_changed_settings_are_refused_by_name(tmp_path, backbone, change, match)
                       elements_config=None, options=ex)
     assert "Delete the store" in str(info.value) and str(path) in str(info.value)
     assert _tree(path) == before
+
+
+def test_a_store_records_how_its_values_were_computed(tmp_path, backbone):
+    assert _extract(tmp_path / "r10.zarr", _tiny_dataset(), backbone)
+    attrs = zarr.open_group(str(tmp_path / "r10.zarr"), mode="r").attrs
+    # On CPU nothing is autocast, whatever extract.amp says.
+    assert (attrs["device_type"], attrs["autocast"], attrs["batch_size"]) == ("cpu", "none", 4)
+
+
+def test_another_batch_size_is_refused_on_resume_and_across_shards(tmp_path, backbone):
+    path = tmp_path / "r10.zarr"
+    assert not _extract(path, _tiny_dataset(), backbone, shard=(0, 2))  # batch_size 4
+    before = _tree(path)
+    for shard in ((1, 2), (0, 2)):  # the other shard, and the coordinator resuming
+        ex = ExtractOptions(batch_size=2, block_rows=4, device="cpu", shard=shard, wait_seconds=0)
+        with pytest.raises(st.StoreError) as info:
+            extract_store(path, dataset=_tiny_dataset(), backbone=backbone, model_name="r10", element_plans=[],
+                          elements_config=None, options=ex)
+        assert str(path) in str(info.value)
+        assert "batch_size (extract.batch_size): the store was made with 4, this run asks 2" in str(info.value)
+    assert _tree(path) == before
+    assert _extract(path, _tiny_dataset(), backbone, shard=(1, 2))  # the same settings finish it
+
+
+def test_a_store_computed_on_another_device_is_refused(tmp_path, backbone):
+    path = tmp_path / "r10.zarr"
+    assert not _extract(path, _tiny_dataset(), backbone, shard=(0, 2))
+    # As a store begun on a GPU under bfloat16 autocast records itself.
+    zarr.open_group(str(path), mode="r+").attrs.update({"device_type": "cuda", "autocast": "bfloat16"})
+    with pytest.raises(st.StoreError) as info:
+        _extract(path, _tiny_dataset(), backbone, shard=(1, 2), wait_seconds=0)
+    text = str(info.value)
+    assert "device type (extract.device, --device): the store was made with cuda, this run asks cpu" in text
+    assert "autocast dtype (extract.amp on CUDA; none on CPU): the store was made with bfloat16, this run " \
+           "asks none" in text
+
+
+def test_a_store_made_before_the_compute_settings_resumes_with_one_warning(tmp_path, backbone, caplog):
+    path = tmp_path / "r10.zarr"
+    assert not _extract(path, _tiny_dataset(), backbone, shard=(0, 2))
+    group = zarr.open_group(str(path), mode="r+")
+    for key in ("device_type", "autocast", "batch_size"):
+        del group.attrs[key]
+    with caplog.at_level(logging.WARNING):
+        # Unknown is not refused, not even with another batch size.
+        assert _extract(path, _tiny_dataset(), backbone, shard=(1, 2), batch_size=2)
+    warned = [r.getMessage() for r in caplog.records if "made before iis recorded" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0] and "batch_size" in warned[0]
+    assert "batch_size" not in zarr.open_group(str(path), mode="r").attrs  # metadata is the coordinator's
 
 
 def test_other_rows_of_the_same_sizes_are_refused(tmp_path, backbone):

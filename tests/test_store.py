@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import h5py
 import numpy as np
@@ -107,6 +109,39 @@ def test_shard_ranges_partition_the_blocks():
         for n in (1, 2, 3, 4):
             ranges = [list(st.shard_blocks(total, shard=i, num_shards=n)) for i in range(n)]
             assert sorted(b for r in ranges for b in r) == list(range(total))
+
+
+def test_a_waiting_shard_refuses_what_is_no_store_at_once(tmp_path):
+    # Waiting would not change a foreign folder or an unknown schema; the cause is said at once,
+    # not replaced by "not created within" after the timeout.
+    zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w").attrs["format"] = "something-else"
+    future = tmp_path / "future.zarr"
+    _make_store(future)
+    zarr.open_group(str(future), mode="r+").attrs["schema_version"] = 99
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("mine")
+    for path, match in ((tmp_path / "foreign.zarr", "not an iis feature store"),
+                        (future, "schema_version 99 is not supported"),
+                        (plain, r"not a feature store \(no zarr\.json\)")):
+        start = time.monotonic()
+        with pytest.raises(st.StoreError, match=match):
+            st.wait_for_store(path, timeout=5, poll=0.05)
+        assert time.monotonic() - start < 2, path
+
+
+def test_a_waiting_shard_waits_for_a_store_not_there_yet(tmp_path):
+    path = tmp_path / "m.zarr"
+    with pytest.raises(st.StoreError, match=r"m\.zarr: not created within 0 s; shard 0"):
+        st.wait_for_store(path, timeout=0, poll=0.01)
+    path.mkdir()  # an empty folder made by hand: the coordinator may still create the store in it
+    maker = threading.Timer(0.3, lambda: _make_store(path))
+    maker.start()
+    try:
+        group = st.wait_for_store(path, timeout=60, poll=0.02)
+    finally:
+        maker.join()
+    assert group.attrs["model"] == "m" and not st.missing_blocks(group)
 
 
 def _tree_bytes(path) -> dict:

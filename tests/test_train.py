@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from iis.extract.train import (
     load_checkpoint_into,
     train_backbone,
     train_transform,
+    wait_for_training,
 )
 from PIL import Image
 from safetensors.torch import load_file
@@ -235,6 +237,46 @@ def test_other_settings_train_again_and_drop_stale_checkpoints(small_plain, smal
     initial = create_backbone(backbone=NAME, weights="random", img_size=SIZE, seed=INIT_SEED + 1)
     reloaded = create_backbone(backbone=NAME, weights=str(result.checkpoints[0]), img_size=SIZE)
     assert state_dict_sha256(reloaded.model) == initial.weights_sha256
+
+
+def _wait(dataset, out_dir, **kw):
+    return wait_for_training(dataset=dataset, backbone=NAME, weights="random", img_size=SIZE,
+                             init_seed=kw.pop("init_seed", INIT_SEED),
+                             options=TrainOptions(epochs=1, checkpoints=(1,), batch_size=16, lr=1e-2),
+                             out_dir=out_dir, name="p/r10", **kw)
+
+
+def test_a_waiting_shard_touches_nothing_and_names_what_it_waits_for(small, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "e1.safetensors").write_bytes(b"stale, from an older run")  # a trainer would remove it
+    with pytest.raises(TimeoutError) as info:
+        _wait(small, out, timeout=0, poll=0.01)
+    assert "'p/r10'" in str(info.value) and str(out) in str(info.value) and "no train.json" in str(info.value)
+    assert [p.name for p in out.iterdir()] == ["e1.safetensors"]
+    assert (out / "e1.safetensors").read_bytes() == b"stale, from an older run"
+
+
+def test_a_waiting_shard_returns_the_coordinators_training(small_plain, small, tmp_path):
+    result, plain_dir = small_plain
+    out = tmp_path / "ckpt"
+    out.mkdir()
+
+    def coordinator() -> None:  # writes as the trainer does: checkpoints first, train.json last
+        shutil.copy(plain_dir / "e1.safetensors", out / "e1.safetensors")
+        shutil.copy(plain_dir / "train.json", out / "train.json")
+
+    timer = threading.Timer(0.3, coordinator)
+    timer.start()
+    try:
+        waited = _wait(small, out, timeout=60, poll=0.02)
+    finally:
+        timer.join()
+    assert waited.skipped and waited.train_loss == result.train_loss and waited.val_top1 == result.val_top1
+    assert waited.checkpoints == {1: checkpoint_path(out, 1)}
+    # A finished training of other settings is not this one: the shard keeps waiting, then says so.
+    with pytest.raises(TimeoutError, match="train.json records other settings"):
+        _wait(small, out, init_seed=INIT_SEED + 1, timeout=0.2, poll=0.02)
 
 
 def test_unreadable_images_are_skipped_not_replaced(digits, tmp_path, caplog):
