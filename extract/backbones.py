@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import timm
 import torch
@@ -76,14 +77,8 @@ def create_backbone(
         path = Path(weights).expanduser().resolve()
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist; give an existing checkpoint path")
-        # The digest is taken before and after the load (timm reads the file): a file replaced
-        # meanwhile would leave the store recording the sha256 of weights it did not use.
-        digest = file_sha256(path)
         model = _create(backbone, img_size=img_size, seed=seed)
-        _load_file(model, path, backbone)
-        if file_sha256(path) != digest:
-            raise WeightsError(f"weights file {path} changed while it was being loaded; load it again once "
-                               "nothing writes to it")
+        _, digest = loaded_with_sha256(path, lambda: _load_file(model, path, backbone), error=WeightsError)
         source = f"file:{path}"
     model.eval()
     override = {"input_size": (3, img_size, img_size)} if img_size is not None else {}
@@ -243,6 +238,22 @@ def _load_file(model: torch.nn.Module, path: Path, name: str) -> None:
         logger.warning(
             "weights file %s has keys %s unused by %s", path, ", ".join(result.unexpected_keys), name
         )
+
+
+_T = TypeVar("_T")
+
+
+def loaded_with_sha256(path: Path, load: Callable[[], _T], *, error: type[Exception]) -> tuple[_T, str]:
+    """``load()`` (which reads the file ``path``) and the file's sha256, taken before and after it.
+
+    A store records the digest of the weights it was computed with; a file replaced while a
+    library read it would leave the digest of other weights, so that is an ``error`` instead.
+    """
+    digest = file_sha256(path)
+    result = load()
+    if file_sha256(path) != digest:
+        raise error(f"weights file {path} changed while it was being loaded; load it again once nothing writes to it")
+    return result, digest
 
 
 def file_sha256(path: Path) -> str:

@@ -32,7 +32,7 @@ import open_clip
 import torch
 import zarr
 from iis.extract import store as st
-from iis.extract.backbones import Backbone, file_sha256, state_dict_sha256
+from iis.extract.backbones import Backbone, loaded_with_sha256, state_dict_sha256
 
 from iis.store_format import TEXT_FORMAT, TEXT_GROUP
 
@@ -93,10 +93,13 @@ def create_clip(*, model: str, weights: str | Path, seed: int = 0) -> ClipModel:
                     if str(weights).lower().startswith("random") else "")
             raise ClipError(f"CLIP weights file {path} does not exist; give a local checkpoint of {model}{hint}")
         try:
-            net = _create(model, pretrained=str(path), seed=seed)
+            net, digest = loaded_with_sha256(path, lambda: _create(model, pretrained=str(path), seed=seed),
+                                             error=ClipError)
+        except ClipError:
+            raise
         except Exception as exc:  # torch, safetensors and strict loading raise many types
             raise ClipError(f"cannot load CLIP weights {path} into {model}: {type(exc).__name__}: {exc}") from exc
-        source, digest = str(path), file_sha256(path)
+        source = str(path)
     net.eval()
     return ClipModel(
         model=net,

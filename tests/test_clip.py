@@ -103,6 +103,21 @@ def test_a_weights_file_reproduces_its_model(tmp_path, tiny, suffix):
     np.testing.assert_array_equal(_embed_images(loaded, _images()), _embed_images(tiny, _images()))
 
 
+def test_weights_replaced_while_loading_are_refused(tmp_path, tiny, monkeypatch):
+    path = tmp_path / "clip.pt"
+    torch.save(tiny.model.state_dict(), path)
+    original = xc._create
+
+    def create_then_replace(*args, **kwargs):
+        net = original(*args, **kwargs)
+        path.write_bytes(path.read_bytes() + b"\0")  # another file by the time it is hashed again
+        return net
+
+    monkeypatch.setattr(xc, "_create", create_then_replace)
+    with pytest.raises(xc.ClipError, match="changed while it was being loaded"):
+        xc.create_clip(model=TINY, weights=path)
+
+
 def test_missing_or_unfit_weights_files_are_named(tmp_path, tiny):
     missing = tmp_path / "nope" / "clip.bin"
     with pytest.raises(xc.ClipError, match=str(missing)):
