@@ -354,7 +354,7 @@ def _recorded(out_dir: Path, settings: dict, epochs: Sequence[int]) -> tuple[Tra
     except (OSError, json.JSONDecodeError) as err:
         return None, f"unreadable {_RECORD} ({err})"
     if record.get("schema_version") != _SCHEMA or record.get("settings") != settings:
-        return None, f"{_RECORD} records other settings"
+        return None, f"it was made with other settings ({_RECORD})"
     missing = [e for e in epochs if str(e) not in record["checkpoints"] or not checkpoint_path(out_dir, e).is_file()]
     if missing:
         return None, f"it lacks checkpoint(s) of epoch(s) {missing}"

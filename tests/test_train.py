@@ -275,7 +275,7 @@ def test_a_waiting_shard_returns_the_coordinators_training(small_plain, small, t
     assert waited.skipped and waited.train_loss == result.train_loss and waited.val_top1 == result.val_top1
     assert waited.checkpoints == {1: checkpoint_path(out, 1)}
     # A finished training of other settings is not this one: the shard keeps waiting, then says so.
-    with pytest.raises(TimeoutError, match="train.json records other settings"):
+    with pytest.raises(TimeoutError, match=r"made with other settings \(train.json\)"):
         _wait(small, out, init_seed=INIT_SEED + 1, timeout=0.2, poll=0.02)
 
 
