@@ -284,11 +284,12 @@ def _samples(table: pd.DataFrame, where: dict, models: list[str], seeds: list[li
                 results, model=model, library=where["library"], num_concepts=int(where["num_concepts"]), seed=s,
                 protocol=where["protocol"], grid=where["grid"], library_source=where["library_source"]))
             row_iis = table.loc[(table["model"] == model) & (table["seed"] == s), "iis"]
-            if found is not None and not all(abs(correctness_iis(found) - v) <= _IIS_TOLERANCE for v in row_iis):
+            file_iis = None if found is None else correctness_iis(found)
+            if file_iis is not None and not all(abs(file_iis - v) <= _IIS_TOLERANCE for v in row_iis):
                 log.warning("ranking %s/%s grid %s: the per-image results of %s seed %d are not those of its "
                             "iis.parquet row (IIS %.6f against %s); no probabilities for this ranking",
                             where["library"], where["num_concepts"], where["grid"], model, s,
-                            correctness_iis(found), ", ".join(f"{v:.6f}" for v in row_iis))
+                            file_iis, ", ".join(f"{v:.6f}" for v in row_iis))
                 return None
             if found is None:
                 log.warning("ranking %s/%s grid %s: no per-image results of %s seed %d (analysed before they "

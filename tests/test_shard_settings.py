@@ -64,6 +64,14 @@ def test_only_the_coordinator_trains(cfg, calls, shard, expected):
         assert kw["timeout"] == 600  # as long as the shard then waits for its store (ExtractOptions)
 
 
+def test_the_wait_is_the_pipelines_extract_wait_seconds(tmp_path, calls):
+    # Training takes longer than a store's creation: a pipeline whose shards start together sets it.
+    (tmp_path / "pipelines.yaml").write_text(TRAINED.replace("block_rows: 128}", "block_rows: 128, wait_seconds: 7200}"))
+    with pytest.raises(_Stop):
+        extract_pipeline(load_pipeline(tmp_path / "pipelines.yaml", "t"), shard=(1, 2))
+    assert [c for c, _ in calls] == ["wait"] and calls[0][1]["timeout"] == 7200
+
+
 def test_a_shard_that_waits_in_vain_names_the_model_and_touches_nothing(cfg):
     from iis.extract.datasets import load_dataset
 
