@@ -28,7 +28,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -40,6 +39,7 @@ from pydantic import (
 )
 
 from iis.store_format import BLOCK_ROWS
+from iis.strict import Bool, Float, Int
 
 BUILTIN_DATASETS = ("mnist5k", "digits")
 CLIP_STORE = "clip"  # the CLIP store's model name (its store is <store>/clip.zarr)
@@ -48,36 +48,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 
-def _whole_number(value: Any) -> Any:
-    """``value`` if it is a YAML integer. Pydantic's lax mode would take ``true`` as 1, ``2.0`` as
-    2 and ``"64"`` as 64, so a typo or a wrong type would pass unnoticed."""
-    if isinstance(value, bool):
-        raise ValueError(f"Input should be a valid integer, got a boolean ({str(value).lower()})")
-    if not isinstance(value, int):
-        raise ValueError(f"Input should be a valid integer, got {value!r}; write a whole number without "
-                         "a decimal point or quotes")
-    return value
-
-
-def _not_bool(value: Any) -> Any:
-    """``value`` unless it is a boolean, which pydantic's lax mode would take as the number 1 or 0.
-    Strings stay allowed: PyYAML reads ``1e-3`` (no dot) as a string, which pydantic parses."""
-    if isinstance(value, bool):
-        raise ValueError(f"Input should be a valid number, got a boolean ({str(value).lower()})")
-    return value
-
-
-def _real_bool(value: Any) -> Any:
-    """``value`` if it is a YAML boolean; lax mode would take 1, 0 or "yes" for one."""
-    if not isinstance(value, bool):
-        raise ValueError(f"Input should be a valid boolean (true or false), got {value!r}")
-    return value
-
-
-# The number and boolean types of every config field: what YAML wrote, never a coerced look-alike.
-Int = Annotated[int, BeforeValidator(_whole_number)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-Bool = Annotated[bool, BeforeValidator(_real_bool)]
 
 
 def _distinct(value: tuple, what: str) -> tuple:

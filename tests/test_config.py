@@ -190,6 +190,10 @@ OPTIONS = GOOD.replace("    results: results/p", "    results: results/p\n    an
         ("{prototype: {k: 3}}", r"pipelines\.p\.analysis\.options\.prototype\.k: unknown key"),
         ("{wordcloud: {}}", r"pipelines\.p\.analysis\.options\.wordcloud: unknown key"),
         ("{cluster: {}}", r"pipelines\.p\.analysis: options given for libraries not in `libraries`: cluster"),
+        # Coerced look-alikes are refused here too, as in the pipeline's own sections.
+        ("{end2end: {epochs: true}}", r"end2end\.epochs: .*valid integer, got a boolean"),
+        ("{end2end: {batch_size: 64.0}}", r"end2end\.batch_size: .*valid integer, got 64\.0"),
+        ("{end2end: {tau: false}}", r"end2end\.tau: .*valid number, got a boolean"),
     ],
 )
 def test_bad_library_option_is_reported_at_parse_time_with_its_key_path(tmp_path, options, message):

@@ -21,6 +21,8 @@ from iis.analyze.libraries import register_library
 from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions
 from pydantic import Field
 
+from iis.strict import Float, Int
+
 logger = logging.getLogger(__name__)
 
 # Elements kept per concept for display.
@@ -36,14 +38,14 @@ class End2EndConfig(LibraryOptions):
     head 5 to 12 points more than the same start with frozen logits, at s = 0.9 and 0.95.
     """
 
-    epochs: int = Field(30, ge=1)  # passes over train; the best one on val is kept
-    batch_size: int = Field(256, ge=1)  # train images per step; each step draws one fresh assignment
-    lr_logits: float = Field(0.3, ge=0)  # Adam step of the element-to-concept logits (0 freezes them)
-    lr_head: float = Field(5e-2, ge=0)  # Adam step of the head g
-    tau: float = Field(0.1, gt=0)  # Gumbel-softmax temperature (METHOD.md); sets how sharp the gradient's soft part is
+    epochs: Int = Field(30, ge=1)  # passes over train; the best one on val is kept
+    batch_size: Int = Field(256, ge=1)  # train images per step; each step draws one fresh assignment
+    lr_logits: Float = Field(0.3, ge=0)  # Adam step of the element-to-concept logits (0 freezes them)
+    lr_head: Float = Field(5e-2, ge=0)  # Adam step of the head g
+    tau: Float = Field(0.1, gt=0)  # Gumbel-softmax temperature (METHOD.md); sets how sharp the gradient's soft part is
     init: Literal["anchors", "random"] = "anchors"  # "anchors": k-means++ elements as seeds; "random": small random logits
-    init_scale: float = Field(30.0, gt=0)  # logits = init_scale * cos(element, anchor) under "anchors"
-    random_init_std: float = Field(0.01, ge=0)  # logit spread under "random"
+    init_scale: Float = Field(30.0, gt=0)  # logits = init_scale * cos(element, anchor) under "anchors"
+    random_init_std: Float = Field(0.01, ge=0)  # logit spread under "random"
 
 
 def _gumbel_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -36,6 +36,8 @@ from iis.analyze.libraries import register_library
 from iis.analyze.libraries.base import ConceptLibrary, LibraryInputs, LibraryOptions, TextInputs
 from pydantic import Field
 
+from iis.strict import Float, Int
+
 logger = logging.getLogger(__name__)
 
 # Rows per chunk when a whole split is scanned (top-5, val similarity, train statistics).
@@ -72,14 +74,14 @@ class TextConfig(LibraryOptions):
             which training stops; the best checked ``W`` is kept.
     """
 
-    top5_cutoff: float = 0.25
-    val_cutoff: float = 0.45
-    top_k: int = Field(5, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8192, ge=2)
-    max_steps: int = Field(5000, ge=0)
-    check_every: int = Field(50, ge=1)
-    patience: int = Field(5, ge=1)
+    top5_cutoff: Float = 0.25
+    val_cutoff: Float = 0.45
+    top_k: Int = Field(5, ge=1)
+    lr: Float = Field(1e-3, gt=0)
+    batch_size: Int = Field(8192, ge=2)
+    max_steps: Int = Field(5000, ge=0)
+    check_every: Int = Field(50, ge=1)
+    patience: Int = Field(5, ge=1)
 
 
 def cubed_cosine_similarity(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
